@@ -1,0 +1,587 @@
+//! Layered settings: built-in defaults < `anycable-ds.toml` < `ANYCABLE_*` env < CLI flags.
+//!
+//! The `config` crate does the layering and the typed deserialization. `clap` parses the flags
+//! and reads the `ANYCABLE_*` variables for each flag: clap already gives an env value a lower
+//! precedence than the flag itself, so "env < flag" is clap's job and "file < (env or flag)" is
+//! ours, by putting whatever clap found on top of the file as overrides.
+//!
+//! Names follow AnyCable (`--public_streams`, `ANYCABLE_HISTORY_LIMIT`, ...), underscores and all.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// File read when `--config` is not given (relative to the current directory; optional).
+pub const DEFAULT_CONFIG_FILE: &str = "anycable-ds.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The effective configuration. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Application secret: derives `streams.secret`, `jwt.secret` and the broadcast key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Bearer key for `POST /_broadcast`; derived from `secret` when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broadcast_key: Option<String>,
+    /// Public mode: every stream is public and clients are not authenticated.
+    pub public: bool,
+    /// Skip client authentication (streams are still authorized).
+    pub noauth: bool,
+    pub server: ServerConfig,
+    pub ds: DsConfig,
+    pub broker: BrokerConfig,
+    pub storage: StorageConfig,
+    pub streams: StreamsConfig,
+    pub jwt: JwtConfig,
+    pub http_broadcast: HttpBroadcastConfig,
+    pub metrics: MetricsConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Comma-separated origins; `*.example.com` matches subdomains; empty allows any origin.
+    pub allowed_origins: String,
+    pub health_path: String,
+    /// HTTP worker threads; 0 means one per CPU core.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DsConfig {
+    pub path: String,
+    pub skip_auth: bool,
+    /// Long-poll wait, seconds.
+    pub poll_interval: u64,
+    /// Maximum lifetime of one SSE response, seconds.
+    pub sse_ttl: u64,
+    /// Upper bound on the message bytes of one read response (at least one message is sent).
+    pub max_chunk_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Messages kept per stream; 0 = unlimited.
+    pub history_limit: u64,
+    /// Seconds a message is kept; 0 = unlimited.
+    pub history_ttl: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// Acknowledge a broadcast only after it is flushed to disk. `false` is UNSAFE: a crash can
+    /// lose acknowledged messages (sled still flushes in the background every 500 ms).
+    pub fsync: bool,
+    /// sled page cache size in bytes.
+    pub cache_capacity: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub param: String,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpBroadcastConfig {
+    pub path: String,
+    pub max_body: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub http_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            secret: None,
+            broadcast_key: None,
+            public: false,
+            noauth: false,
+            server: ServerConfig::default(),
+            ds: DsConfig::default(),
+            broker: BrokerConfig::default(),
+            storage: StorageConfig::default(),
+            streams: StreamsConfig::default(),
+            jwt: JwtConfig::default(),
+            http_broadcast: HttpBroadcastConfig::default(),
+            metrics: MetricsConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            allowed_origins: String::new(),
+            health_path: "/health".into(),
+            workers: 0,
+        }
+    }
+}
+
+impl Default for DsConfig {
+    fn default() -> Self {
+        DsConfig {
+            path: "/ds".into(),
+            skip_auth: false,
+            poll_interval: 10,
+            sse_ttl: 60,
+            max_chunk_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            history_limit: 100,
+            history_ttl: 300,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./data"),
+            fsync: true,
+            cache_capacity: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            secret: None,
+            public: false,
+        }
+    }
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            secret: None,
+            param: "jid".into(),
+            force: false,
+        }
+    }
+}
+
+impl Default for HttpBroadcastConfig {
+    fn default() -> Self {
+        HttpBroadcastConfig {
+            path: "/_broadcast".into(),
+            max_body: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            http_path: "/metrics".into(),
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// Command-line flags. Every flag also reads `ANYCABLE_<FLAG IN CAPITALS>`; a flag given on the
+/// command line wins over its variable, and both win over the config file.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "anycable-ds",
+    version,
+    about = "Durable Streams server with AnyCable's broadcast API"
+)]
+pub struct Cli {
+    /// Config file [default: ./anycable-ds.toml if it exists]
+    #[arg(long, env = "ANYCABLE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit
+    #[arg(long = "print-config")]
+    pub print_config: bool,
+
+    /// Application secret (derives the streams, JWT and broadcast secrets) [default: none]
+    #[arg(long, env = "ANYCABLE_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Bearer key for the broadcast endpoint [default: derived from secret]
+    #[arg(
+        long = "broadcast_key",
+        env = "ANYCABLE_BROADCAST_KEY",
+        hide_env_values = true
+    )]
+    pub broadcast_key: Option<String>,
+    /// Public mode: all streams public, no client authentication [default: false]
+    #[arg(long, env = "ANYCABLE_PUBLIC", num_args = 0..=1, default_missing_value = "true")]
+    pub public: Option<bool>,
+    /// Skip client authentication [default: false]
+    #[arg(long, env = "ANYCABLE_NOAUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub noauth: Option<bool>,
+
+    /// Listen address (server.host) [default: 127.0.0.1]
+    #[arg(long, env = "ANYCABLE_HOST")]
+    pub host: Option<String>,
+    /// Listen port, 0 picks a free one (server.port; PORT is read too) [default: 8080]
+    #[arg(long, env = "ANYCABLE_PORT")]
+    pub port: Option<u16>,
+    /// Allowed CORS origins, comma-separated, `*.example.com` wildcards [default: any]
+    #[arg(long = "allowed_origins", env = "ANYCABLE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// Health check path (server.health_path) [default: /health]
+    #[arg(long = "health_path", env = "ANYCABLE_HEALTH_PATH")]
+    pub health_path: Option<String>,
+    /// HTTP worker threads, 0 = one per core (server.workers) [default: 0]
+    #[arg(long = "workers", env = "ANYCABLE_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// URL prefix of Durable Streams reads (ds.path) [default: /ds]
+    #[arg(long = "ds_path", env = "ANYCABLE_DS_PATH")]
+    pub ds_path: Option<String>,
+    /// Skip client authentication for DS reads (ds.skip_auth) [default: false]
+    #[arg(long = "ds_skip_auth", env = "ANYCABLE_DS_SKIP_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub ds_skip_auth: Option<bool>,
+    /// Long-poll timeout in seconds (ds.poll_interval) [default: 10]
+    #[arg(long = "ds_poll_interval", env = "ANYCABLE_DS_POLL_INTERVAL")]
+    pub ds_poll_interval: Option<u64>,
+    /// Maximum SSE connection lifetime in seconds (ds.sse_ttl) [default: 60]
+    #[arg(long = "ds_sse_ttl", env = "ANYCABLE_DS_SSE_TTL")]
+    pub ds_sse_ttl: Option<u64>,
+    /// Maximum message bytes per read response (ds.max_chunk_bytes) [default: 4194304]
+    #[arg(long = "ds_max_chunk_bytes", env = "ANYCABLE_DS_MAX_CHUNK_BYTES")]
+    pub ds_max_chunk_bytes: Option<u64>,
+
+    /// Messages kept per stream, 0 = unlimited (broker.history_limit) [default: 100]
+    #[arg(long = "history_limit", env = "ANYCABLE_HISTORY_LIMIT")]
+    pub history_limit: Option<u64>,
+    /// Seconds a message is kept, 0 = unlimited (broker.history_ttl) [default: 300]
+    #[arg(long = "history_ttl", env = "ANYCABLE_HISTORY_TTL")]
+    pub history_ttl: Option<u64>,
+
+    /// Data directory (storage.data_dir) [default: ./data]
+    #[arg(long = "data_dir", env = "ANYCABLE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Acknowledge broadcasts only once flushed to disk; false is UNSAFE (storage.fsync) [default: true]
+    #[arg(long = "storage_fsync", env = "ANYCABLE_STORAGE_FSYNC", num_args = 0..=1, default_missing_value = "true")]
+    pub storage_fsync: Option<bool>,
+    /// sled cache size in bytes (storage.cache_capacity) [default: 67108864]
+    #[arg(
+        long = "storage_cache_capacity",
+        env = "ANYCABLE_STORAGE_CACHE_CAPACITY"
+    )]
+    pub storage_cache_capacity: Option<u64>,
+
+    /// Secret for signed stream names (streams.secret) [default: from secret]
+    #[arg(
+        long = "streams_secret",
+        env = "ANYCABLE_STREAMS_SECRET",
+        hide_env_values = true
+    )]
+    pub streams_secret: Option<String>,
+    /// Accept unsigned stream names (streams.public) [default: false]
+    #[arg(long = "public_streams", env = "ANYCABLE_PUBLIC_STREAMS", num_args = 0..=1, default_missing_value = "true")]
+    pub public_streams: Option<bool>,
+
+    /// JWT secret, `none` disables JWT (jwt.secret) [default: from secret]
+    #[arg(
+        long = "jwt_secret",
+        env = "ANYCABLE_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// JWT query parameter; the header is X-<param> (jwt.param) [default: jid]
+    #[arg(long = "jwt_param", env = "ANYCABLE_JWT_PARAM")]
+    pub jwt_param: Option<String>,
+    /// Refuse clients without a JWT (jwt.force) [default: false]
+    #[arg(long = "enforce_jwt", env = "ANYCABLE_ENFORCE_JWT", num_args = 0..=1, default_missing_value = "true")]
+    pub enforce_jwt: Option<bool>,
+
+    /// Broadcast endpoint path (http_broadcast.path) [default: /_broadcast]
+    #[arg(long = "http_broadcast_path", env = "ANYCABLE_HTTP_BROADCAST_PATH")]
+    pub http_broadcast_path: Option<String>,
+    /// Maximum broadcast body in bytes (http_broadcast.max_body) [default: 1048576]
+    #[arg(
+        long = "http_broadcast_max_body",
+        env = "ANYCABLE_HTTP_BROADCAST_MAX_BODY"
+    )]
+    pub http_broadcast_max_body: Option<u64>,
+
+    /// Prometheus metrics path (metrics.http_path) [default: /metrics]
+    #[arg(long = "metrics_http", env = "ANYCABLE_METRICS_HTTP")]
+    pub metrics_http: Option<String>,
+    /// Log level: error, warn, info, debug, trace (logging.level; RUST_LOG overrides) [default: info]
+    #[arg(long = "log_level", env = "ANYCABLE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl Cli {
+    /// The flag (or env) values as `config` overrides, keyed by TOML key.
+    fn overrides(&self) -> Vec<(&'static str, config::Value)> {
+        fn push<T: Into<config::Value> + Clone>(
+            out: &mut Vec<(&'static str, config::Value)>,
+            key: &'static str,
+            v: &Option<T>,
+        ) {
+            if let Some(v) = v {
+                out.push((key, v.clone().into()));
+            }
+        }
+        let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let mut out = Vec::new();
+        push(&mut out, "secret", &self.secret);
+        push(&mut out, "broadcast_key", &self.broadcast_key);
+        push(&mut out, "public", &self.public);
+        push(&mut out, "noauth", &self.noauth);
+        push(&mut out, "server.host", &self.host);
+        push(&mut out, "server.port", &self.port.map(i64::from));
+        push(&mut out, "server.allowed_origins", &self.allowed_origins);
+        push(&mut out, "server.health_path", &self.health_path);
+        push(&mut out, "server.workers", &self.workers.map(|v| v as u64));
+        push(&mut out, "ds.path", &self.ds_path);
+        push(&mut out, "ds.skip_auth", &self.ds_skip_auth);
+        push(&mut out, "ds.poll_interval", &self.ds_poll_interval);
+        push(&mut out, "ds.sse_ttl", &self.ds_sse_ttl);
+        push(&mut out, "ds.max_chunk_bytes", &self.ds_max_chunk_bytes);
+        push(&mut out, "broker.history_limit", &self.history_limit);
+        push(&mut out, "broker.history_ttl", &self.history_ttl);
+        push(&mut out, "storage.data_dir", &path_str(&self.data_dir));
+        push(&mut out, "storage.fsync", &self.storage_fsync);
+        push(
+            &mut out,
+            "storage.cache_capacity",
+            &self.storage_cache_capacity,
+        );
+        push(&mut out, "streams.secret", &self.streams_secret);
+        push(&mut out, "streams.public", &self.public_streams);
+        push(&mut out, "jwt.secret", &self.jwt_secret);
+        push(&mut out, "jwt.param", &self.jwt_param);
+        push(&mut out, "jwt.force", &self.enforce_jwt);
+        push(&mut out, "http_broadcast.path", &self.http_broadcast_path);
+        push(
+            &mut out,
+            "http_broadcast.max_body",
+            &self.http_broadcast_max_body,
+        );
+        push(&mut out, "metrics.http_path", &self.metrics_http);
+        push(&mut out, "logging.level", &self.log_level);
+        out
+    }
+}
+
+impl Config {
+    /// Builds the effective configuration from the flags (and env, via clap) and the config file.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let defaults = config::Config::try_from(&Config::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+
+        let (file, required) = match &cli.config {
+            Some(path) => (path.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        if required || file.exists() {
+            builder = builder.add_source(file_source(&file)?);
+        }
+        // `PORT` (as set by PaaS platforms) sits below `ANYCABLE_PORT` and `--port`.
+        if cli.port.is_none() {
+            if let Ok(port) = std::env::var("PORT") {
+                let port: u16 = port.parse().map_err(|_| {
+                    ConfigError::Invalid(format!("PORT: not a port number: {port:?}"))
+                })?;
+                builder = builder
+                    .set_override("server.port", i64::from(port))
+                    .expect("static key");
+            }
+        }
+        for (key, value) in cli.overrides() {
+            builder = builder.set_override(key, value).expect("static key");
+        }
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut config: Config = merged
+            .try_deserialize()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.normalize();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// AnyCable treats a secret spelled `none` as "not set".
+    fn normalize(&mut self) {
+        for secret in [
+            &mut self.secret,
+            &mut self.broadcast_key,
+            &mut self.streams.secret,
+            &mut self.jwt.secret,
+        ] {
+            if matches!(secret.as_deref(), Some("none") | Some("")) {
+                *secret = None;
+            }
+        }
+        // Keep the path prefixes canonical: leading slash, no trailing slash.
+        for path in [
+            &mut self.ds.path,
+            &mut self.http_broadcast.path,
+            &mut self.server.health_path,
+            &mut self.metrics.http_path,
+        ] {
+            let trimmed = path.trim_end_matches('/');
+            *path = if trimmed.starts_with('/') {
+                trimmed.to_string()
+            } else {
+                format!("/{trimmed}")
+            };
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        if self.ds.path == "/" || self.ds.path.is_empty() {
+            return bad("ds.path", "must not be the root path");
+        }
+        if self.ds.poll_interval == 0 {
+            return bad("ds.poll_interval", "must be at least 1 second");
+        }
+        if self.ds.sse_ttl == 0 {
+            return bad("ds.sse_ttl", "must be at least 1 second");
+        }
+        if self.ds.max_chunk_bytes == 0 {
+            return bad("ds.max_chunk_bytes", "must be positive");
+        }
+        if self.http_broadcast.max_body == 0 {
+            return bad("http_broadcast.max_body", "must be positive");
+        }
+        if self.jwt.param.is_empty()
+            || !self
+                .jwt
+                .param
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return bad(
+                "jwt.param",
+                "must be a non-empty name of letters, digits, '-' or '_'",
+            );
+        }
+        if self.logging.level.parse::<log::LevelFilter>().is_err() {
+            return bad(
+                "logging.level",
+                "must be one of off, error, warn, info, debug, trace",
+            );
+        }
+        let paths = [
+            ("ds.path", &self.ds.path),
+            ("http_broadcast.path", &self.http_broadcast.path),
+            ("server.health_path", &self.server.health_path),
+            ("metrics.http_path", &self.metrics.http_path),
+        ];
+        for (i, (key, path)) in paths.iter().enumerate() {
+            for (other_key, other) in &paths[i + 1..] {
+                if path == other {
+                    return bad(key, &format!("same path as {other_key}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML; fed back as a config file it gives the same config.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes to TOML")
+    }
+
+    /// The key that `POST /_broadcast` requires, if any: `broadcast_key`, else derived from
+    /// `secret` as AnyCable does.
+    pub fn effective_broadcast_key(&self) -> Option<String> {
+        self.broadcast_key.clone().or_else(|| {
+            self.secret
+                .as_deref()
+                .map(crate::auth::derive_broadcast_key)
+        })
+    }
+
+    /// The secret that signs stream names (`streams.secret`, else `secret`).
+    pub fn effective_streams_secret(&self) -> Option<&str> {
+        self.streams.secret.as_deref().or(self.secret.as_deref())
+    }
+
+    /// The JWT secret (`jwt.secret`, else `secret`).
+    pub fn effective_jwt_secret(&self) -> Option<&str> {
+        self.jwt.secret.as_deref().or(self.secret.as_deref())
+    }
+
+    /// Unsigned stream names are accepted (`streams.public` or `public`).
+    pub fn public_streams(&self) -> bool {
+        self.public || self.streams.public
+    }
+
+    /// Client authentication (JWT) is skipped for DS reads.
+    pub fn skip_client_auth(&self) -> bool {
+        self.public || self.noauth || self.ds.skip_auth
+    }
+}
+
+fn file_source(
+    path: &Path,
+) -> Result<config::File<config::FileSourceFile, config::FileFormat>, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::File {
+            path: path.display().to_string(),
+            message: "not found".into(),
+        });
+    }
+    Ok(config::File::from(path)
+        .format(config::FileFormat::Toml)
+        .required(true))
+}

@@ -1,0 +1,105 @@
+//! `POST /_broadcast`: AnyCable's HTTP broadcast API, appending to the durable log.
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+
+use super::{ApiError, AppState};
+use crate::{auth, ingest, metrics};
+
+pub async fn handle(
+    req: HttpRequest,
+    mut payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let result = async {
+        if req.method() != Method::POST {
+            return Err(("method", ApiError::method_not_allowed("POST")));
+        }
+        if let Some(key) = &state.broadcast_key {
+            let authorization = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            if !auth::bearer_matches(authorization, key) {
+                return Err((
+                    "unauthorized",
+                    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized"),
+                ));
+            }
+        }
+        let limit = usize::try_from(state.config.http_broadcast.max_body).unwrap_or(usize::MAX);
+        let too_large = || {
+            (
+                "too_large",
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body is larger than {limit} bytes"),
+                ),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(too_large());
+        }
+        let mut body = web::BytesMut::new();
+        while let Some(piece) = payload.next().await {
+            let piece = piece.map_err(|e| {
+                (
+                    "body",
+                    ApiError::bad_request(format!("cannot read body: {e}")),
+                )
+            })?;
+            if body.len() + piece.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&piece);
+        }
+        let broadcast =
+            ingest::parse(&body).map_err(|e| ("invalid", ApiError::bad_request(e.0)))?;
+        Ok(broadcast)
+    }
+    .await;
+    let broadcast = match result {
+        Ok(broadcast) => broadcast,
+        Err((reason, error)) => {
+            metrics::get()
+                .broadcast_rejected
+                .with_label_values(&[reason])
+                .inc();
+            return Err(error);
+        }
+    };
+
+    let stored = broadcast.stored.len();
+    if stored > 0 {
+        let storage = state.storage.clone();
+        let started = std::time::Instant::now();
+        let messages = broadcast.stored;
+        let pending = web::block(move || storage.append(&messages))
+            .await
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?
+            .map_err(|e| ApiError::unavailable(&e, "append failed"))?;
+        metrics::get()
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        pending
+            .durable()
+            .await
+            .map_err(|e| ApiError::unavailable(&e, "broadcast not durable"))?;
+    }
+    if !broadcast.transient.is_empty() {
+        log::debug!(
+            "{} transient message(s) accepted but not stored",
+            broadcast.transient.len()
+        );
+    }
+    let m = metrics::get();
+    m.broadcasts.inc();
+    m.messages_stored.inc_by(stored as u64);
+    Ok(HttpResponse::Created().json(serde_json::json!({ "stored": stored })))
+}

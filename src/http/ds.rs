@@ -1,0 +1,418 @@
+//! Durable Streams reads: HEAD, catch-up, long-poll and SSE on `{ds.path}/{stream}`.
+//!
+//! Every mode follows the same rule: a reader owns its position, reads the log after it, and a
+//! live reader that finds nothing waits on the hub and reads again. The hub subscription is
+//! made *before* the read, so an append that lands between the read and the wait still wakes
+//! the reader (see `hub.rs`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::Method;
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream;
+use tokio::time::Instant;
+
+use super::{authorize, blocking, Access, ApiError, AppState};
+use crate::cursor;
+use crate::hub::Subscription;
+use crate::metrics::{self, GaugeGuard};
+use crate::offset::{Offset, Position};
+use crate::storage::{Chunk, Storage};
+use crate::streams::stream_from_path;
+
+const ALLOW: &str = "GET, HEAD, OPTIONS";
+const SSE_PING_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The query string, form-decoded (the official client builds it with `URLSearchParams`).
+pub struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(raw: &str) -> Query {
+        Query(
+            web::Query::<HashMap<String, String>>::from_query(raw)
+                .map(|q| q.into_inner())
+                .unwrap_or_default(),
+        )
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    CatchUp,
+    LongPoll,
+    Sse,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::CatchUp => "catchup",
+            Mode::LongPoll => "poll",
+            Mode::Sse => "sse",
+        }
+    }
+}
+
+/// One validated read request.
+struct Read {
+    state: web::Data<AppState>,
+    stream: String,
+    offset: Offset,
+    access: Access,
+    cursor: Option<String>,
+    max_bytes: usize,
+}
+
+pub async fn handle(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::HEAD && method != Method::OPTIONS {
+        return Err(ApiError::method_not_allowed(ALLOW));
+    }
+    if method == Method::OPTIONS {
+        // A preflight is answered by the CORS middleware; this is a plain OPTIONS.
+        return Ok(HttpResponse::NoContent()
+            .insert_header((header::ALLOW, ALLOW))
+            .finish());
+    }
+    let stream = stream_from_path(req.uri().path(), &state.config.ds.path)?;
+    let query = Query::parse(req.query_string());
+    let mode = match query.get("live") {
+        None | Some("") | Some("false") => Mode::CatchUp,
+        Some("long-poll") => Mode::LongPoll,
+        Some("sse") => Mode::Sse,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid live mode {other:?}: use long-poll or sse"
+            )))
+        }
+    };
+    let result = read(&req, &state, &query, stream, mode, method == Method::HEAD).await;
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(e) => actix_web::ResponseError::status_code(e),
+    };
+    let mode_label = if method == Method::HEAD {
+        "head"
+    } else {
+        mode.label()
+    };
+    metrics::get()
+        .requests
+        .with_label_values(&[mode_label, status.as_str()])
+        .inc();
+    result
+}
+
+async fn read(
+    req: &HttpRequest,
+    state: &web::Data<AppState>,
+    query: &Query,
+    stream: String,
+    mode: Mode,
+    head: bool,
+) -> Result<HttpResponse, ApiError> {
+    let access = authorize(state, req, query, &stream)?;
+    if head {
+        let storage = state.storage.clone();
+        let tail = blocking(move || storage.tail(&stream)).await?;
+        return Ok(common(HttpResponse::Ok())
+            .content_type("application/json")
+            .insert_header(("Stream-Next-Offset", tail.token()))
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .finish());
+    }
+    let raw_offset = query.get("offset");
+    if mode != Mode::CatchUp && raw_offset.is_none() {
+        return Err(ApiError::bad_request(
+            "offset is required for live reads (use -1, now or a token)",
+        ));
+    }
+    let offset = Offset::parse(raw_offset).map_err(|_| ApiError::bad_request("invalid offset"))?;
+    let read = Read {
+        state: state.clone(),
+        stream,
+        offset,
+        access,
+        cursor: query.get("cursor").map(str::to_string),
+        max_bytes: usize::try_from(state.config.ds.max_chunk_bytes).unwrap_or(usize::MAX),
+    };
+    match mode {
+        Mode::CatchUp => catch_up(req, read).await,
+        Mode::LongPoll => long_poll(req, read).await,
+        Mode::Sse => sse(read).await,
+    }
+}
+
+/// Headers every read response carries (CORS ones come from the middleware).
+fn common(mut builder: HttpResponseBuilder) -> HttpResponseBuilder {
+    builder
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .insert_header(("Cross-Origin-Resource-Policy", "cross-origin"));
+    builder
+}
+
+fn read_chunk(
+    storage: &Storage,
+    stream: &str,
+    offset: Offset,
+    max_bytes: usize,
+) -> impl std::future::Future<Output = Result<Chunk, ApiError>> {
+    let storage = storage.clone();
+    let stream = stream.to_string();
+    blocking(move || storage.read(&stream, offset, max_bytes))
+}
+
+async fn catch_up(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiError> {
+    let chunk = read_chunk(
+        &read.state.storage,
+        &read.stream,
+        read.offset,
+        read.max_bytes,
+    )
+    .await?;
+    if read.offset == Offset::Now {
+        // The tail, never cached: it moves.
+        return Ok(common(HttpResponse::Ok())
+            .content_type("application/json")
+            .insert_header(("Stream-Next-Offset", chunk.next.token()))
+            .insert_header(("Stream-Up-To-Date", "true"))
+            .insert_header(("Stream-Cursor", cursor::next_cursor(read.cursor.as_deref())))
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .body(chunk.body));
+    }
+    Ok(chunk_response(req, &read, chunk))
+}
+
+/// A 200 (or 304) for a chunk of messages, as catch-up and long-poll answer it.
+fn chunk_response(req: &HttpRequest, read: &Read, chunk: Chunk) -> HttpResponse {
+    // The body is fully determined by the range of messages it holds (messages never change),
+    // so the range is a strong validator.
+    let etag = format!("\"{}:{}\"", chunk.start.token(), chunk.next.token());
+    let cache_control = match read.access {
+        Access::Public => "public, max-age=60, stale-while-revalidate=300",
+        Access::Private => "private, max-age=60, stale-while-revalidate=300",
+    };
+    let not_modified = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|candidate| candidate.trim() == etag || candidate.trim() == "*")
+        });
+    let mut builder = common(if not_modified {
+        HttpResponse::NotModified()
+    } else {
+        HttpResponse::Ok()
+    });
+    builder
+        .insert_header(("Stream-Next-Offset", chunk.next.token()))
+        .insert_header(("Stream-Cursor", cursor::next_cursor(read.cursor.as_deref())))
+        .insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, cache_control));
+    if chunk.up_to_date {
+        builder.insert_header(("Stream-Up-To-Date", "true"));
+    }
+    if not_modified {
+        builder.finish()
+    } else {
+        builder.content_type("application/json").body(chunk.body)
+    }
+}
+
+async fn long_poll(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiError> {
+    metrics::get().poll_requests.inc();
+    let state = &read.state;
+    // Subscribe before the first read: nothing appended after this point can be missed.
+    let mut subscription = state.storage.hub().subscribe(&read.stream);
+    let mut chunk = read_chunk(&state.storage, &read.stream, read.offset, read.max_bytes).await?;
+    if chunk.count == 0 {
+        let _waiting = GaugeGuard::new(&metrics::get().poll_clients);
+        let deadline = Instant::now() + Duration::from_secs(state.config.ds.poll_interval);
+        let position = chunk.next;
+        loop {
+            tokio::select! {
+                _ = subscription.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(poll_timeout(&read, position)),
+                _ = state.shutdown.cancelled() => return Ok(poll_timeout(&read, position)),
+            }
+            chunk = read_chunk(
+                &state.storage,
+                &read.stream,
+                Offset::At(position),
+                read.max_bytes,
+            )
+            .await?;
+            if chunk.count > 0 {
+                break;
+            }
+        }
+    }
+    Ok(chunk_response(req, &read, chunk))
+}
+
+/// `204`: nothing new within `ds.poll_interval` (or the server is stopping); retry from the
+/// same position.
+fn poll_timeout(read: &Read, position: Position) -> HttpResponse {
+    common(HttpResponse::NoContent())
+        .insert_header(("Stream-Next-Offset", position.token()))
+        .insert_header(("Stream-Up-To-Date", "true"))
+        .insert_header(("Stream-Cursor", cursor::next_cursor(read.cursor.as_deref())))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .finish()
+}
+
+async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
+    metrics::get().sse_requests.inc();
+    let state = read.state.clone();
+    let subscription = state.storage.hub().subscribe(&read.stream);
+    // The first read happens before the response starts, so a bad or gone offset still gets
+    // its proper status code.
+    let first = read_chunk(&state.storage, &read.stream, read.offset, read.max_bytes).await?;
+    let now = Instant::now();
+    let sse = SseStream {
+        cursor: cursor::next_cursor(read.cursor.as_deref())
+            .parse()
+            .unwrap_or(0),
+        storage: state.storage.clone(),
+        shutdown: state.shutdown.clone(),
+        deadline: now + Duration::from_secs(state.config.ds.sse_ttl),
+        next_ping: now + SSE_PING_INTERVAL,
+        position: first.next,
+        pending: Some(first),
+        sent_up_to_date: false,
+        ended: false,
+        subscription,
+        stream: read.stream,
+        max_bytes: read.max_bytes,
+        _open: GaugeGuard::new(&metrics::get().sse_clients),
+    };
+    let body = stream::unfold(sse, |mut sse| async move {
+        let frame = sse.next_frame().await?;
+        Some((Ok::<_, actix_web::Error>(frame), sse))
+    });
+    Ok(common(HttpResponse::Ok())
+        .insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        ))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+/// The state of one SSE response. Dropping it (the client went away, the TTL passed, or the
+/// server is stopping) drops the hub subscription and the open-connections gauge with it.
+struct SseStream {
+    storage: Storage,
+    stream: String,
+    subscription: Subscription,
+    shutdown: tokio_util::sync::CancellationToken,
+    /// Where this reader is: the `streamNextOffset` of the last control event sent.
+    position: Position,
+    /// A chunk read but not sent yet.
+    pending: Option<Chunk>,
+    sent_up_to_date: bool,
+    /// A read failed: end the response after what was already queued.
+    ended: bool,
+    cursor: u64,
+    max_bytes: usize,
+    deadline: Instant,
+    next_ping: Instant,
+    _open: GaugeGuard,
+}
+
+impl SseStream {
+    /// The next bytes to send, or `None` to end the response.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            if let Some(chunk) = self.pending.take() {
+                self.position = chunk.next;
+                if chunk.count > 0 || !self.sent_up_to_date {
+                    if chunk.up_to_date {
+                        self.sent_up_to_date = true;
+                    } else {
+                        // More backlog: read the next chunk right after sending this one.
+                        self.pending = self.read().await;
+                        self.ended = self.pending.is_none();
+                    }
+                    return Some(self.frame(&chunk));
+                }
+            }
+            if self.shutdown.is_cancelled() {
+                return None;
+            }
+            tokio::select! {
+                _ = self.subscription.changed() => {
+                    self.pending = self.read().await;
+                    if self.pending.is_none() {
+                        return None;
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_ping) => {
+                    self.next_ping = Instant::now() + SSE_PING_INTERVAL;
+                    return Some(Bytes::from_static(b": ping\n\n"));
+                }
+                _ = tokio::time::sleep_until(self.deadline) => return None,
+                _ = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Reads after the current position; `None` ends the response (the client reconnects from
+    /// its last offset and gets a proper status for whatever went wrong).
+    async fn read(&self) -> Option<Chunk> {
+        match read_chunk(
+            &self.storage,
+            &self.stream,
+            Offset::At(self.position),
+            self.max_bytes,
+        )
+        .await
+        {
+            Ok(chunk) => Some(chunk),
+            Err(e) => {
+                log::warn!("SSE read of stream {:?} failed: {e}", self.stream);
+                None
+            }
+        }
+    }
+
+    /// `event: data` (if there are messages) followed by its `event: control`, as one write.
+    fn frame(&mut self, chunk: &Chunk) -> Bytes {
+        self.cursor = self.cursor.max(cursor::current_interval());
+        let control = serde_json::json!({
+            "streamNextOffset": chunk.next.token(),
+            "streamCursor": self.cursor.to_string(),
+        });
+        let mut control = control.to_string();
+        if chunk.up_to_date {
+            control.insert_str(control.len() - 1, ",\"upToDate\":true");
+        }
+        let mut out = BytesMut::with_capacity(chunk.body.len() + control.len() + 48);
+        if chunk.count > 0 {
+            // Stored messages are compact JSON: the array holds no raw newline.
+            out.put_slice(b"event: data\ndata: ");
+            out.put_slice(&chunk.body);
+            out.put_slice(b"\n\n");
+        }
+        out.put_slice(b"event: control\ndata: ");
+        out.put_slice(control.as_bytes());
+        out.put_slice(b"\n\n");
+        self.next_ping = Instant::now() + SSE_PING_INTERVAL;
+        out.freeze()
+    }
+}

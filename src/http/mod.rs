@@ -1,0 +1,306 @@
+//! actix-web wiring: routes, shared state, CORS, and the one place where errors become
+//! status codes with a JSON body.
+
+mod broadcast;
+mod ds;
+mod ops;
+
+use std::sync::Arc;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{self, AuthError};
+use crate::config::Config;
+use crate::storage::{ReadError, Storage, StorageError};
+use crate::streams::InvalidStreamName;
+
+/// Everything a request handler needs; cheap to clone (one `Arc` per field).
+#[derive(Clone)]
+pub struct AppState {
+    pub storage: Storage,
+    pub config: Arc<Config>,
+    /// The broadcast bearer key, resolved once at start.
+    broadcast_key: Option<Arc<str>>,
+    /// Cancelled at shutdown: live responses end, waiting long-polls answer 204.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(storage: Storage, config: Arc<Config>, shutdown: CancellationToken) -> AppState {
+        let broadcast_key = config.effective_broadcast_key().map(Arc::from);
+        AppState {
+            storage,
+            config,
+            broadcast_key,
+            shutdown,
+        }
+    }
+}
+
+/// An error answered to the client as `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    allow: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn method_not_allowed(allow: &'static str) -> ApiError {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: "method not allowed".into(),
+            allow: Some(allow),
+        }
+    }
+
+    /// Logs server-side failures (the client only learns the kind).
+    fn unavailable(error: &StorageError, context: &str) -> ApiError {
+        log::error!("{context}: {error}");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(allow) = self.allow {
+            response.insert_header((header::ALLOW, allow));
+        }
+        response.json(serde_json::json!({ "error": self.message }))
+    }
+}
+
+impl From<InvalidStreamName> for ApiError {
+    fn from(e: InvalidStreamName) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        crate::metrics::get()
+            .auth_failures
+            .with_label_values(&[e.code()])
+            .inc();
+        ApiError::new(StatusCode::UNAUTHORIZED, e.code())
+    }
+}
+
+/// Runs a blocking storage call on actix's blocking pool, off the async workers.
+async fn blocking<T, E, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: Into<ReadError> + Send + 'static,
+{
+    match web::block(f).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(match e.into() {
+            ReadError::Gone => ApiError::new(StatusCode::GONE, "offset is no longer available"),
+            ReadError::Storage(e) => ApiError::unavailable(&e, "read failed"),
+        }),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is shutting down",
+        )),
+    }
+}
+
+/// Registers every route of the server.
+pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        let config = state.config.clone();
+        let ds_path = config.ds.path.clone();
+        cfg.app_data(web::Data::new(state))
+            .service(
+                web::resource([ds_path.clone(), format!("{ds_path}/{{stream:.*}}")]).to(ds::handle),
+            )
+            .service(web::resource(config.http_broadcast.path.clone()).to(broadcast::handle))
+            .service(web::resource(config.server.health_path.clone()).to(ops::health))
+            .service(web::resource(config.metrics.http_path.clone()).to(ops::metrics))
+            .default_service(web::to(not_found));
+    }
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(StatusCode::NOT_FOUND, "not found"))
+}
+
+/// Request headers a browser may send to DS endpoints.
+pub const CORS_ALLOWED_HEADERS: [&str; 5] = [
+    "x-signed",
+    "x-jid",
+    "if-none-match",
+    "content-type",
+    "authorization",
+];
+/// Response headers a browser client must be able to read.
+pub const CORS_EXPOSED_HEADERS: [&str; 5] = [
+    "stream-next-offset",
+    "stream-cursor",
+    "stream-up-to-date",
+    "stream-closed",
+    "etag",
+];
+
+/// CORS per spec §7: allowed origins with `*.suffix` wildcards (empty list = any origin); a
+/// foreign origin simply gets no allow header.
+pub fn cors(config: &Config) -> actix_cors::Cors {
+    let origins: Arc<Vec<String>> = Arc::new(
+        config
+            .server
+            .allowed_origins
+            .split(',')
+            .map(|o| o.trim().to_ascii_lowercase())
+            .filter(|o| !o.is_empty())
+            .collect(),
+    );
+    let mut allowed_headers: Vec<String> =
+        CORS_ALLOWED_HEADERS.iter().map(|h| h.to_string()).collect();
+    allowed_headers.push(format!("x-{}", config.jwt.param.to_ascii_lowercase()));
+    allowed_headers.dedup();
+    actix_cors::Cors::default()
+        .allowed_origin_fn(move |origin, _| origin_allowed(&origins, origin))
+        .allowed_methods([Method::GET, Method::HEAD, Method::OPTIONS])
+        .allowed_headers(
+            allowed_headers
+                .iter()
+                .map(|h| header::HeaderName::try_from(h.as_str()).expect("valid header")),
+        )
+        .expose_headers(CORS_EXPOSED_HEADERS)
+        .max_age(86_400)
+        .block_on_origin_mismatch(false)
+}
+
+fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.to_ascii_lowercase();
+    let host = origin
+        .split_once("://")
+        .map_or(origin.as_str(), |(_, host)| host);
+    allowed
+        .iter()
+        .any(|pattern| match pattern.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
+            None => {
+                let pattern_host = pattern
+                    .split_once("://")
+                    .map_or(pattern.as_str(), |(_, host)| host);
+                if pattern.contains("://") {
+                    *pattern == origin
+                } else {
+                    pattern_host == host
+                }
+            }
+        })
+}
+
+/// Whether the read needed credentials (decides `Cache-Control: public` vs `private`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    Private,
+}
+
+/// Client authentication, then stream authorization (spec §6).
+fn authorize(
+    state: &AppState,
+    req: &HttpRequest,
+    query: &ds::Query,
+    stream: &str,
+) -> Result<Access, AuthError> {
+    let config = &state.config;
+    let mut access = Access::Public;
+    if !config.skip_client_auth() {
+        if let Some(secret) = config.effective_jwt_secret() {
+            let header_name = format!("x-{}", config.jwt.param);
+            let token = header_value(req, &header_name).or_else(|| query.get(&config.jwt.param));
+            match token {
+                Some(token) => {
+                    let identity = auth::verify_jwt(secret, token)?;
+                    log::debug!(
+                        "authenticated client {:?} for stream {stream:?}",
+                        identity.identifiers
+                    );
+                    access = Access::Private;
+                }
+                None if config.jwt.force => return Err(AuthError::Unauthorized),
+                None => {}
+            }
+        }
+    }
+    let signed = query
+        .get("signed")
+        .or_else(|| header_value(req, "x-signed"));
+    match (signed, config.effective_streams_secret()) {
+        (Some(token), Some(secret)) => {
+            auth::verify_signed_stream(secret, token, stream)?;
+            access = Access::Private;
+        }
+        _ if config.public_streams() => {}
+        _ => return Err(AuthError::Unauthorized),
+    }
+    Ok(access)
+}
+
+fn header_value<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_match_exactly_or_by_suffix_wildcard() {
+        let allowed: Vec<String> = vec![
+            "*.example.com".into(),
+            "https://app.test".into(),
+            "localhost:3000".into(),
+        ];
+        let ok = |o: &str| origin_allowed(&allowed, &HeaderValue::from_str(o).unwrap());
+        assert!(ok("https://a.example.com"));
+        assert!(ok("http://x.y.example.com"));
+        assert!(!ok("https://example.com"));
+        assert!(!ok("https://badexample.com"));
+        assert!(ok("https://app.test"));
+        assert!(!ok("http://app.test"));
+        assert!(ok("http://localhost:3000"));
+        assert!(!ok("http://localhost:3001"));
+        assert!(origin_allowed(
+            &[],
+            &HeaderValue::from_static("https://any.where")
+        ));
+    }
+}

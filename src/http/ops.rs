@@ -1,0 +1,36 @@
+//! Health and metrics endpoints.
+
+use actix_web::http::Method;
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::{ApiError, AppState};
+use crate::metrics;
+
+pub async fn health(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(ApiError::method_not_allowed("GET, HEAD"));
+    }
+    // Storage is opened before the listener binds, so answering at all means it is open.
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })))
+}
+
+pub async fn metrics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    if req.method() != Method::GET {
+        return Err(ApiError::method_not_allowed("GET"));
+    }
+    let m = metrics::get();
+    m.streams_loaded.set(state.storage.streams_loaded() as i64);
+    m.hub_streams
+        .set(state.storage.hub().streams_watched() as i64);
+    let storage = state.storage.clone();
+    let size = web::block(move || storage.size_on_disk())
+        .await
+        .unwrap_or(0);
+    m.storage_bytes.set(size as i64);
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics::render()))
+}

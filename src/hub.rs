@@ -1,0 +1,154 @@
+//! The per-stream notify map that wakes live readers.
+//!
+//! A live reader subscribes to its stream *before* it reads the log, then waits for a change.
+//! The storage publishes a stream's new durable tail first and calls [`Hub::wake`] second, so a
+//! message either is already visible to the reader's read or bumps the reader's subscription
+//! afterwards: it can never fall in between. The hub never carries message bodies; a woken
+//! reader reads the log after its own position.
+//!
+//! Each stream's entry is a `tokio::sync::watch` sender holding the last published tail. Unlike
+//! `Notify::notify_waiters`, a watch channel remembers that a change happened while nobody was
+//! polling, so there is no missed-wake-up window. Entries exist only while someone is
+//! subscribed: the last [`Subscription`] to go removes its stream's entry, so idle streams cost
+//! nothing here.
+//!
+//! The map sits behind a `std::sync::Mutex`, not a tokio one: the lock is held for a hash-map
+//! operation only, never across an `.await`, and is taken from the storage's commit thread,
+//! which is not async.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+#[derive(Debug, Default, Clone)]
+pub struct Hub {
+    streams: Arc<Mutex<HashMap<Arc<str>, watch::Sender<u64>>>>,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    /// Starts watching `stream`. Every [`Hub::wake`] for it after this call resolves the
+    /// subscription's next [`Subscription::changed`].
+    pub fn subscribe(&self, stream: &str) -> Subscription {
+        let mut streams = self.streams.lock().expect("hub lock");
+        let receiver = match streams.get(stream) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = watch::channel(0);
+                streams.insert(Arc::from(stream), sender);
+                receiver
+            }
+        };
+        Subscription {
+            hub: self.clone(),
+            stream: Arc::from(stream),
+            receiver: Some(receiver),
+        }
+    }
+
+    /// Wakes every subscriber of `stream`; `tail` is the stream's new durable tail.
+    pub fn wake(&self, stream: &str, tail: u64) {
+        let streams = self.streams.lock().expect("hub lock");
+        if let Some(sender) = streams.get(stream) {
+            sender.send_replace(tail);
+        }
+    }
+
+    /// Number of streams somebody is waiting on.
+    pub fn streams_watched(&self) -> usize {
+        self.streams.lock().expect("hub lock").len()
+    }
+
+    /// Number of subscriptions alive across all streams.
+    pub fn subscribers(&self) -> usize {
+        self.streams
+            .lock()
+            .expect("hub lock")
+            .values()
+            .map(|s| s.receiver_count())
+            .sum()
+    }
+}
+
+/// A reader's interest in one stream. Dropping it (for example when the client disconnects and
+/// actix drops the response) removes the stream's entry if it was the last one.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Hub,
+    stream: Arc<str>,
+    receiver: Option<watch::Receiver<u64>>,
+}
+
+impl Subscription {
+    /// Resolves once the stream got new messages since the subscription was made or since the
+    /// previous call returned.
+    pub async fn changed(&mut self) {
+        let receiver = self.receiver.as_mut().expect("receiver lives until drop");
+        // The sender lives in the map as long as this receiver does, so this cannot fail; if it
+        // ever did, returning lets the caller re-read the log, which is always safe.
+        let _ = receiver.changed().await;
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut streams = self.hub.streams.lock().expect("hub lock");
+        // Drop our receiver under the lock, so a concurrent subscribe cannot see a sender that
+        // is about to be removed.
+        drop(self.receiver.take());
+        if streams
+            .get(&*self.stream)
+            .is_some_and(|s| s.receiver_count() == 0)
+        {
+            streams.remove(&*self.stream);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn wake_reaches_subscribers_of_that_stream_only() {
+        let hub = Hub::new();
+        let mut a = hub.subscribe("a");
+        let mut b = hub.subscribe("b");
+        hub.wake("a", 1);
+        tokio::time::timeout(Duration::from_secs(1), a.changed())
+            .await
+            .expect("a woken");
+        assert!(tokio::time::timeout(Duration::from_millis(50), b.changed())
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_wake_before_waiting_is_not_lost() {
+        let hub = Hub::new();
+        let mut sub = hub.subscribe("s");
+        hub.wake("s", 7);
+        tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .expect("woken");
+    }
+
+    #[test]
+    fn entries_go_away_with_their_last_subscriber() {
+        let hub = Hub::new();
+        let a = hub.subscribe("s");
+        let b = hub.subscribe("s");
+        assert_eq!((hub.streams_watched(), hub.subscribers()), (1, 2));
+        drop(a);
+        assert_eq!((hub.streams_watched(), hub.subscribers()), (1, 1));
+        drop(b);
+        assert_eq!((hub.streams_watched(), hub.subscribers()), (0, 0));
+        hub.wake("s", 1); // no entry, no effect
+        assert_eq!(hub.streams_watched(), 0);
+    }
+}

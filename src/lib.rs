@@ -1,0 +1,25 @@
+//! anycable-ds: a single-binary Durable Streams server with AnyCable's broadcast API and
+//! on-disk history in sled.
+//!
+//! Module map (one concern each; see `docs/ARCHITECTURE.md`):
+//! - [`config`]: layered settings;
+//! - [`storage`]: the durable per-stream log (sled), group commit, retention, migrations;
+//! - [`offset`]: offset tokens;
+//! - [`hub`]: per-stream notify map for live readers;
+//! - [`auth`]: broadcast key, signed streams, JWT;
+//! - [`ingest`]: broadcast body parsing;
+//! - [`http`]: actix-web handlers;
+//! - [`server`]: start-up and shutdown;
+//! - [`metrics`], [`cursor`], [`streams`]: small helpers.
+
+pub mod auth;
+pub mod config;
+pub mod cursor;
+pub mod http;
+pub mod hub;
+pub mod ingest;
+pub mod metrics;
+pub mod offset;
+pub mod server;
+pub mod storage;
+pub mod streams;

@@ -1,0 +1,163 @@
+//! Start-up and shutdown: open storage, bind, serve, stop in order on SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::hub::Hub;
+use crate::storage::{Retention, Storage, StorageError, StorageOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub fn storage_options(config: &Config) -> StorageOptions {
+    StorageOptions {
+        cache_capacity: config.storage.cache_capacity,
+        fsync: config.storage.fsync,
+        retention: Retention {
+            max_messages: config.broker.history_limit,
+            max_age: Duration::from_secs(config.broker.history_ttl),
+        },
+    }
+}
+
+/// Runs the server until a signal stops it. Must run inside an actix system.
+pub async fn run(config: Config) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let storage = Storage::open(
+        &config.storage.data_dir,
+        storage_options(&config),
+        Hub::new(),
+    )?;
+    let shutdown = CancellationToken::new();
+    let state = AppState::new(storage.clone(), config.clone(), shutdown.clone());
+
+    let app_config = config.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .wrap(http::cors(&app_config))
+            .configure(http::configure(state.clone()))
+    })
+    // Notice clients that go away while an SSE or long-poll response is idle, so their
+    // waiters are freed at once (PITFALLS.md).
+    .h1_allow_half_closed(false)
+    .disable_signals()
+    .shutdown_timeout(5);
+    if config.server.workers > 0 {
+        server = server.workers(config.server.workers);
+    }
+    let address = format!("{}:{}", config.server.host, config.server.port);
+    let server = server.bind(&address).map_err(|source| ServeError::Bind {
+        address: address.clone(),
+        source,
+    })?;
+    let addresses = server.addrs();
+    let running = server.run();
+
+    banner(&config, &storage, &addresses);
+
+    let handle = running.handle();
+    let stopping = shutdown.clone();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        log::info!("shutting down: ending live responses, flushing storage");
+        // Cancel first: waiting long-polls answer 204 and SSE responses end, so the graceful
+        // stop below does not sit out its timeout on them.
+        stopping.cancel();
+        handle.stop(true).await;
+    });
+    running.await?;
+    storage.close()?;
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]) {
+    log::info!("anycable-ds {}", env!("CARGO_PKG_VERSION"));
+    for address in addresses {
+        log::info!("Listening on http://{address}");
+        log::info!(
+            "  Durable Streams reads at http://{address}{}/{{stream}}",
+            config.ds.path
+        );
+        log::info!(
+            "  broadcasts at http://{address}{}",
+            config.http_broadcast.path
+        );
+    }
+    log::info!(
+        "data directory {} (epoch {}, storage layout {})",
+        config.storage.data_dir.display(),
+        storage.epoch(),
+        crate::storage::CURRENT_LAYOUT
+    );
+    let unlimited = |v: u64, unit: &str| {
+        if v == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{v}{unit}")
+        }
+    };
+    log::info!(
+        "retention: {} message(s) per stream, {}",
+        unlimited(config.broker.history_limit, ""),
+        unlimited(config.broker.history_ttl, "s")
+    );
+    if !config.storage.fsync {
+        log::warn!(
+            "storage.fsync = false: broadcasts are acknowledged before they are on disk (UNSAFE)"
+        );
+    }
+    let jwt = if config.skip_client_auth() {
+        "off"
+    } else if config.effective_jwt_secret().is_some() {
+        if config.jwt.force {
+            "required"
+        } else {
+            "optional"
+        }
+    } else {
+        "off (no secret)"
+    };
+    let streams = if config.public_streams() {
+        "public (signed names optional)"
+    } else {
+        "signed names required"
+    };
+    log::info!("auth: JWT {jwt}; streams {streams}");
+    if config.effective_broadcast_key().is_none() {
+        log::warn!(
+            "{} is OPEN: no broadcast_key or secret is set, anyone who can reach it can publish",
+            config.http_broadcast.path
+        );
+    }
+}

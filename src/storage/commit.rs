@@ -1,0 +1,86 @@
+//! Group commit: one dedicated OS thread flushes sled for every group of waiting appends.
+//!
+//! Why a thread and not `flush_async`: sled 0.34's `flush_async` deadlocks under concurrent
+//! callers (see PITFALLS.md), and a `web::block(flush)` per request costs one fsync per request.
+//! Here appenders hand over a ticket and await a oneshot; the thread takes every ticket that is
+//! waiting, calls the blocking `flush()` once (which makes every write applied before it
+//! durable, across all trees of the `Db`), then publishes the new tails and answers all tickets.
+//! Under load, tickets pile up while a flush runs, so the number of fsyncs per second stays
+//! bounded by the disk while throughput grows with concurrency.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::{StorageError, StreamEntry};
+use crate::hub::Hub;
+
+struct Ticket {
+    publish: Vec<(Arc<StreamEntry>, u64)>,
+    done: oneshot::Sender<Result<(), StorageError>>,
+}
+
+pub(crate) struct Committer {
+    sender: mpsc::Sender<Ticket>,
+    thread: JoinHandle<()>,
+}
+
+impl Committer {
+    pub(crate) fn start(db: sled::Db, hub: Hub) -> Committer {
+        let (sender, receiver) = mpsc::channel::<Ticket>();
+        let thread = std::thread::Builder::new()
+            .name("ds-commit".into())
+            .spawn(move || run(db, hub, receiver))
+            .expect("spawn commit thread");
+        Committer { sender, thread }
+    }
+
+    /// Queues a flush for messages already applied to sled; the receiver answers once they are
+    /// durable (and visible to readers).
+    pub(crate) fn submit(
+        &self,
+        publish: Vec<(Arc<StreamEntry>, u64)>,
+    ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+        let (done, receiver) = oneshot::channel();
+        self.sender
+            .send(Ticket { publish, done })
+            .map_err(|_| StorageError::Closed)?;
+        Ok(receiver)
+    }
+
+    /// Finishes the queued tickets and joins the thread.
+    pub(crate) fn stop(self) {
+        drop(self.sender);
+        let _ = self.thread.join();
+    }
+}
+
+fn run(db: sled::Db, hub: Hub, receiver: mpsc::Receiver<Ticket>) {
+    while let Ok(first) = receiver.recv() {
+        let mut group = vec![first];
+        group.extend(receiver.try_iter());
+        let started = std::time::Instant::now();
+        let result = db
+            .flush()
+            .map(drop)
+            .map_err(|e| StorageError::Flush(e.to_string()));
+        crate::metrics::observe_flush(started.elapsed(), group.len());
+        if let Err(e) = &result {
+            log::error!(
+                "flush failed, {} broadcast(s) not acknowledged: {e}",
+                group.len()
+            );
+        }
+        for ticket in group {
+            if result.is_ok() {
+                for (entry, seq) in &ticket.publish {
+                    entry.publish(*seq, &hub);
+                }
+            }
+            // The appender may have gone away (client disconnected); the data is durable anyway.
+            let _ = ticket.done.send(result.clone());
+        }
+    }
+}

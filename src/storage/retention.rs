@@ -1,0 +1,99 @@
+//! Background trimming of old messages.
+//!
+//! Reads already hide what retention would remove (they compute the retained window from the
+//! tail and the message timestamps), so this task only gives the space back. That keeps the
+//! read-side guarantee independent of how late the task runs. Deletes are not flushed
+//! explicitly: if a crash undoes some of them, the messages are still hidden and the next pass
+//! deletes them again.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::keys::{self, StreamRecord};
+use super::{now_ms, Retention, StorageError};
+
+/// Shortest pause between two passes; a slow pass (many streams) waits ten times its length.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Deletes per sled batch, so one huge stream does not build one huge batch.
+const BATCH_DELETES: usize = 10_000;
+
+pub(crate) struct Trimmer {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Trimmer {
+    /// Starts the task, unless retention is unlimited.
+    pub(crate) fn start(db: sled::Db, retention: Retention) -> Option<Trimmer> {
+        if retention == Retention::default() {
+            return None;
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ds-retention".into())
+            .spawn(move || {
+                let mut pause = MIN_INTERVAL;
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(pause) {
+                    let started = Instant::now();
+                    match trim(&db, retention, now_ms()) {
+                        Ok(0) => {}
+                        Ok(n) => log::debug!("retention removed {n} message(s)"),
+                        Err(e) => log::error!("retention pass failed: {e}"),
+                    }
+                    pause = MIN_INTERVAL.max(started.elapsed() * 10);
+                }
+            })
+            .expect("spawn retention thread");
+        Some(Trimmer { stop, thread })
+    }
+
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Deletes every message outside the retention window of its stream; returns how many.
+pub(crate) fn trim(db: &sled::Db, retention: Retention, now_ms: u64) -> Result<u64, StorageError> {
+    let max_age_ms = retention.max_age.as_millis() as u64;
+    let expired_before = if max_age_ms == 0 {
+        0
+    } else {
+        now_ms.saturating_sub(max_age_ms)
+    };
+    let mut removed = 0;
+    for item in db.scan_prefix([keys::STREAM]) {
+        let (key, value) = item?;
+        let (Some(id), Some(record)) = (keys::stream_key_id(&key), StreamRecord::decode(&value))
+        else {
+            continue;
+        };
+        let keep_from = match retention.max_messages {
+            0 => 1,
+            limit => record.last_seq.saturating_sub(limit) + 1,
+        };
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for item in db.range(keys::log_key(id, 0)..=keys::log_key(id, u64::MAX)) {
+            let (key, value) = item?;
+            let seq = keys::log_key_seq(&key).unwrap_or(u64::MAX);
+            let timestamp = keys::decode_log_value(&value).map_or(u64::MAX, |(ts, _)| ts);
+            if seq >= keep_from && timestamp >= expired_before {
+                break;
+            }
+            batch.remove(key);
+            in_batch += 1;
+            if in_batch == BATCH_DELETES {
+                db.apply_batch(std::mem::take(&mut batch))?;
+                removed += in_batch as u64;
+                in_batch = 0;
+            }
+        }
+        if in_batch > 0 {
+            db.apply_batch(batch)?;
+            removed += in_batch as u64;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,313 @@
+//! Test harness: runs the real `anycable-ds` binary on a free port with a temporary data
+//! directory, and talks HTTP to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const KEY: &str = "test-broadcast-key";
+
+/// A running server process. Killed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub client: reqwest::Client,
+}
+
+/// A temporary directory that holds the data dir (and is the server's working directory, so
+/// the repository's own `anycable-ds.toml` is never picked up by accident).
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("anycable-ds-test")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Arguments most tests want: public streams, a known broadcast key, unlimited retention.
+pub fn default_args() -> Vec<String> {
+    [
+        "--public_streams",
+        "--broadcast_key",
+        KEY,
+        "--history_limit",
+        "0",
+        "--history_ttl",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Server {
+    /// Starts a server with [`default_args`] plus `extra` on a data dir inside `dir`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut args = default_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::start_with(dir, args)
+    }
+
+    /// Starts a server with exactly `args` (plus port, data dir and log level).
+    pub fn start_with(dir: &Path, args: Vec<String>) -> Server {
+        let data_dir = dir.join("data");
+        let mut server = Server {
+            child: None,
+            addr: String::new(),
+            data_dir,
+            args,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn command(dir: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_anycable-ds"));
+        command.current_dir(dir);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("ANYCABLE_") || key == "PORT" || key == "RUST_LOG" {
+                command.env_remove(key);
+            }
+        }
+        command
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.data_dir.parent().unwrap().to_path_buf();
+        let mut command = Server::command(&dir);
+        command
+            .args(["--port", "0", "--data_dir"])
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !self.args.iter().any(|a| a == "--log_level") {
+            command.args(["--log_level", "info"]);
+        }
+        let mut child = command.spawn().expect("start anycable-ds");
+        let stderr = child.stderr.take().unwrap();
+        let (ready, listening) = mpsc::channel();
+        let logs = self.logs.clone();
+        // Keep draining stderr for the server's whole life: a full pipe would block it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("Listening on http://").nth(1) {
+                    let _ = ready.send(rest.trim().to_string());
+                }
+                logs.lock().unwrap().push(line);
+            }
+        });
+        match listening.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => self.addr = addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start:\n{}", self.logs());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ds(&self, stream_and_query: &str) -> String {
+        self.url(&format!("/ds/{stream_and_query}"))
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit (at most `limit`).
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "server did not exit within {limit:?} after SIGTERM:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data directory (new port).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        self.spawn();
+    }
+
+    pub async fn broadcast(&self, body: &str) -> (u16, Value) {
+        self.broadcast_with_key(body, Some(KEY)).await
+    }
+
+    pub async fn broadcast_with_key(&self, body: &str, key: Option<&str>) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(self.url("/_broadcast"))
+            .body(body.to_string());
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("broadcast request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Broadcasts one message per value to `stream`, one request each; panics unless 201.
+    pub async fn publish(&self, stream: &str, values: impl IntoIterator<Item = Value>) {
+        for value in values {
+            let body = serde_json::json!({"stream": stream, "data": value.to_string()}).to_string();
+            let (status, reply) = self.broadcast(&body).await;
+            assert_eq!(status, 201, "{reply}");
+        }
+    }
+
+    pub async fn get(&self, stream_and_query: &str) -> reqwest::Response {
+        self.client
+            .get(self.ds(stream_and_query))
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    /// Catch-up read: (messages, Stream-Next-Offset, up-to-date).
+    pub async fn read(&self, stream: &str, offset: &str) -> (Vec<Value>, String, bool) {
+        let response = self.get(&format!("{stream}?offset={offset}")).await;
+        assert_eq!(response.status(), 200, "read {stream} from {offset}");
+        read_parts(response).await
+    }
+
+    /// The stream's tail token (HEAD).
+    pub async fn tail(&self, stream: &str) -> String {
+        let response = self.client.head(self.ds(stream)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        header(&response, "stream-next-offset").expect("Stream-Next-Offset")
+    }
+
+    /// A metric's value from `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// Waits until `metric` equals `expected` (polling /metrics), or panics after `limit`.
+    pub async fn wait_for_metric(&self, metric: &str, expected: f64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let value = self.metric(metric).await;
+            if value == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{metric} is {value}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+pub async fn read_parts(response: reqwest::Response) -> (Vec<Value>, String, bool) {
+    let next = header(&response, "stream-next-offset").expect("Stream-Next-Offset");
+    let up_to_date = header(&response, "stream-up-to-date").as_deref() == Some("true");
+    let body: Value = response.json().await.expect("JSON body");
+    (
+        body.as_array().expect("JSON array").clone(),
+        next,
+        up_to_date,
+    )
+}
+
+/// `[{"n":from}, ..., {"n":to}]`
+pub fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<Value> {
+    range.map(|n| serde_json::json!({ "n": n })).collect()
+}
+
+/// Parses SSE text into (event, data) pairs; comments are returned as ("comment", text).
+pub fn parse_sse(text: &str) -> Vec<(String, String)> {
+    let mut events = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.is_empty()) {
+        let mut event = String::new();
+        let mut data = Vec::new();
+        for line in block.lines() {
+            if let Some(comment) = line.strip_prefix(':') {
+                events.push(("comment".to_string(), comment.trim().to_string()));
+            } else if let Some(e) = line.strip_prefix("event: ") {
+                event = e.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data.push(d.to_string());
+            } else {
+                panic!("unexpected SSE line {line:?}");
+            }
+        }
+        if !event.is_empty() {
+            events.push((event, data.join("\n")));
+        }
+    }
+    events
+}

@@ -9,11 +9,14 @@
 /// The layout this build reads and writes.
 pub const CURRENT_LAYOUT: u32 = 1;
 
+/// Reports progress of a long step (one line each).
+pub type Progress<'a> = &'a dyn Fn(&str);
+
 /// One upgrade step.
 pub struct Step {
     pub from: u32,
     pub description: &'static str,
-    pub run: fn(&sled::Db, &dyn Fn(&str)) -> sled::Result<()>,
+    pub run: fn(&sled::Db, Progress) -> sled::Result<()>,
 }
 
 /// Steps in order; `STEPS[i].from == i + 1`. Layout 1 is the first layout, so none yet.

@@ -24,7 +24,7 @@ pub enum ConfigError {
 }
 
 /// The effective configuration. Field names are the TOML keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Application secret: derives `streams.secret`, `jwt.secret` and the broadcast key.
@@ -93,7 +93,7 @@ pub struct StorageConfig {
     pub cache_capacity: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,26 +127,6 @@ pub struct MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            secret: None,
-            broadcast_key: None,
-            public: false,
-            noauth: false,
-            server: ServerConfig::default(),
-            ds: DsConfig::default(),
-            broker: BrokerConfig::default(),
-            storage: StorageConfig::default(),
-            streams: StreamsConfig::default(),
-            jwt: JwtConfig::default(),
-            http_broadcast: HttpBroadcastConfig::default(),
-            metrics: MetricsConfig::default(),
-            logging: LoggingConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
@@ -188,15 +168,6 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             fsync: true,
             cache_capacity: 64 * 1024 * 1024,
-        }
-    }
-}
-
-impl Default for StreamsConfig {
-    fn default() -> Self {
-        StreamsConfig {
-            secret: None,
-            public: false,
         }
     }
 }
@@ -513,6 +484,9 @@ impl Config {
                 "jwt.param",
                 "must be a non-empty name of letters, digits, '-' or '_'",
             );
+        }
+        if self.jwt.force && self.effective_jwt_secret().is_none() {
+            return bad("jwt.force", "needs a JWT secret (jwt.secret or secret)");
         }
         if self.logging.level.parse::<log::LevelFilter>().is_err() {
             return bad(

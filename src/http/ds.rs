@@ -357,10 +357,7 @@ impl SseStream {
             }
             tokio::select! {
                 _ = self.subscription.changed() => {
-                    self.pending = self.read().await;
-                    if self.pending.is_none() {
-                        return None;
-                    }
+                    self.pending = Some(self.read().await?);
                 }
                 _ = tokio::time::sleep_until(self.next_ping) => {
                     self.next_ping = Instant::now() + SSE_PING_INTERVAL;

@@ -49,8 +49,22 @@ pub fn default_args() -> Vec<String> {
 
 impl Server {
     /// Starts a server with [`default_args`] plus `extra` on a data dir inside `dir`.
+    /// A flag in `extra` replaces the default one.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
-        let mut args = default_args();
+        let mut args = Vec::new();
+        let defaults = default_args();
+        let mut i = 0;
+        while i < defaults.len() {
+            let flag = &defaults[i];
+            let takes_value = defaults.get(i + 1).is_some_and(|v| !v.starts_with("--"));
+            if !extra.contains(&flag.as_str()) {
+                args.push(flag.clone());
+                if takes_value {
+                    args.push(defaults[i + 1].clone());
+                }
+            }
+            i += if takes_value { 2 } else { 1 };
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         Server::start_with(dir, args)
     }

@@ -325,3 +325,114 @@ pub fn parse_sse(text: &str) -> Vec<(String, String)> {
     }
     events
 }
+
+/// An open SSE response, read event by event.
+pub struct SseClient {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+    pub ended: bool,
+}
+
+/// One SSE event: `event` is "data", "control" or "comment".
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("{e}: {}", self.data))
+    }
+}
+
+impl SseClient {
+    pub async fn open(server: &Server, stream_and_query: &str) -> SseClient {
+        let response = server
+            .client
+            .get(server.ds(stream_and_query))
+            .send()
+            .await
+            .expect("SSE request");
+        assert_eq!(response.status(), 200, "SSE {stream_and_query}");
+        assert_eq!(
+            header(&response, "content-type").as_deref(),
+            Some("text/event-stream")
+        );
+        SseClient {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+            ended: false,
+        }
+    }
+
+    /// The next event, or `None` once the server ended the response. Panics after `limit`.
+    pub async fn next(&mut self, limit: Duration) -> Option<SseEvent> {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    event: String::new(),
+                    data: String::new(),
+                };
+                for line in block.lines().filter(|l| !l.is_empty()) {
+                    if let Some(comment) = line.strip_prefix(':') {
+                        event = SseEvent {
+                            event: "comment".into(),
+                            data: comment.trim().into(),
+                        };
+                    } else if let Some(name) = line.strip_prefix("event: ") {
+                        event.event = name.into();
+                    } else if let Some(data) = line.strip_prefix("data: ") {
+                        assert!(event.data.is_empty(), "one data line per event: {block:?}");
+                        event.data = data.into();
+                    } else {
+                        panic!("unexpected SSE line {line:?}");
+                    }
+                }
+                return Some(event);
+            }
+            if self.ended {
+                assert!(
+                    self.buffer.is_empty(),
+                    "response ended mid-event: {:?}",
+                    self.buffer
+                );
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Err(_) => panic!("no SSE event within {limit:?}"),
+                Ok(Some(Ok(bytes))) => self.buffer.push_str(std::str::from_utf8(&bytes).unwrap()),
+                Ok(Some(Err(e))) => panic!("SSE body error: {e}"),
+                Ok(None) => self.ended = true,
+            }
+        }
+    }
+
+    /// Reads a data event and its control event: (messages, control JSON). Skips comments.
+    pub async fn next_batch(&mut self, limit: Duration) -> Option<(Vec<Value>, Value)> {
+        let mut messages = Vec::new();
+        loop {
+            let event = self.next(limit).await?;
+            match event.event.as_str() {
+                "comment" => continue,
+                "data" => {
+                    assert!(
+                        messages.is_empty(),
+                        "two data events without a control between"
+                    );
+                    messages = event
+                        .json()
+                        .as_array()
+                        .expect("data is a JSON array")
+                        .clone();
+                    assert!(!messages.is_empty(), "empty data event");
+                }
+                "control" => return Some((messages, event.json())),
+                other => panic!("unknown event {other}"),
+            }
+        }
+    }
+}

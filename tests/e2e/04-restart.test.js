@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 import { stream } from "@durable-streams/client";
 import { broadcaster } from "./lib/anycable.js";
 import { startServer, tempDir, removeDir, BROADCAST_KEY } from "./lib/server.js";
+import { record } from "./lib/recorder.js";
 
 const args = ["--public_streams"];
 
@@ -53,3 +54,40 @@ test("resume from a saved offset across a graceful restart and a SIGKILL", { tim
     await removeDir(dir);
   }
 });
+
+for (const live of ["long-poll", "sse"]) {
+  test(`a live ${live} subscription carries on through a restart on the same port`, { timeout: 30_000 }, async () => {
+    const dir = await tempDir();
+    const name = `through-restart/${live}`;
+    let server;
+    const controller = new AbortController();
+    let res;
+    try {
+      server = await startServer({ dir, args });
+      const port = server.port;
+      await broadcaster(server.broadcastUrl, BROADCAST_KEY)(name, { n: 1 });
+      res = await stream({ url: server.streamUrl(name), offset: "-1", live, json: true, signal: controller.signal });
+      const rec = record(res);
+      await rec.until(() => rec.items.length >= 1, "the first message");
+      const gauge = live === "sse" ? "ds_sse_clients_num" : "ds_poll_clients_num";
+      await server.waitForMetric(gauge, (v) => v === 1);
+
+      // The server goes away under the live request; the client retries until it is back.
+      const stop = await server.stop("SIGTERM");
+      assert.equal(stop.code, 0);
+      server = await startServer({ dir, args, port });
+      await server.waitForMetric(gauge, (v) => v === 1, { timeout: 10_000 });
+      const broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
+      await broadcast(name, { n: 2 });
+      await broadcast(name, { n: 3 });
+      await rec.until(() => rec.items.length >= 3, "the messages after the restart");
+      assert.deepEqual(rec.items, [{ n: 1 }, { n: 2 }, { n: 3 }]);
+      assert.equal(rec.ended, false);
+    } finally {
+      controller.abort();
+      await res?.closed.catch(() => {});
+      await server?.stop();
+      await removeDir(dir);
+    }
+  });
+}

@@ -12,7 +12,7 @@ describe("catch-up read", { timeout: 30_000 }, () => {
   });
   after(() => server?.stop());
 
-  test("broadcaster() messages come back from stream({offset: '-1'}).json() in order", { timeout: 15_000 }, async () => {
+  test("broadcaster() messages come back from stream({offset: '-1'}).json() in order", { timeout: 15_000 }, async (t) => {
     const broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
     const url = server.streamUrl("chat/room-1");
     const messages = [
@@ -28,40 +28,40 @@ describe("catch-up read", { timeout: 30_000 }, () => {
     // Another stream must not leak into this one.
     await broadcast("chat/room-2", { text: "elsewhere" });
 
-    const res = await stream({ url, offset: "-1" });
+    const res = await stream({ url, offset: "-1", signal: t.signal });
     const items = await res.json();
     assert.deepEqual(items, messages);
     assert.equal(res.upToDate, true);
     assert.equal(typeof res.offset, "string");
     assert.notEqual(res.offset, "-1");
     // The offset is the stream's tail, as HEAD tells it.
-    const head = await DurableStream.head({ url });
+    const head = await DurableStream.head({ url, signal: t.signal });
     assert.equal(head.exists, true);
     assert.equal(res.offset, head.offset);
   });
 
-  test("res.offset resumes exactly after what was read (live: false)", { timeout: 15_000 }, async () => {
+  test("res.offset resumes exactly after what was read (live: false)", { timeout: 15_000 }, async (t) => {
     const broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
     const url = server.streamUrl("resume/1");
     await broadcast("resume/1", { n: 1 });
     await broadcast("resume/1", { n: 2 });
-    const first = await stream({ url, offset: "-1", live: false });
+    const first = await stream({ url, offset: "-1", live: false, signal: t.signal });
     assert.deepEqual(await first.json(), [{ n: 1 }, { n: 2 }]);
 
     await broadcast("resume/1", { n: 3 });
-    const second = await stream({ url, offset: first.offset, live: false });
+    const second = await stream({ url, offset: first.offset, live: false, signal: t.signal });
     assert.deepEqual(await second.json(), [{ n: 3 }]);
     assert.equal(second.upToDate, true);
     assert.ok(second.offset > first.offset, `offsets increase: ${first.offset} < ${second.offset}`);
 
     // Reading again at the tail gives nothing and keeps the offset.
-    const third = await stream({ url, offset: second.offset, live: false });
+    const third = await stream({ url, offset: second.offset, live: false, signal: t.signal });
     assert.deepEqual(await third.json(), []);
     assert.equal(third.offset, second.offset);
   });
 
-  test("an unknown stream is empty, not an error", { timeout: 15_000 }, async () => {
-    const res = await stream({ url: server.streamUrl("nobody/wrote/here"), offset: "-1" });
+  test("an unknown stream is empty, not an error", { timeout: 15_000 }, async (t) => {
+    const res = await stream({ url: server.streamUrl("nobody/wrote/here"), offset: "-1", signal: t.signal });
     assert.deepEqual(await res.json(), []);
     assert.equal(res.upToDate, true);
   });

@@ -4,7 +4,7 @@ import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { stream, DurableStream } from "@durable-streams/client";
 import { broadcaster } from "./lib/anycable.js";
-import { startServer, BROADCAST_KEY } from "./lib/server.js";
+import { startServer, BROADCAST_KEY, linkedController } from "./lib/server.js";
 import { record } from "./lib/recorder.js";
 
 describe("long-poll tail", { timeout: 30_000 }, () => {
@@ -15,7 +15,7 @@ describe("long-poll tail", { timeout: 30_000 }, () => {
   });
   after(() => server?.stop());
 
-  test("subscribeJson receives messages broadcast while the long-poll waits, each once", { timeout: 20_000 }, async () => {
+  test("subscribeJson receives messages broadcast while the long-poll waits, each once", { timeout: 20_000 }, async (t) => {
     const name = "lp/room-1";
     const url = server.streamUrl(name);
     const broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
@@ -23,11 +23,11 @@ describe("long-poll tail", { timeout: 30_000 }, () => {
     await broadcast(name, { n: 2 });
 
     // Catch up first and keep the offset, as an app would.
-    const first = await stream({ url, offset: "-1", live: false });
+    const first = await stream({ url, offset: "-1", live: false, signal: t.signal });
     assert.deepEqual(await first.json(), [{ n: 1 }, { n: 2 }]);
     const offset = first.offset;
 
-    const controller = new AbortController();
+    const controller = linkedController(t);
     const res = await stream({ url, offset, live: "long-poll", signal: controller.signal });
     const rec = record(res);
     try {
@@ -57,7 +57,7 @@ describe("long-poll tail", { timeout: 30_000 }, () => {
       for (let i = 1; i < rec.batches.length; i++) {
         assert.ok(rec.batches[i].offset >= rec.batches[i - 1].offset, "offsets are monotonic");
       }
-      const head = await DurableStream.head({ url });
+      const head = await DurableStream.head({ url, signal: t.signal });
       assert.equal(rec.batches.at(-1).offset, head.offset);
 
       // It really long-polled.
@@ -71,14 +71,14 @@ describe("long-poll tail", { timeout: 30_000 }, () => {
     await server.waitForMetric("ds_poll_clients_num", (v) => v === 0);
   });
 
-  test("offset 'now' with long-poll skips the backlog and gets only new messages", { timeout: 20_000 }, async () => {
+  test("offset 'now' with long-poll skips the backlog and gets only new messages", { timeout: 20_000 }, async (t) => {
     const name = "lp/room-now";
     const url = server.streamUrl(name);
     const broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
     await broadcast(name, { old: 1 });
     await broadcast(name, { old: 2 });
 
-    const controller = new AbortController();
+    const controller = linkedController(t);
     const res = await stream({ url, offset: "now", live: "long-poll", signal: controller.signal });
     const rec = record(res);
     try {

@@ -3,7 +3,7 @@ import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { stream, DurableStream } from "@durable-streams/client";
 import { broadcaster } from "./lib/anycable.js";
-import { startServer, BROADCAST_KEY } from "./lib/server.js";
+import { startServer, BROADCAST_KEY, linkedController } from "./lib/server.js";
 import { record } from "./lib/recorder.js";
 
 describe("SSE", { timeout: 30_000 }, () => {
@@ -13,14 +13,14 @@ describe("SSE", { timeout: 30_000 }, () => {
   });
   after(() => server?.stop());
 
-  test("stream({live: 'sse', json: true}).subscribeJson: backlog, upToDate, then live", { timeout: 20_000 }, async () => {
+  test("stream({live: 'sse', json: true}).subscribeJson: backlog, upToDate, then live", { timeout: 20_000 }, async (t) => {
     const name = "sse/room-1";
     const url = server.streamUrl(name);
     const broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
     const backlog = [{ n: 1 }, { n: 2, text: "two" }, [3, "three"]];
     for (const m of backlog) await broadcast(name, m);
 
-    const controller = new AbortController();
+    const controller = linkedController(t);
     const res = await stream({ url, offset: "-1", live: "sse", json: true, signal: controller.signal });
     const rec = record(res);
     try {
@@ -47,7 +47,7 @@ describe("SSE", { timeout: 30_000 }, () => {
       for (const b of liveBatches) assert.equal(b.upToDate, true, "live SSE batches are up to date");
 
       // The last batch's offset is the tail.
-      const head = await DurableStream.head({ url });
+      const head = await DurableStream.head({ url, signal: t.signal });
       assert.equal(rec.batches.at(-1).offset, head.offset);
       assert.equal(res.offset, head.offset);
 

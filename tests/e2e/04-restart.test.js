@@ -3,12 +3,12 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { stream } from "@durable-streams/client";
 import { broadcaster } from "./lib/anycable.js";
-import { startServer, tempDir, removeDir, BROADCAST_KEY } from "./lib/server.js";
+import { startServer, tempDir, removeDir, BROADCAST_KEY, linkedController } from "./lib/server.js";
 import { record } from "./lib/recorder.js";
 
 const args = ["--public_streams"];
 
-test("resume from a saved offset across a graceful restart and a SIGKILL", { timeout: 30_000 }, async () => {
+test("resume from a saved offset across a graceful restart and a SIGKILL", { timeout: 30_000 }, async (t) => {
   const dir = await tempDir();
   const name = "orders/42";
   let server;
@@ -17,7 +17,7 @@ test("resume from a saved offset across a graceful restart and a SIGKILL", { tim
     server = await startServer({ dir, args });
     let broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
     for (const n of [1, 2, 3]) await broadcast(name, { n });
-    const first = await stream({ url: server.streamUrl(name), offset: "-1", live: false });
+    const first = await stream({ url: server.streamUrl(name), offset: "-1", live: false, signal: t.signal });
     assert.deepEqual(await first.json(), [{ n: 1 }, { n: 2 }, { n: 3 }]);
     const saved = first.offset;
     await broadcast(name, { n: 4 });
@@ -28,7 +28,7 @@ test("resume from a saved offset across a graceful restart and a SIGKILL", { tim
     server = await startServer({ dir, args });
     broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
     for (const n of [5, 6]) await broadcast(name, { n });
-    const second = await stream({ url: server.streamUrl(name), offset: saved, live: false });
+    const second = await stream({ url: server.streamUrl(name), offset: saved, live: false, signal: t.signal });
     assert.deepEqual(await second.json(), [{ n: 4 }, { n: 5 }, { n: 6 }]);
     assert.equal(second.upToDate, true);
     const saved2 = second.offset;
@@ -40,13 +40,13 @@ test("resume from a saved offset across a graceful restart and a SIGKILL", { tim
     server = await startServer({ dir, args });
     broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
     await broadcast(name, { n: 8 });
-    const third = await stream({ url: server.streamUrl(name), offset: saved2, live: false });
+    const third = await stream({ url: server.streamUrl(name), offset: saved2, live: false, signal: t.signal });
     assert.deepEqual(await third.json(), [{ n: 7 }, { n: 8 }]);
 
     // The whole history, once each, in order; the offsets saved earlier still resume.
-    const all = await stream({ url: server.streamUrl(name), offset: "-1", live: false });
+    const all = await stream({ url: server.streamUrl(name), offset: "-1", live: false, signal: t.signal });
     assert.deepEqual(await all.json(), [1, 2, 3, 4, 5, 6, 7, 8].map((n) => ({ n })));
-    const again = await stream({ url: server.streamUrl(name), offset: saved, live: false });
+    const again = await stream({ url: server.streamUrl(name), offset: saved, live: false, signal: t.signal });
     assert.deepEqual(await again.json(), [4, 5, 6, 7, 8].map((n) => ({ n })));
     assert.equal(again.offset, all.offset);
   } finally {
@@ -56,11 +56,11 @@ test("resume from a saved offset across a graceful restart and a SIGKILL", { tim
 });
 
 for (const live of ["long-poll", "sse"]) {
-  test(`a live ${live} subscription carries on through a restart on the same port`, { timeout: 30_000 }, async () => {
+  test(`a live ${live} subscription carries on through a restart on the same port`, { timeout: 30_000 }, async (t) => {
     const dir = await tempDir();
     const name = `through-restart/${live}`;
     let server;
-    const controller = new AbortController();
+    const controller = linkedController(t);
     let res;
     try {
       server = await startServer({ dir, args });

@@ -4,7 +4,7 @@ import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { stream, FetchError } from "@durable-streams/client";
 import { broadcaster, identificator } from "./lib/anycable.js";
-import { startServer, countingFetch, BROADCAST_KEY } from "./lib/server.js";
+import { startServer, countingFetch, withTimeout, BROADCAST_KEY, linkedController } from "./lib/server.js";
 import { signedStream } from "./lib/tokens.js";
 import { record } from "./lib/recorder.js";
 
@@ -41,15 +41,15 @@ describe("access control", { timeout: 40_000 }, () => {
     ["JWT in ?jid=, signed name in ?signed=", () => ({ params: { jid: jwt, signed } })],
   ];
   for (const [label, opts] of ok) {
-    test(`valid tokens: ${label}`, { timeout: 10_000 }, async () => {
-      const res = await stream({ url, offset: "-1", ...opts() });
+    test(`valid tokens: ${label}`, { timeout: 10_000 }, async (t) => {
+      const res = await stream({ url, offset: "-1", ...opts(), signal: t.signal });
       assert.deepEqual(await res.json(), [{ secret: 1 }, { secret: 2 }]);
       assert.equal(res.upToDate, true);
     });
   }
 
-  test("valid tokens keep working on every live request (long-poll)", { timeout: 15_000 }, async () => {
-    const controller = new AbortController();
+  test("valid tokens keep working on every live request (long-poll)", { timeout: 15_000 }, async (t) => {
+    const controller = linkedController(t);
     // Header values may be functions: the client evaluates them for each request.
     let calls = 0;
     const res = await stream({
@@ -74,8 +74,8 @@ describe("access control", { timeout: 40_000 }, () => {
     }
   });
 
-  test("valid tokens on an SSE subscription", { timeout: 15_000 }, async () => {
-    const controller = new AbortController();
+  test("valid tokens on an SSE subscription", { timeout: 15_000 }, async (t) => {
+    const controller = linkedController(t);
     const res = await stream({
       url,
       offset: "-1",
@@ -140,10 +140,10 @@ describe("access control", { timeout: 40_000 }, () => {
     ],
   ];
   for (const [label, error, opts] of bad) {
-    test(`rejected with 401 ${error}: ${label}`, { timeout: 10_000 }, async () => {
+    test(`rejected with 401 ${error}: ${label}`, { timeout: 10_000 }, async (t) => {
       for (const live of [false, true, "long-poll", "sse"]) {
         const fetch = countingFetch();
-        const controller = new AbortController();
+        const controller = linkedController(t);
         try {
           await assert.rejects(
             async () => {
@@ -166,11 +166,11 @@ describe("access control", { timeout: 40_000 }, () => {
     });
   }
 
-  test("a JWT that expires during a long-poll subscription ends it with 401 token_expired", { timeout: 15_000 }, async () => {
+  test("a JWT that expires during a long-poll subscription ends it with 401 token_expired", { timeout: 15_000 }, async (t) => {
     // exp is absolute (seconds): the token is valid for one to two more seconds.
     const shortLived = await identificator(JWT_SECRET, Math.floor(Date.now() / 1000) + 2).generateToken({ user_id: "42" });
     const fetch = countingFetch();
-    const controller = new AbortController();
+    const controller = linkedController(t);
     const res = await stream({
       url,
       offset: "-1",
@@ -184,10 +184,7 @@ describe("access control", { timeout: 40_000 }, () => {
       await rec.until(() => rec.items.length >= 2, "the backlog");
       // Idle long-polls (1 s each) go on until the token expires; then the session errors.
       await assert.rejects(
-        Promise.race([
-          res.closed,
-          new Promise((_, reject) => setTimeout(() => reject(new Error("the session did not end within 8 s")), 8_000).unref()),
-        ]),
+        withTimeout(res.closed, 8_000, "the session to end"),
         (err) => {
           assert.ok(err instanceof FetchError, `a FetchError, got ${err}`);
           assert.equal(err.status, 401);
@@ -204,10 +201,10 @@ describe("access control", { timeout: 40_000 }, () => {
     }
   });
 
-  test("serverless-js broadcaster with a wrong key throws", { timeout: 10_000 }, async () => {
+  test("serverless-js broadcaster with a wrong key throws", { timeout: 10_000 }, async (t) => {
     await assert.rejects(broadcaster(server.broadcastUrl, "wrong-key")(NAME, { evil: true }), /Error broadcasting to private\/room-7/);
     await assert.rejects(broadcaster(server.broadcastUrl, undefined)(NAME, { evil: true }), /Error broadcasting/);
-    const res = await stream({ url, offset: "-1", headers: { "X-JID": jwt, "X-Signed": signed } });
+    const res = await stream({ url, offset: "-1", headers: { "X-JID": jwt, "X-Signed": signed }, signal: t.signal });
     assert.ok(!(await res.json()).some((m) => m && m.evil), "nothing was stored");
   });
 });

@@ -214,3 +214,24 @@ export function countingFetch() {
   f.requests = requests;
   return f;
 }
+
+/** `promise`, or a rejection naming `what` after `ms` ms (the timer does not keep Node alive). */
+export function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+    timer.unref();
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * An AbortController that is also aborted when the test ends (passed, failed or timed out:
+ * node:test aborts `t.signal` then), so a client session never outlives its test.
+ */
+export function linkedController(t) {
+  const controller = new AbortController();
+  if (t.signal.aborted) controller.abort(t.signal.reason);
+  else t.signal.addEventListener("abort", () => controller.abort(t.signal.reason), { once: true });
+  return controller;
+}

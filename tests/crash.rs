@@ -163,6 +163,8 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
                 );
             }
         }
+        // Checked again after every later crash too.
+        acked.lock().unwrap().messages.extend(acked_now);
     }
     eprintln!("crash test: {cycles} SIGKILL cycles, {checked} acknowledged-message checks, {} saved tokens", saved.len());
 }

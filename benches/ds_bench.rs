@@ -88,28 +88,15 @@ impl Server {
         let mut command = Command::new(&options.server_bin);
         command
             .current_dir(dir.path())
-            .args([
-                "--port",
-                "0",
-                "--broadcast_key",
-                KEY,
-                "--public_streams",
-                "--history_limit",
-                "0",
-            ])
+            .args(["--port", "0", "--broadcast_key", KEY, "--public_streams", "--history_limit", "0"])
             .args(["--history_ttl", "0", "--log_level", "info"])
-            .args([
-                "--storage_fsync",
-                if options.fsync { "true" } else { "false" },
-            ])
+            .args(["--storage_fsync", if options.fsync { "true" } else { "false" }])
             .arg("--data_dir")
             .arg(dir.path().join("data"))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", options.server_bin));
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("start {}: {e}", options.server_bin));
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -119,14 +106,8 @@ impl Server {
                 }
             }
         });
-        let base = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server ready");
-        Server {
-            child,
-            base,
-            _dir: dir,
-        }
+        let base = rx.recv_timeout(Duration::from_secs(30)).expect("server ready");
+        Server { child, base, _dir: dir }
     }
 
     fn rss_kib(&self) -> u64 {
@@ -148,11 +129,7 @@ impl Drop for Server {
 }
 
 fn client(pool: usize) -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(pool)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap()
+    reqwest::Client::builder().pool_max_idle_per_host(pool).tcp_nodelay(true).build().unwrap()
 }
 
 fn histogram() -> Histogram<u64> {
@@ -200,13 +177,8 @@ async fn ingest(options: &Options) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..options.conns {
-        let (client, base, stop, sent, latencies) = (
-            client.clone(),
-            server.base.clone(),
-            stop.clone(),
-            sent.clone(),
-            latencies.clone(),
-        );
+        let (client, base, stop, sent, latencies) =
+            (client.clone(), server.base.clone(), stop.clone(), sent.clone(), latencies.clone());
         let batch = options.batch;
         tasks.push(tokio::spawn(async move {
             let stream = format!("ingest-{}", c % 16);
@@ -230,24 +202,12 @@ async fn ingest(options: &Options) {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let h = latencies.lock().unwrap();
-    let label = format!(
-        "ingest conns={} batch={} fsync={}",
-        options.conns, options.batch, options.fsync
-    );
-    result(
-        &format!("{label} msgs/s"),
-        format!("{:.0}", sent.load(Ordering::Relaxed) as f64 / elapsed),
-    );
-    result(
-        &format!("{label} requests/s"),
-        format!("{:.0}", h.len() as f64 / elapsed),
-    );
+    let label = format!("ingest conns={} batch={} fsync={}", options.conns, options.batch, options.fsync);
+    result(&format!("{label} msgs/s"), format!("{:.0}", sent.load(Ordering::Relaxed) as f64 / elapsed));
+    result(&format!("{label} requests/s"), format!("{:.0}", h.len() as f64 / elapsed));
     result(&format!("{label} ack p50"), ms(h.value_at_quantile(0.5)));
     result(&format!("{label} ack p99"), ms(h.value_at_quantile(0.99)));
-    result(
-        &format!("{label} server RSS"),
-        format!("{} MiB", server.rss_kib() / 1024),
-    );
+    result(&format!("{label} server RSS"), format!("{} MiB", server.rss_kib() / 1024));
 }
 
 /// Catch-up: a stream of `messages` messages read whole from `-1` (and from the middle) by
@@ -263,41 +223,24 @@ async fn catchup(options: &Options) {
         n += count;
     }
     let middle_token = {
-        let head = client
-            .head(format!("{base}/ds/history"))
-            .send()
-            .await
-            .unwrap();
-        let tail = head.headers()["stream-next-offset"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let head = client.head(format!("{base}/ds/history")).send().await.unwrap();
+        let tail = head.headers()["stream-next-offset"].to_str().unwrap().to_string();
         let (epoch, seq) = tail.split_once('_').unwrap();
         format!("{epoch}_{:020}", seq.parse::<u64>().unwrap() / 2)
     };
     for (label, offset) in [("from -1", "-1".to_string()), ("from middle", middle_token)] {
         let stop = Arc::new(AtomicBool::new(false));
-        let (messages, bytes, requests) = (
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-        );
+        let (messages, bytes, requests) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..options.conns {
-            let (client, url, stop) = (
-                client.clone(),
-                format!("{base}/ds/history?offset={offset}"),
-                stop.clone(),
-            );
+            let (client, url, stop) = (client.clone(), format!("{base}/ds/history?offset={offset}"), stop.clone());
             let (messages, bytes, requests) = (messages.clone(), bytes.clone(), requests.clone());
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let response = client.get(&url).send().await.unwrap();
-                    assert!(
-                        response.headers().contains_key("stream-up-to-date"),
-                        "whole stream in one chunk"
-                    );
+                    assert!(response.headers().contains_key("stream-up-to-date"), "whole stream in one chunk");
                     let body = response.bytes().await.unwrap();
                     let count = bytecount_messages(&body);
                     messages.fetch_add(count, Ordering::Relaxed);
@@ -312,30 +255,12 @@ async fn catchup(options: &Options) {
             task.await.unwrap();
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let name = format!(
-            "catchup {}msgs {label} conns={}",
-            options.messages, options.conns
-        );
-        result(
-            &format!("{name} msgs/s"),
-            format!("{:.0}", messages.load(Ordering::Relaxed) as f64 / elapsed),
-        );
-        result(
-            &format!("{name} MB/s"),
-            format!(
-                "{:.1}",
-                bytes.load(Ordering::Relaxed) as f64 / elapsed / 1e6
-            ),
-        );
-        result(
-            &format!("{name} requests/s"),
-            format!("{:.0}", requests.load(Ordering::Relaxed) as f64 / elapsed),
-        );
+        let name = format!("catchup {}msgs {label} conns={}", options.messages, options.conns);
+        result(&format!("{name} msgs/s"), format!("{:.0}", messages.load(Ordering::Relaxed) as f64 / elapsed));
+        result(&format!("{name} MB/s"), format!("{:.1}", bytes.load(Ordering::Relaxed) as f64 / elapsed / 1e6));
+        result(&format!("{name} requests/s"), format!("{:.0}", requests.load(Ordering::Relaxed) as f64 / elapsed));
     }
-    result(
-        &format!("catchup {}msgs server RSS", options.messages),
-        format!("{} MiB", server.rss_kib() / 1024),
-    );
+    result(&format!("catchup {}msgs server RSS", options.messages), format!("{} MiB", server.rss_kib() / 1024));
 }
 
 /// Messages in a JSON array body of `{"n":..,"pad":..}` objects.
@@ -347,10 +272,7 @@ fn bytecount_messages(body: &[u8]) -> u64 {
 /// sends `messages` messages 50 ms apart, each carrying its send time; every reader records
 /// broadcast-to-delivery latency (from just before the POST to the reader having the message).
 async fn fanout(options: &Options) {
-    let server = Server::start(
-        options,
-        &["--ds_poll_interval", "30", "--ds_sse_ttl", "600"],
-    );
+    let server = Server::start(options, &["--ds_poll_interval", "30", "--ds_sse_ttl", "600"]);
     let base = format!("http://{}", server.base);
     let epoch = Instant::now();
     let latencies = Arc::new(Mutex::new(histogram()));
@@ -359,12 +281,8 @@ async fn fanout(options: &Options) {
     let mut readers = Vec::new();
     let connected = Arc::new(AtomicU64::new(0));
     for _ in 0..options.readers {
-        let (base, latencies, received, connected) = (
-            base.clone(),
-            latencies.clone(),
-            received.clone(),
-            connected.clone(),
-        );
+        let (base, latencies, received, connected) =
+            (base.clone(), latencies.clone(), received.clone(), connected.clone());
         let sse = options.mode == "sse";
         readers.push(tokio::spawn(async move {
             let client = client(1);
@@ -373,18 +291,12 @@ async fn fanout(options: &Options) {
             let record = |messages: &[Value], local: &mut Histogram<u64>| {
                 let now = epoch.elapsed().as_micros() as u64;
                 for m in messages {
-                    local
-                        .record(now.saturating_sub(m["t"].as_u64().unwrap()).max(1))
-                        .unwrap();
+                    local.record(now.saturating_sub(m["t"].as_u64().unwrap()).max(1)).unwrap();
                 }
                 messages.len() as u64
             };
             if sse {
-                let response = client
-                    .get(format!("{base}/ds/fan?offset=now&live=sse"))
-                    .send()
-                    .await
-                    .unwrap();
+                let response = client.get(format!("{base}/ds/fan?offset=now&live=sse")).send().await.unwrap();
                 let mut body = response.bytes_stream();
                 let mut buffer = Vec::new();
                 let mut first = true;
@@ -400,33 +312,24 @@ async fn fanout(options: &Options) {
                     while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
                         let event: Vec<u8> = buffer.drain(..end + 2).collect();
                         if let Some(data) = event.strip_prefix(b"event: data\ndata: ") {
-                            let messages: Vec<Value> =
-                                serde_json::from_slice(&data[..data.len() - 2]).unwrap();
+                            let messages: Vec<Value> = serde_json::from_slice(&data[..data.len() - 2]).unwrap();
                             got += record(&messages, &mut local);
                         }
                     }
                 }
             } else {
                 let head = client.head(format!("{base}/ds/fan")).send().await.unwrap();
-                let mut offset = head.headers()["stream-next-offset"]
-                    .to_str()
-                    .unwrap()
-                    .to_string();
+                let mut offset = head.headers()["stream-next-offset"].to_str().unwrap().to_string();
                 let mut first = true;
                 while got < total {
-                    let request = client
-                        .get(format!("{base}/ds/fan?offset={offset}&live=long-poll"))
-                        .send();
+                    let request = client.get(format!("{base}/ds/fan?offset={offset}&live=long-poll")).send();
                     if first {
                         // Counted once the first poll is on its way; the publisher waits a bit more.
                         connected.fetch_add(1, Ordering::Relaxed);
                         first = false;
                     }
                     let response = request.await.unwrap();
-                    offset = response.headers()["stream-next-offset"]
-                        .to_str()
-                        .unwrap()
-                        .to_string();
+                    offset = response.headers()["stream-next-offset"].to_str().unwrap().to_string();
                     if response.status() == 200 {
                         let messages: Vec<Value> = response.json().await.unwrap();
                         got += record(&messages, &mut local);
@@ -447,34 +350,23 @@ async fn fanout(options: &Options) {
     let publisher = client(1);
     for n in 0..total {
         let t = epoch.elapsed().as_micros() as u64;
-        let body =
-            json!({"stream": "fan", "data": json!({"n": n, "t": t}).to_string()}).to_string();
+        let body = json!({"stream": "fan", "data": json!({"n": n, "t": t}).to_string()}).to_string();
         post(&publisher, &base, body).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all = futures_util::future::join_all(readers);
-    if tokio::time::timeout(Duration::from_secs(60), all)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(60), all).await.is_err() {
         eprintln!("some readers did not get every message");
     }
     let h = latencies.lock().unwrap();
     let label = format!("fanout {} readers={}", options.mode, options.readers);
     result(
         &format!("{label} delivered"),
-        format!(
-            "{} of {}",
-            received.load(Ordering::Relaxed),
-            total * options.readers as u64
-        ),
+        format!("{} of {}", received.load(Ordering::Relaxed), total * options.readers as u64),
     );
     result(&format!("{label} p50"), ms(h.value_at_quantile(0.5)));
     result(&format!("{label} p99"), ms(h.value_at_quantile(0.99)));
-    result(
-        &format!("{label} server RSS connected"),
-        format!("{} MiB", rss_connected / 1024),
-    );
+    result(&format!("{label} server RSS connected"), format!("{} MiB", rss_connected / 1024));
 }
 
 /// Memory per idle SSE connection: RSS before and after opening `connections` SSE responses
@@ -485,21 +377,14 @@ async fn idle(options: &Options) {
     // Warm up the workers and allocator with a few requests first.
     let warm = client(4);
     for i in 0..50 {
-        warm.get(format!("{base}/ds/warm{i}?offset=-1"))
-            .send()
-            .await
-            .unwrap();
+        warm.get(format!("{base}/ds/warm{i}?offset=-1")).send().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = server.rss_kib();
     let mut open = Vec::new();
     for i in 0..options.connections {
         let client = client(1);
-        let response = client
-            .get(format!("{base}/ds/idle-{i}?offset=now&live=sse"))
-            .send()
-            .await
-            .unwrap();
+        let response = client.get(format!("{base}/ds/idle-{i}?offset=now&live=sse")).send().await.unwrap();
         let mut body = response.bytes_stream();
         let _first = body.next().await; // the upToDate control event
         open.push((client, body));
@@ -517,20 +402,14 @@ async fn idle(options: &Options) {
 
 fn main() {
     let options = parse_options();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         match options.workload.as_str() {
             "ingest" => ingest(&options).await,
             "catchup" => catchup(&options).await,
             "fanout" => fanout(&options).await,
             "idle" => idle(&options).await,
-            "" => eprintln!(
-                "usage: ds_bench ingest|catchup|fanout|idle [options]; see the file header"
-            ),
+            "" => eprintln!("usage: ds_bench ingest|catchup|fanout|idle [options]; see the file header"),
             other => panic!("unknown workload {other}"),
         }
     });

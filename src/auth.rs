@@ -42,10 +42,8 @@ pub fn derive_broadcast_key(secret: &str) -> String {
 
 /// Checks an `Authorization` header value against the broadcast key, in constant time.
 pub fn bearer_matches(authorization: Option<&str>, key: &str) -> bool {
-    let Some(token) = authorization.and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-    }) else {
+    let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+    else {
         return false;
     };
     token.trim().as_bytes().ct_eq(key.as_bytes()).into()
@@ -67,8 +65,7 @@ pub fn verify_signed_stream(secret: &str, token: &str, stream: &str) -> Result<(
     let digest = hex::decode(digest).map_err(|_| AuthError::Unauthorized)?;
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(encoded.as_bytes());
-    mac.verify_slice(&digest)
-        .map_err(|_| AuthError::Unauthorized)?;
+    mac.verify_slice(&digest).map_err(|_| AuthError::Unauthorized)?;
     // Signed by us: now decode what was signed. Rails uses standard base64; accept the URL-safe
     // alphabet too, as some helpers produce it.
     let json = base64::engine::general_purpose::STANDARD
@@ -103,15 +100,11 @@ pub fn verify_jwt(secret: &str, token: &str) -> Result<Identity, AuthError> {
     validation.required_spec_claims.clear();
     validation.validate_nbf = true;
     validation.leeway = 0;
-    let data = jsonwebtoken::decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(secret.as_bytes()),
-        &validation,
-    )
-    .map_err(|e| match e.kind() {
-        ErrorKind::ExpiredSignature => AuthError::TokenExpired,
-        _ => AuthError::Unauthorized,
-    })?;
+    let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &validation)
+        .map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::TokenExpired,
+            _ => AuthError::Unauthorized,
+        })?;
     let identifiers = data.claims.ext.map(|ext| match ext {
         serde_json::Value::String(s) => s,
         other => other.to_string(),
@@ -125,36 +118,20 @@ mod tests {
 
     #[test]
     fn broadcast_key_vector() {
-        assert_eq!(
-            derive_broadcast_key("qwerty"),
-            "42923a28b760e667fc92f7c6123bb07a282822b329dd2ef48e7aee7830d98485"
-        );
+        assert_eq!(derive_broadcast_key("qwerty"), "42923a28b760e667fc92f7c6123bb07a282822b329dd2ef48e7aee7830d98485");
     }
 
     #[test]
     fn signed_stream_vector() {
-        let token =
-            "ImNoYXQ6MjAyMSI=--f9ee45dbccb1da04d8ceb99cc820207804370ba0d06b46fc3b8b373af1315628";
+        let token = "ImNoYXQ6MjAyMSI=--f9ee45dbccb1da04d8ceb99cc820207804370ba0d06b46fc3b8b373af1315628";
         assert_eq!(sign_stream("s3Krit", "chat:2021"), token);
         assert_eq!(verify_signed_stream("s3Krit", token, "chat:2021"), Ok(()));
-        assert_eq!(
-            verify_signed_stream("s3Krit", token, "chat:2022"),
-            Err(AuthError::ForbiddenStream)
-        );
-        assert_eq!(
-            verify_signed_stream("other", token, "chat:2021"),
-            Err(AuthError::Unauthorized)
-        );
+        assert_eq!(verify_signed_stream("s3Krit", token, "chat:2022"), Err(AuthError::ForbiddenStream));
+        assert_eq!(verify_signed_stream("other", token, "chat:2021"), Err(AuthError::Unauthorized));
         let tampered = token.replace("ImNo", "ImNp");
-        assert_eq!(
-            verify_signed_stream("s3Krit", &tampered, "chat:2021"),
-            Err(AuthError::Unauthorized)
-        );
+        assert_eq!(verify_signed_stream("s3Krit", &tampered, "chat:2021"), Err(AuthError::Unauthorized));
         for garbage in ["", "--", "abc", "abc--zz", "ImNoYXQ6MjAyMSI="] {
-            assert_eq!(
-                verify_signed_stream("s3Krit", garbage, "chat:2021"),
-                Err(AuthError::Unauthorized)
-            );
+            assert_eq!(verify_signed_stream("s3Krit", garbage, "chat:2021"), Err(AuthError::Unauthorized));
         }
     }
 
@@ -184,20 +161,11 @@ mod tests {
             let identity = verify_jwt("k", &jwt(alg, "k", claims.clone())).unwrap();
             assert_eq!(identity.identifiers.as_deref(), Some("{\"user\":1}"));
         }
-        assert_eq!(
-            verify_jwt("other", &jwt(HS256, "k", claims.clone())),
-            Err(AuthError::Unauthorized)
-        );
+        assert_eq!(verify_jwt("other", &jwt(HS256, "k", claims.clone())), Err(AuthError::Unauthorized));
         let expired = serde_json::json!({"exp": now - 10});
-        assert_eq!(
-            verify_jwt("k", &jwt(HS256, "k", expired)),
-            Err(AuthError::TokenExpired)
-        );
+        assert_eq!(verify_jwt("k", &jwt(HS256, "k", expired)), Err(AuthError::TokenExpired));
         let not_yet = serde_json::json!({"nbf": now + 3600});
-        assert_eq!(
-            verify_jwt("k", &jwt(HS256, "k", not_yet)),
-            Err(AuthError::Unauthorized)
-        );
+        assert_eq!(verify_jwt("k", &jwt(HS256, "k", not_yet)), Err(AuthError::Unauthorized));
         assert!(verify_jwt("k", &jwt(HS256, "k", serde_json::json!({}))).is_ok());
         // alg "none": header {"alg":"none"}, no signature.
         let none = "eyJhbGciOiJub25lIn0.eyJleHQiOiJ7fSJ9.";

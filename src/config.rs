@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub health_path: String,
     /// HTTP worker threads; 0 means one per CPU core.
     pub workers: usize,
+    /// Most open client connections; 0 derives it from the open-file limit. Beyond it new
+    /// connections wait in the listen backlog.
+    pub max_connections: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +74,9 @@ pub struct DsConfig {
     pub sse_ttl: u64,
     /// Upper bound on the message bytes of one read response (at least one message is sent).
     pub max_chunk_bytes: u64,
+    /// Most long-poll and SSE readers at once (0 = bounded only by connections); beyond it
+    /// live reads answer 503.
+    pub max_live_readers: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +143,7 @@ impl Default for ServerConfig {
             allowed_origins: String::new(),
             health_path: "/health".into(),
             workers: 0,
+            max_connections: 0,
         }
     }
 }
@@ -149,72 +156,51 @@ impl Default for DsConfig {
             poll_interval: 10,
             sse_ttl: 60,
             max_chunk_bytes: 4 * 1024 * 1024,
+            max_live_readers: 0,
         }
     }
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig {
-            history_limit: 100,
-            history_ttl: 300,
-        }
+        BrokerConfig { history_limit: 100, history_ttl: 300 }
     }
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig {
-            data_dir: PathBuf::from("./data"),
-            fsync: true,
-            cache_capacity: 64 * 1024 * 1024,
-        }
+        StorageConfig { data_dir: PathBuf::from("./data"), fsync: true, cache_capacity: 64 * 1024 * 1024 }
     }
 }
 
 impl Default for JwtConfig {
     fn default() -> Self {
-        JwtConfig {
-            secret: None,
-            param: "jid".into(),
-            force: false,
-        }
+        JwtConfig { secret: None, param: "jid".into(), force: false }
     }
 }
 
 impl Default for HttpBroadcastConfig {
     fn default() -> Self {
-        HttpBroadcastConfig {
-            path: "/_broadcast".into(),
-            max_body: 1024 * 1024,
-        }
+        HttpBroadcastConfig { path: "/_broadcast".into(), max_body: 1024 * 1024 }
     }
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            http_path: "/metrics".into(),
-        }
+        MetricsConfig { http_path: "/metrics".into() }
     }
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig {
-            level: "info".into(),
-        }
+        LoggingConfig { level: "info".into() }
     }
 }
 
 /// Command-line flags. Every flag also reads `ANYCABLE_<FLAG IN CAPITALS>`; a flag given on the
 /// command line wins over its variable, and both win over the config file.
 #[derive(Debug, Default, Parser)]
-#[command(
-    name = "anycable-ds",
-    version,
-    about = "Durable Streams server with AnyCable's broadcast API"
-)]
+#[command(name = "anycable-ds", version, about = "Durable Streams server with AnyCable's broadcast API")]
 pub struct Cli {
     /// Config file [default: ./anycable-ds.toml if it exists]
     #[arg(long, env = "ANYCABLE_CONFIG", value_name = "PATH")]
@@ -227,11 +213,7 @@ pub struct Cli {
     #[arg(long, env = "ANYCABLE_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
     /// Bearer key for the broadcast endpoint [default: derived from secret]
-    #[arg(
-        long = "broadcast_key",
-        env = "ANYCABLE_BROADCAST_KEY",
-        hide_env_values = true
-    )]
+    #[arg(long = "broadcast_key", env = "ANYCABLE_BROADCAST_KEY", hide_env_values = true)]
     pub broadcast_key: Option<String>,
     /// Public mode: all streams public, no client authentication [default: false]
     #[arg(long, env = "ANYCABLE_PUBLIC", num_args = 0..=1, default_missing_value = "true")]
@@ -255,6 +237,9 @@ pub struct Cli {
     /// HTTP worker threads, 0 = one per core (server.workers) [default: 0]
     #[arg(long = "workers", env = "ANYCABLE_WORKERS")]
     pub workers: Option<usize>,
+    /// Most open connections, 0 = from the open-file limit (server.max_connections) [default: 0]
+    #[arg(long = "max_connections", env = "ANYCABLE_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
 
     /// URL prefix of Durable Streams reads (ds.path) [default: /ds]
     #[arg(long = "ds_path", env = "ANYCABLE_DS_PATH")]
@@ -271,6 +256,9 @@ pub struct Cli {
     /// Maximum message bytes per read response (ds.max_chunk_bytes) [default: 4194304]
     #[arg(long = "ds_max_chunk_bytes", env = "ANYCABLE_DS_MAX_CHUNK_BYTES")]
     pub ds_max_chunk_bytes: Option<u64>,
+    /// Most live (long-poll + SSE) readers, 0 = no limit but connections (ds.max_live_readers) [default: 0]
+    #[arg(long = "ds_max_live_readers", env = "ANYCABLE_DS_MAX_LIVE_READERS")]
+    pub ds_max_live_readers: Option<u64>,
 
     /// Messages kept per stream, 0 = unlimited (broker.history_limit) [default: 100]
     #[arg(long = "history_limit", env = "ANYCABLE_HISTORY_LIMIT")]
@@ -286,29 +274,18 @@ pub struct Cli {
     #[arg(long = "storage_fsync", env = "ANYCABLE_STORAGE_FSYNC", num_args = 0..=1, default_missing_value = "true")]
     pub storage_fsync: Option<bool>,
     /// sled cache size in bytes (storage.cache_capacity) [default: 67108864]
-    #[arg(
-        long = "storage_cache_capacity",
-        env = "ANYCABLE_STORAGE_CACHE_CAPACITY"
-    )]
+    #[arg(long = "storage_cache_capacity", env = "ANYCABLE_STORAGE_CACHE_CAPACITY")]
     pub storage_cache_capacity: Option<u64>,
 
     /// Secret for signed stream names (streams.secret) [default: from secret]
-    #[arg(
-        long = "streams_secret",
-        env = "ANYCABLE_STREAMS_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long = "streams_secret", env = "ANYCABLE_STREAMS_SECRET", hide_env_values = true)]
     pub streams_secret: Option<String>,
     /// Accept unsigned stream names (streams.public) [default: false]
     #[arg(long = "public_streams", env = "ANYCABLE_PUBLIC_STREAMS", num_args = 0..=1, default_missing_value = "true")]
     pub public_streams: Option<bool>,
 
     /// JWT secret, `none` disables JWT (jwt.secret) [default: from secret]
-    #[arg(
-        long = "jwt_secret",
-        env = "ANYCABLE_JWT_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long = "jwt_secret", env = "ANYCABLE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// JWT query parameter; the header is X-<param> (jwt.param) [default: jid]
     #[arg(long = "jwt_param", env = "ANYCABLE_JWT_PARAM")]
@@ -321,10 +298,7 @@ pub struct Cli {
     #[arg(long = "http_broadcast_path", env = "ANYCABLE_HTTP_BROADCAST_PATH")]
     pub http_broadcast_path: Option<String>,
     /// Maximum broadcast body in bytes (http_broadcast.max_body) [default: 1048576]
-    #[arg(
-        long = "http_broadcast_max_body",
-        env = "ANYCABLE_HTTP_BROADCAST_MAX_BODY"
-    )]
+    #[arg(long = "http_broadcast_max_body", env = "ANYCABLE_HTTP_BROADCAST_MAX_BODY")]
     pub http_broadcast_max_body: Option<u64>,
 
     /// Prometheus metrics path (metrics.http_path) [default: /metrics]
@@ -358,31 +332,25 @@ impl Cli {
         push(&mut out, "server.allowed_origins", &self.allowed_origins);
         push(&mut out, "server.health_path", &self.health_path);
         push(&mut out, "server.workers", &self.workers.map(|v| v as u64));
+        push(&mut out, "server.max_connections", &self.max_connections);
         push(&mut out, "ds.path", &self.ds_path);
         push(&mut out, "ds.skip_auth", &self.ds_skip_auth);
         push(&mut out, "ds.poll_interval", &self.ds_poll_interval);
         push(&mut out, "ds.sse_ttl", &self.ds_sse_ttl);
         push(&mut out, "ds.max_chunk_bytes", &self.ds_max_chunk_bytes);
+        push(&mut out, "ds.max_live_readers", &self.ds_max_live_readers);
         push(&mut out, "broker.history_limit", &self.history_limit);
         push(&mut out, "broker.history_ttl", &self.history_ttl);
         push(&mut out, "storage.data_dir", &path_str(&self.data_dir));
         push(&mut out, "storage.fsync", &self.storage_fsync);
-        push(
-            &mut out,
-            "storage.cache_capacity",
-            &self.storage_cache_capacity,
-        );
+        push(&mut out, "storage.cache_capacity", &self.storage_cache_capacity);
         push(&mut out, "streams.secret", &self.streams_secret);
         push(&mut out, "streams.public", &self.public_streams);
         push(&mut out, "jwt.secret", &self.jwt_secret);
         push(&mut out, "jwt.param", &self.jwt_param);
         push(&mut out, "jwt.force", &self.enforce_jwt);
         push(&mut out, "http_broadcast.path", &self.http_broadcast_path);
-        push(
-            &mut out,
-            "http_broadcast.max_body",
-            &self.http_broadcast_max_body,
-        );
+        push(&mut out, "http_broadcast.max_body", &self.http_broadcast_max_body);
         push(&mut out, "metrics.http_path", &self.metrics_http);
         push(&mut out, "logging.level", &self.log_level);
         out
@@ -392,8 +360,7 @@ impl Cli {
 impl Config {
     /// Builds the effective configuration from the flags (and env, via clap) and the config file.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let defaults = config::Config::try_from(&Config::default())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let defaults = config::Config::try_from(&Config::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut builder = config::Config::builder().add_source(defaults);
 
         let (file, required) = match &cli.config {
@@ -406,23 +373,16 @@ impl Config {
         // `PORT` (as set by PaaS platforms) sits below `ANYCABLE_PORT` and `--port`.
         if cli.port.is_none() {
             if let Ok(port) = std::env::var("PORT") {
-                let port: u16 = port.parse().map_err(|_| {
-                    ConfigError::Invalid(format!("PORT: not a port number: {port:?}"))
-                })?;
-                builder = builder
-                    .set_override("server.port", i64::from(port))
-                    .expect("static key");
+                let port: u16 =
+                    port.parse().map_err(|_| ConfigError::Invalid(format!("PORT: not a port number: {port:?}")))?;
+                builder = builder.set_override("server.port", i64::from(port)).expect("static key");
             }
         }
         for (key, value) in cli.overrides() {
             builder = builder.set_override(key, value).expect("static key");
         }
-        let merged = builder
-            .build()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let mut config: Config = merged
-            .try_deserialize()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let merged = builder.build().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut config: Config = merged.try_deserialize().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.normalize();
         config.validate()?;
         Ok(config)
@@ -430,12 +390,7 @@ impl Config {
 
     /// AnyCable treats a secret spelled `none` as "not set".
     fn normalize(&mut self) {
-        for secret in [
-            &mut self.secret,
-            &mut self.broadcast_key,
-            &mut self.streams.secret,
-            &mut self.jwt.secret,
-        ] {
+        for secret in [&mut self.secret, &mut self.broadcast_key, &mut self.streams.secret, &mut self.jwt.secret] {
             if matches!(secret.as_deref(), Some("none") | Some("")) {
                 *secret = None;
             }
@@ -448,11 +403,7 @@ impl Config {
             &mut self.metrics.http_path,
         ] {
             let trimmed = path.trim_end_matches('/');
-            *path = if trimmed.starts_with('/') {
-                trimmed.to_string()
-            } else {
-                format!("/{trimmed}")
-            };
+            *path = if trimmed.starts_with('/') { trimmed.to_string() } else { format!("/{trimmed}") };
         }
     }
 
@@ -474,25 +425,15 @@ impl Config {
             return bad("http_broadcast.max_body", "must be positive");
         }
         if self.jwt.param.is_empty()
-            || !self
-                .jwt
-                .param
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || !self.jwt.param.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
-            return bad(
-                "jwt.param",
-                "must be a non-empty name of letters, digits, '-' or '_'",
-            );
+            return bad("jwt.param", "must be a non-empty name of letters, digits, '-' or '_'");
         }
         if self.jwt.force && self.effective_jwt_secret().is_none() {
             return bad("jwt.force", "needs a JWT secret (jwt.secret or secret)");
         }
         if self.logging.level.parse::<log::LevelFilter>().is_err() {
-            return bad(
-                "logging.level",
-                "must be one of off, error, warn, info, debug, trace",
-            );
+            return bad("logging.level", "must be one of off, error, warn, info, debug, trace");
         }
         let paths = [
             ("ds.path", &self.ds.path),
@@ -518,11 +459,7 @@ impl Config {
     /// The key that `POST /_broadcast` requires, if any: `broadcast_key`, else derived from
     /// `secret` as AnyCable does.
     pub fn effective_broadcast_key(&self) -> Option<String> {
-        self.broadcast_key.clone().or_else(|| {
-            self.secret
-                .as_deref()
-                .map(crate::auth::derive_broadcast_key)
-        })
+        self.broadcast_key.clone().or_else(|| self.secret.as_deref().map(crate::auth::derive_broadcast_key))
     }
 
     /// The secret that signs stream names (`streams.secret`, else `secret`).
@@ -546,16 +483,9 @@ impl Config {
     }
 }
 
-fn file_source(
-    path: &Path,
-) -> Result<config::File<config::FileSourceFile, config::FileFormat>, ConfigError> {
+fn file_source(path: &Path) -> Result<config::File<config::FileSourceFile, config::FileFormat>, ConfigError> {
     if !path.is_file() {
-        return Err(ConfigError::File {
-            path: path.display().to_string(),
-            message: "not found".into(),
-        });
+        return Err(ConfigError::File { path: path.display().to_string(), message: "not found".into() });
     }
-    Ok(config::File::from(path)
-        .format(config::FileFormat::Toml)
-        .required(true))
+    Ok(config::File::from(path).format(config::FileFormat::Toml).required(true))
 }

@@ -16,10 +16,7 @@ const MAX_JITTER_INTERVALS: u64 = 60;
 
 /// The cursor interval of the current time.
 pub fn current_interval() -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     now.saturating_sub(CURSOR_EPOCH_SECS) / INTERVAL_SECS
 }
 
@@ -49,10 +46,7 @@ mod tests {
         assert_eq!(next_cursor_at(1000, Some("999")), 1000);
         for client in [1000u64, 1005] {
             let next = next_cursor_at(1000, Some(&client.to_string()));
-            assert!(
-                next > client && next <= client + 1 + MAX_JITTER_INTERVALS,
-                "{next}"
-            );
+            assert!(next > client && next <= client + 1 + MAX_JITTER_INTERVALS, "{next}");
         }
     }
 

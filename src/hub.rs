@@ -43,11 +43,7 @@ impl Hub {
                 receiver
             }
         };
-        Subscription {
-            hub: self.clone(),
-            stream: Arc::from(stream),
-            receiver: Some(receiver),
-        }
+        Subscription { hub: self.clone(), stream: Arc::from(stream), receiver: Some(receiver) }
     }
 
     /// Wakes every subscriber of `stream`; `tail` is the stream's new durable tail.
@@ -65,12 +61,7 @@ impl Hub {
 
     /// Number of subscriptions alive across all streams.
     pub fn subscribers(&self) -> usize {
-        self.streams
-            .lock()
-            .expect("hub lock")
-            .values()
-            .map(|s| s.receiver_count())
-            .sum()
+        self.streams.lock().expect("hub lock").values().map(|s| s.receiver_count()).sum()
     }
 }
 
@@ -100,10 +91,7 @@ impl Drop for Subscription {
         // Drop our receiver under the lock, so a concurrent subscribe cannot see a sender that
         // is about to be removed.
         drop(self.receiver.take());
-        if streams
-            .get(&*self.stream)
-            .is_some_and(|s| s.receiver_count() == 0)
-        {
+        if streams.get(&*self.stream).is_some_and(|s| s.receiver_count() == 0) {
             streams.remove(&*self.stream);
         }
     }
@@ -120,12 +108,8 @@ mod tests {
         let mut a = hub.subscribe("a");
         let mut b = hub.subscribe("b");
         hub.wake("a", 1);
-        tokio::time::timeout(Duration::from_secs(1), a.changed())
-            .await
-            .expect("a woken");
-        assert!(tokio::time::timeout(Duration::from_millis(50), b.changed())
-            .await
-            .is_err());
+        tokio::time::timeout(Duration::from_secs(1), a.changed()).await.expect("a woken");
+        assert!(tokio::time::timeout(Duration::from_millis(50), b.changed()).await.is_err());
     }
 
     #[tokio::test]
@@ -133,9 +117,7 @@ mod tests {
         let hub = Hub::new();
         let mut sub = hub.subscribe("s");
         hub.wake("s", 7);
-        tokio::time::timeout(Duration::from_secs(1), sub.changed())
-            .await
-            .expect("woken");
+        tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.expect("woken");
     }
 
     #[test]

@@ -45,16 +45,13 @@ struct Meta {
 /// every element is valid, so a batch is accepted whole or refused whole.
 pub fn parse(body: &[u8]) -> Result<Broadcast, BadBroadcast> {
     let text = std::str::from_utf8(body).map_err(|_| BadBroadcast("body is not UTF-8".into()))?;
-    let root: &RawValue =
-        serde_json::from_str(text).map_err(|e| BadBroadcast(format!("malformed JSON: {e}")))?;
+    let root: &RawValue = serde_json::from_str(text).map_err(|e| BadBroadcast(format!("malformed JSON: {e}")))?;
     let mut broadcast = Broadcast::default();
     match root.get().as_bytes().first() {
         Some(b'[') => {
             let items: Vec<&RawValue> = serde_json::from_str(root.get()).expect("validated array");
             if items.is_empty() {
-                return Err(BadBroadcast(
-                    "empty batch: send at least one message".into(),
-                ));
+                return Err(BadBroadcast("empty batch: send at least one message".into()));
             }
             for (index, item) in items.iter().enumerate() {
                 parse_item(item, &mut broadcast)
@@ -62,27 +59,21 @@ pub fn parse(body: &[u8]) -> Result<Broadcast, BadBroadcast> {
             }
         }
         Some(b'{') => parse_item(root, &mut broadcast)?,
-        _ => {
-            return Err(BadBroadcast(
-                "body must be an object or an array of objects".into(),
-            ))
-        }
+        _ => return Err(BadBroadcast("body must be an object or an array of objects".into())),
     }
     Ok(broadcast)
 }
 
 fn parse_item(raw: &RawValue, out: &mut Broadcast) -> Result<(), BadBroadcast> {
     if !raw.get().starts_with('{') {
-        return Err(BadBroadcast(
-            "must be an object with \"stream\" and \"data\"".into(),
-        ));
+        return Err(BadBroadcast("must be an object with \"stream\" and \"data\"".into()));
     }
-    let item: Item = serde_json::from_str(raw.get())
-        .map_err(|e| BadBroadcast(format!("malformed message: {e}")))?;
+    let item: Item = serde_json::from_str(raw.get()).map_err(|e| BadBroadcast(format!("malformed message: {e}")))?;
     let stream = match item.stream {
         None => return Err(BadBroadcast("missing \"stream\"".into())),
-        Some(raw) => serde_json::from_str::<String>(raw.get())
-            .map_err(|_| BadBroadcast("\"stream\" must be a string".into()))?,
+        Some(raw) => {
+            serde_json::from_str::<String>(raw.get()).map_err(|_| BadBroadcast("\"stream\" must be a string".into()))?
+        }
     };
     validate_stream_name(&stream).map_err(|e| match e {
         InvalidStreamName::Empty => BadBroadcast("\"stream\" must not be empty".into()),
@@ -93,14 +84,12 @@ fn parse_item(raw: &RawValue, out: &mut Broadcast) -> Result<(), BadBroadcast> {
         _ => return Err(BadBroadcast("missing \"data\"".into())),
     };
     let meta: Meta = match item.meta {
-        Some(raw) if raw.get() != "null" => serde_json::from_str(raw.get())
-            .map_err(|_| BadBroadcast("\"meta\" must be an object".into()))?,
+        Some(raw) if raw.get() != "null" => {
+            serde_json::from_str(raw.get()).map_err(|_| BadBroadcast("\"meta\" must be an object".into()))?
+        }
         _ => Meta::default(),
     };
-    let message = NewMessage {
-        stream,
-        json: Bytes::from(data),
-    };
+    let message = NewMessage { stream, json: Bytes::from(data) };
     if meta.transient {
         out.transient.push(message);
     } else {
@@ -164,49 +153,28 @@ mod tests {
 
     #[test]
     fn data_as_json_text_as_value_and_as_plain_string() {
-        assert_eq!(
-            stored(r#"{"stream":"a","data":"{\"text\": \"hi\"}"}"#),
-            [("a".into(), r#"{"text":"hi"}"#.into())]
-        );
+        assert_eq!(stored(r#"{"stream":"a","data":"{\"text\": \"hi\"}"}"#), [("a".into(), r#"{"text":"hi"}"#.into())]);
         assert_eq!(
             stored(r#"{"stream":"a","data":{"n": 1, "s": "x y"}}"#),
             [("a".into(), r#"{"n":1,"s":"x y"}"#.into())]
         );
-        assert_eq!(
-            stored(r#"{"stream":"a","data":"not json"}"#),
-            [("a".into(), r#""not json""#.into())]
-        );
-        assert_eq!(
-            stored(r#"{"stream":"a","data":"42"}"#),
-            [("a".into(), "42".into())]
-        );
-        assert_eq!(
-            stored(r#"{"stream":"a","data":7}"#),
-            [("a".into(), "7".into())]
-        );
-        assert_eq!(
-            stored(r#"{"stream":"a","data":""}"#),
-            [("a".into(), r#""""#.into())]
-        );
+        assert_eq!(stored(r#"{"stream":"a","data":"not json"}"#), [("a".into(), r#""not json""#.into())]);
+        assert_eq!(stored(r#"{"stream":"a","data":"42"}"#), [("a".into(), "42".into())]);
+        assert_eq!(stored(r#"{"stream":"a","data":7}"#), [("a".into(), "7".into())]);
+        assert_eq!(stored(r#"{"stream":"a","data":""}"#), [("a".into(), r#""""#.into())]);
     }
 
     #[test]
     fn compacting_keeps_numbers_order_and_escapes() {
         let text = "{ \"b\" : 12345678901234567890123, \"a\":[1, 2.50],\n \"s\": \"a \\\" b\\n\" }";
-        assert_eq!(
-            compact(text),
-            r#"{"b":12345678901234567890123,"a":[1,2.50],"s":"a \" b\n"}"#
-        );
+        assert_eq!(compact(text), r#"{"b":12345678901234567890123,"a":[1,2.50],"s":"a \" b\n"}"#);
     }
 
     #[test]
     fn batches_keep_order_and_split_transient() {
         let b = parse(br#"[{"stream":"a","data":"1"},{"stream":"b","data":"2","meta":{"transient":true}},{"stream":"a","data":"3","meta":{}}]"#)
             .unwrap();
-        assert_eq!(
-            b.stored.iter().map(|m| &m.json[..]).collect::<Vec<_>>(),
-            [&b"1"[..], b"3"]
-        );
+        assert_eq!(b.stored.iter().map(|m| &m.json[..]).collect::<Vec<_>>(), [&b"1"[..], b"3"]);
         assert_eq!(b.transient.len(), 1);
     }
 
@@ -222,19 +190,10 @@ mod tests {
             (r#"{"stream":5,"data":"1"}"#, "must be a string"),
             (r#"{"stream":"a"}"#, "missing \"data\""),
             (r#"{"stream":"a","data":null}"#, "missing \"data\""),
-            (
-                r#"[{"stream":"a","data":"1"},{"stream":"a"}]"#,
-                "message 1: missing \"data\"",
-            ),
-            (
-                r#"[{"stream":"a","data":"1"}, 3]"#,
-                "message 1: must be an object",
-            ),
+            (r#"[{"stream":"a","data":"1"},{"stream":"a"}]"#, "message 1: missing \"data\""),
+            (r#"[{"stream":"a","data":"1"}, 3]"#, "message 1: must be an object"),
             (r#"{"stream":"a\u0000b","data":"1"}"#, "control"),
-            (
-                r#"{"stream":"a","data":"1","meta":5}"#,
-                "\"meta\" must be an object",
-            ),
+            (r#"{"stream":"a","data":"1","meta":5}"#, "\"meta\" must be an object"),
         ];
         for (body, expected) in cases {
             let err = parse(body.as_bytes()).expect_err(body).0;

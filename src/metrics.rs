@@ -7,10 +7,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     registry: Registry,
@@ -32,17 +29,13 @@ pub struct Metrics {
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric name");
+    registry.register(Box::new(metric.clone())).expect("unique metric name");
     metric
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
-    let latency_buckets = vec![
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-    ];
+    let latency_buckets = vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
     Metrics {
         requests: register(
             &r,
@@ -52,26 +45,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             )
             .unwrap(),
         ),
-        poll_requests: register(
-            &r,
-            IntCounter::new("ds_poll_requests_total", "Long-poll requests").unwrap(),
-        ),
-        sse_requests: register(
-            &r,
-            IntCounter::new("ds_sse_requests_total", "SSE requests").unwrap(),
-        ),
-        poll_clients: register(
-            &r,
-            IntGauge::new("ds_poll_clients_num", "Long-poll requests waiting now").unwrap(),
-        ),
-        sse_clients: register(
-            &r,
-            IntGauge::new("ds_sse_clients_num", "SSE responses open now").unwrap(),
-        ),
-        broadcasts: register(
-            &r,
-            IntCounter::new("broadcast_msg_total", "Broadcast requests accepted").unwrap(),
-        ),
+        poll_requests: register(&r, IntCounter::new("ds_poll_requests_total", "Long-poll requests").unwrap()),
+        sse_requests: register(&r, IntCounter::new("ds_sse_requests_total", "SSE requests").unwrap()),
+        poll_clients: register(&r, IntGauge::new("ds_poll_clients_num", "Long-poll requests waiting now").unwrap()),
+        sse_clients: register(&r, IntGauge::new("ds_sse_clients_num", "SSE responses open now").unwrap()),
+        broadcasts: register(&r, IntCounter::new("broadcast_msg_total", "Broadcast requests accepted").unwrap()),
         messages_stored: register(
             &r,
             IntCounter::new("ds_messages_stored_total", "Messages appended to the log").unwrap(),
@@ -79,64 +57,42 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         broadcast_rejected: register(
             &r,
             IntCounterVec::new(
-                Opts::new(
-                    "broadcast_rejected_total",
-                    "Broadcast requests refused, by reason",
-                ),
+                Opts::new("broadcast_rejected_total", "Broadcast requests refused, by reason"),
                 &["reason"],
             )
             .unwrap(),
         ),
         auth_failures: register(
             &r,
-            IntCounterVec::new(
-                Opts::new("ds_auth_failures_total", "Refused DS reads, by reason"),
-                &["reason"],
-            )
-            .unwrap(),
+            IntCounterVec::new(Opts::new("ds_auth_failures_total", "Refused DS reads, by reason"), &["reason"])
+                .unwrap(),
         ),
         append_seconds: register(
             &r,
             Histogram::with_opts(
-                HistogramOpts::new(
-                    "ds_append_seconds",
-                    "Time to apply one broadcast to the log",
-                )
-                .buckets(latency_buckets.clone()),
+                HistogramOpts::new("ds_append_seconds", "Time to apply one broadcast to the log")
+                    .buckets(latency_buckets.clone()),
             )
             .unwrap(),
         ),
         flush_seconds: register(
             &r,
             Histogram::with_opts(
-                HistogramOpts::new("ds_flush_seconds", "Time of one group flush to disk")
-                    .buckets(latency_buckets),
+                HistogramOpts::new("ds_flush_seconds", "Time of one group flush to disk").buckets(latency_buckets),
             )
             .unwrap(),
         ),
         flush_group_size: register(
             &r,
             Histogram::with_opts(
-                HistogramOpts::new(
-                    "ds_flush_group_size",
-                    "Broadcasts made durable by one flush",
-                )
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                HistogramOpts::new("ds_flush_group_size", "Broadcasts made durable by one flush")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
             )
             .unwrap(),
         ),
-        storage_bytes: register(
-            &r,
-            IntGauge::new("ds_storage_bytes", "Size of the data directory on disk").unwrap(),
-        ),
-        streams_loaded: register(
-            &r,
-            IntGauge::new("ds_streams_loaded", "Streams held in memory").unwrap(),
-        ),
-        hub_streams: register(
-            &r,
-            IntGauge::new("ds_hub_streams", "Streams with live readers waiting").unwrap(),
-        ),
+        storage_bytes: register(&r, IntGauge::new("ds_storage_bytes", "Size of the data directory on disk").unwrap()),
+        streams_loaded: register(&r, IntGauge::new("ds_streams_loaded", "Streams held in memory").unwrap()),
+        hub_streams: register(&r, IntGauge::new("ds_hub_streams", "Streams with live readers waiting").unwrap()),
         registry: r,
     }
 });
@@ -154,9 +110,7 @@ pub fn observe_flush(took: Duration, group: usize) {
 /// The registry in Prometheus text format.
 pub fn render() -> String {
     let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&get().registry.gather(), &mut out)
-        .expect("text encoding");
+    TextEncoder::new().encode(&get().registry.gather(), &mut out).expect("text encoding");
     String::from_utf8(out).expect("prometheus text is UTF-8")
 }
 

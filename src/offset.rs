@@ -31,9 +31,7 @@ impl Epoch {
 
     pub fn parse(text: &[u8]) -> Option<Epoch> {
         let id: [u8; EPOCH_LEN] = text.try_into().ok()?;
-        id.iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            .then_some(Epoch(id))
+        id.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()).then_some(Epoch(id))
     }
 
     pub fn as_str(&self) -> &str {
@@ -90,10 +88,7 @@ fn parse_token(token: &str) -> Option<Position> {
     if seq.len() != SEQ_DIGITS || !seq.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(Position {
-        epoch: Epoch::parse(epoch.as_bytes())?,
-        seq: seq.parse().ok()?,
-    })
+    Some(Position { epoch: Epoch::parse(epoch.as_bytes())?, seq: seq.parse().ok()? })
 }
 
 #[cfg(test)]
@@ -104,25 +99,14 @@ mod tests {
     fn tokens_round_trip_and_sort_in_stream_order() {
         let epoch = Epoch::random();
         let seqs = [0u64, 1, 9, 10, 11, 99, 100, 12345, u64::MAX];
-        let tokens: Vec<String> = seqs
-            .iter()
-            .map(|&seq| Position { epoch, seq }.token())
-            .collect();
+        let tokens: Vec<String> = seqs.iter().map(|&seq| Position { epoch, seq }.token()).collect();
         let mut sorted = tokens.clone();
         sorted.sort();
         assert_eq!(tokens, sorted);
         for (token, &seq) in tokens.iter().zip(&seqs) {
             assert!(token.len() < 64);
-            assert!(
-                token
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'),
-                "{token}"
-            );
-            assert_eq!(
-                Offset::parse(Some(token)),
-                Ok(Offset::At(Position { epoch, seq }))
-            );
+            assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "{token}");
+            assert_eq!(Offset::parse(Some(token)), Ok(Offset::At(Position { epoch, seq })));
         }
     }
 
@@ -136,11 +120,7 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        let good = Position {
-            epoch: Epoch::random(),
-            seq: 5,
-        }
-        .token();
+        let good = Position { epoch: Epoch::random(), seq: 5 }.token();
         let bad = [
             "abc",
             "-2",

@@ -16,10 +16,7 @@ pub enum ServeError {
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("cannot listen on {address}: {source}")]
-    Bind {
-        address: String,
-        source: std::io::Error,
-    },
+    Bind { address: String, source: std::io::Error },
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -38,37 +35,32 @@ pub fn storage_options(config: &Config) -> StorageOptions {
 /// Runs the server until a signal stops it. Must run inside an actix system.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
-    let storage = Storage::open(
-        &config.storage.data_dir,
-        storage_options(&config),
-        Hub::new(),
-    )?;
+    let storage = Storage::open(&config.storage.data_dir, storage_options(&config), Hub::new())?;
     let shutdown = CancellationToken::new();
     let state = AppState::new(storage.clone(), config.clone(), shutdown.clone());
 
     let app_config = config.clone();
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .wrap(http::cors(&app_config))
-            .configure(http::configure(state.clone()))
-    })
-    // Notice clients that go away while an SSE or long-poll response is idle, so their
-    // waiters are freed at once (PITFALLS.md).
-    .h1_allow_half_closed(false)
-    .disable_signals()
-    .shutdown_timeout(5);
-    if config.server.workers > 0 {
-        server = server.workers(config.server.workers);
-    }
+    let mut server =
+        HttpServer::new(move || App::new().wrap(http::cors(&app_config)).configure(http::configure(state.clone())))
+            // Notice clients that go away while an SSE or long-poll response is idle, so their
+            // waiters are freed at once (PITFALLS.md).
+            .h1_allow_half_closed(false)
+            .disable_signals()
+            .shutdown_timeout(5);
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let max_connections = max_connections(config.server.max_connections);
+    // actix counts connections per worker.
+    server = server.workers(workers).max_connections((max_connections / workers as u64).max(1) as usize);
     let address = format!("{}:{}", config.server.host, config.server.port);
-    let server = server.bind(&address).map_err(|source| ServeError::Bind {
-        address: address.clone(),
-        source,
-    })?;
+    let server = server.bind(&address).map_err(|source| ServeError::Bind { address: address.clone(), source })?;
     let addresses = server.addrs();
     let running = server.run();
 
     banner(&config, &storage, &addresses);
+    log::info!("{workers} worker(s), at most {max_connections} connections");
 
     let handle = running.handle();
     let stopping = shutdown.clone();
@@ -86,12 +78,21 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// The connection limit: configured, or what the open-file limit allows with a reserve for
+/// the data files, the listener and logs.
+fn max_connections(configured: u64) -> u64 {
+    if configured > 0 {
+        return configured;
+    }
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 1024 };
+    soft.saturating_sub(256).max(64)
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         log::error!("cannot install signal handlers; stop the server with SIGKILL");
         return std::future::pending().await;
     };
@@ -105,14 +106,8 @@ fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]
     log::info!("anycable-ds {}", env!("CARGO_PKG_VERSION"));
     for address in addresses {
         log::info!("Listening on http://{address}");
-        log::info!(
-            "  Durable Streams reads at http://{address}{}/{{stream}}",
-            config.ds.path
-        );
-        log::info!(
-            "  broadcasts at http://{address}{}",
-            config.http_broadcast.path
-        );
+        log::info!("  Durable Streams reads at http://{address}{}/{{stream}}", config.ds.path);
+        log::info!("  broadcasts at http://{address}{}", config.http_broadcast.path);
     }
     log::info!(
         "data directory {} (epoch {}, storage layout {})",
@@ -133,9 +128,7 @@ fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]
         unlimited(config.broker.history_ttl, "s")
     );
     if !config.storage.fsync {
-        log::warn!(
-            "storage.fsync = false: broadcasts are acknowledged before they are on disk (UNSAFE)"
-        );
+        log::warn!("storage.fsync = false: broadcasts are acknowledged before they are on disk (UNSAFE)");
     }
     let jwt = if config.skip_client_auth() {
         "off"
@@ -148,11 +141,7 @@ fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]
     } else {
         "off (no secret)"
     };
-    let streams = if config.public_streams() {
-        "public (signed names optional)"
-    } else {
-        "signed names required"
-    };
+    let streams = if config.public_streams() { "public (signed names optional)" } else { "signed names required" };
     log::info!("auth: JWT {jwt}; streams {streams}");
     if config.effective_broadcast_key().is_none() {
         log::warn!(

@@ -30,13 +30,10 @@ pub fn validate_stream_name(name: &str) -> Result<(), InvalidStreamName> {
 /// The stream named by a raw (still percent-encoded) request path under `prefix`:
 /// everything after `prefix/`, percent-decoded, `/` allowed.
 pub fn stream_from_path(raw_path: &str, prefix: &str) -> Result<String, InvalidStreamName> {
-    let encoded = raw_path
-        .strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .ok_or(InvalidStreamName::Empty)?;
-    let decoded = percent_encoding::percent_decode_str(encoded)
-        .decode_utf8()
-        .map_err(|_| InvalidStreamName::NotUtf8)?;
+    let encoded =
+        raw_path.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('/')).ok_or(InvalidStreamName::Empty)?;
+    let decoded =
+        percent_encoding::percent_decode_str(encoded).decode_utf8().map_err(|_| InvalidStreamName::NotUtf8)?;
     validate_stream_name(&decoded)?;
     Ok(decoded.into_owned())
 }
@@ -47,43 +44,16 @@ mod tests {
 
     #[test]
     fn names_from_paths() {
-        assert_eq!(
-            stream_from_path("/ds/chat/room-42", "/ds").as_deref(),
-            Ok("chat/room-42")
-        );
-        assert_eq!(
-            stream_from_path("/ds/a%20b%2Fc", "/ds").as_deref(),
-            Ok("a b/c")
-        );
-        assert_eq!(
-            stream_from_path("/ds/caf%C3%A9", "/ds").as_deref(),
-            Ok("café")
-        );
-        assert_eq!(
-            stream_from_path("/ds/", "/ds"),
-            Err(InvalidStreamName::Empty)
-        );
-        assert_eq!(
-            stream_from_path("/ds", "/ds"),
-            Err(InvalidStreamName::Empty)
-        );
-        assert_eq!(
-            stream_from_path("/ds/%FF", "/ds"),
-            Err(InvalidStreamName::NotUtf8)
-        );
-        assert_eq!(
-            stream_from_path("/ds/a%00", "/ds"),
-            Err(InvalidStreamName::ControlCharacter)
-        );
-        assert_eq!(
-            stream_from_path("/ds/a%0Ab", "/ds"),
-            Err(InvalidStreamName::ControlCharacter)
-        );
+        assert_eq!(stream_from_path("/ds/chat/room-42", "/ds").as_deref(), Ok("chat/room-42"));
+        assert_eq!(stream_from_path("/ds/a%20b%2Fc", "/ds").as_deref(), Ok("a b/c"));
+        assert_eq!(stream_from_path("/ds/caf%C3%A9", "/ds").as_deref(), Ok("café"));
+        assert_eq!(stream_from_path("/ds/", "/ds"), Err(InvalidStreamName::Empty));
+        assert_eq!(stream_from_path("/ds", "/ds"), Err(InvalidStreamName::Empty));
+        assert_eq!(stream_from_path("/ds/%FF", "/ds"), Err(InvalidStreamName::NotUtf8));
+        assert_eq!(stream_from_path("/ds/a%00", "/ds"), Err(InvalidStreamName::ControlCharacter));
+        assert_eq!(stream_from_path("/ds/a%0Ab", "/ds"), Err(InvalidStreamName::ControlCharacter));
         let long = format!("/ds/{}", "x".repeat(1025));
-        assert_eq!(
-            stream_from_path(&long, "/ds"),
-            Err(InvalidStreamName::TooLong)
-        );
+        assert_eq!(stream_from_path(&long, "/ds"), Err(InvalidStreamName::TooLong));
         let max = format!("/ds/{}", "x".repeat(1024));
         assert!(stream_from_path(&max, "/ds").is_ok());
     }

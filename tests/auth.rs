@@ -13,10 +13,7 @@ const STREAMS_SECRET: &str = "s3Krit";
 const JWT_SECRET: &str = "jwt-secret-for-tests";
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 fn jwt(alg: jsonwebtoken::Algorithm, secret: &str, claims: Value) -> String {
@@ -29,28 +26,16 @@ fn jwt(alg: jsonwebtoken::Algorithm, secret: &str, claims: Value) -> String {
 }
 
 fn valid_jwt() -> String {
-    jwt(
-        jsonwebtoken::Algorithm::HS256,
-        JWT_SECRET,
-        json!({"ext": "{\"user_id\":42}", "exp": now() + 3600}),
-    )
+    jwt(jsonwebtoken::Algorithm::HS256, JWT_SECRET, json!({"ext": "{\"user_id\":42}", "exp": now() + 3600}))
 }
 
 /// A server whose streams all need a signed name.
 fn private_server(dir: &std::path::Path, extra: &[&str]) -> Server {
-    let mut args: Vec<String> = [
-        "--secret",
-        SECRET,
-        "--streams_secret",
-        STREAMS_SECRET,
-        "--history_limit",
-        "0",
-        "--history_ttl",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> =
+        ["--secret", SECRET, "--streams_secret", STREAMS_SECRET, "--history_limit", "0", "--history_ttl", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     Server::start_with(dir, args)
 }
@@ -67,36 +52,17 @@ async fn published_vectors_work_end_to_end() {
     let dir = temp_dir();
     let server = Server::start_with(
         dir.path(),
-        vec![
-            "--secret".into(),
-            "qwerty".into(),
-            "--streams_secret".into(),
-            "s3Krit".into(),
-        ],
+        vec!["--secret".into(), "qwerty".into(), "--streams_secret".into(), "s3Krit".into()],
     );
     let key = "42923a28b760e667fc92f7c6123bb07a282822b329dd2ef48e7aee7830d98485";
-    let (status, _) = server
-        .broadcast_with_key(r#"{"stream":"chat:2021","data":"1"}"#, Some(key))
-        .await;
+    let (status, _) = server.broadcast_with_key(r#"{"stream":"chat:2021","data":"1"}"#, Some(key)).await;
     assert_eq!(status, 201, "the broadcast key derived from `qwerty`");
-    let token =
-        "ImNoYXQ6MjAyMSI=--f9ee45dbccb1da04d8ceb99cc820207804370ba0d06b46fc3b8b373af1315628";
-    let response = server
-        .get(&format!("chat:2021?offset=-1&signed={token}"))
-        .await;
+    let token = "ImNoYXQ6MjAyMSI=--f9ee45dbccb1da04d8ceb99cc820207804370ba0d06b46fc3b8b373af1315628";
+    let response = server.get(&format!("chat:2021?offset=-1&signed={token}")).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "cache-control").as_deref(),
-        Some("private, max-age=60, stale-while-revalidate=300")
-    );
+    assert_eq!(header(&response, "cache-control").as_deref(), Some("private, max-age=60, stale-while-revalidate=300"));
     assert_eq!(response.text().await.unwrap(), "[1]");
-    let response = server
-        .client
-        .get(server.ds("chat:2021?offset=-1"))
-        .header("X-Signed", token)
-        .send()
-        .await
-        .unwrap();
+    let response = server.client.get(server.ds("chat:2021?offset=-1")).header("X-Signed", token).send().await.unwrap();
     assert_eq!(response.status(), 200, "token in the X-Signed header");
 }
 
@@ -108,25 +74,10 @@ fn bad_tokens(stream: &str) -> Vec<(&'static str, Option<String>)> {
     tampered_digest.replace_range(0..1, if digest.starts_with('0') { "1" } else { "0" });
     vec![
         ("no token", None),
-        (
-            "token for another stream",
-            Some(sign_stream(STREAMS_SECRET, "someone-else")),
-        ),
-        (
-            "token signed with another key",
-            Some(sign_stream("another-key", stream)),
-        ),
-        (
-            "tampered digest",
-            Some(format!("{encoded}--{tampered_digest}")),
-        ),
-        (
-            "tampered name",
-            Some(format!(
-                "{}--{digest}",
-                sign_stream(STREAMS_SECRET, "x").split_once("--").unwrap().0
-            )),
-        ),
+        ("token for another stream", Some(sign_stream(STREAMS_SECRET, "someone-else"))),
+        ("token signed with another key", Some(sign_stream("another-key", stream))),
+        ("tampered digest", Some(format!("{encoded}--{tampered_digest}"))),
+        ("tampered name", Some(format!("{}--{digest}", sign_stream(STREAMS_SECRET, "x").split_once("--").unwrap().0))),
         ("garbage", Some("not-a-token".to_string())),
     ]
 }
@@ -139,9 +90,7 @@ async fn every_read_mode_refuses_bad_stream_tokens() {
     let good = sign_stream(STREAMS_SECRET, "room");
     for mode in ["", "&live=long-poll", "&live=sse"] {
         for (what, token) in bad_tokens("room") {
-            let mut request = server
-                .client
-                .get(server.ds(&format!("room?offset=-1{mode}")));
+            let mut request = server.client.get(server.ds(&format!("room?offset=-1{mode}")));
             if let Some(token) = &token {
                 request = request.header("X-Signed", token);
             }
@@ -149,20 +98,12 @@ async fn every_read_mode_refuses_bad_stream_tokens() {
             assert_eq!(response.status(), 401, "{what} {mode}");
             let body: Value = response.json().await.unwrap();
             let error = body["error"].as_str().unwrap();
-            assert!(
-                ["unauthorized", "forbidden_stream"].contains(&error),
-                "{what}: {error}"
-            );
+            assert!(["unauthorized", "forbidden_stream"].contains(&error), "{what}: {error}");
             if what == "token for another stream" {
                 assert_eq!(error, "forbidden_stream");
             }
         }
-        let ok = server
-            .client
-            .get(server.ds(&format!("room?offset=-1{mode}&signed={good}")))
-            .send()
-            .await
-            .unwrap();
+        let ok = server.client.get(server.ds(&format!("room?offset=-1{mode}&signed={good}"))).send().await.unwrap();
         assert_eq!(ok.status(), 200, "good token {mode}");
     }
     for (what, token) in bad_tokens("room") {
@@ -172,13 +113,7 @@ async fn every_read_mode_refuses_bad_stream_tokens() {
         }
         assert_eq!(request.send().await.unwrap().status(), 401, "HEAD {what}");
     }
-    let head = server
-        .client
-        .head(server.ds("room"))
-        .header("X-Signed", &good)
-        .send()
-        .await
-        .unwrap();
+    let head = server.client.head(server.ds("room")).header("X-Signed", &good).send().await.unwrap();
     assert_eq!(head.status(), 200);
 }
 
@@ -189,18 +124,9 @@ async fn public_streams_allow_unsigned_reads_but_still_check_given_tokens() {
     broadcast_with_derived_key(&server, "open").await;
     let response = server.get("open?offset=-1").await;
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "cache-control").as_deref(),
-        Some("public, max-age=60, stale-while-revalidate=300")
-    );
+    assert_eq!(header(&response, "cache-control").as_deref(), Some("public, max-age=60, stale-while-revalidate=300"));
     let wrong = sign_stream(STREAMS_SECRET, "other");
-    assert_eq!(
-        server
-            .get(&format!("open?offset=-1&signed={wrong}"))
-            .await
-            .status(),
-        401
-    );
+    assert_eq!(server.get(&format!("open?offset=-1&signed={wrong}")).await.status(), 401);
     // `public = true` means public streams and no client authentication.
     let dir = temp_dir();
     let public = private_server(dir.path(), &["--public", "--enforce_jwt"]);
@@ -211,50 +137,21 @@ async fn public_streams_allow_unsigned_reads_but_still_check_given_tokens() {
 async fn jwt_in_header_or_query_with_every_hmac_algorithm() {
     use jsonwebtoken::Algorithm::*;
     let dir = temp_dir();
-    let server = private_server(
-        dir.path(),
-        &[
-            "--jwt_secret",
-            JWT_SECRET,
-            "--public_streams",
-            "--enforce_jwt",
-        ],
-    );
+    let server = private_server(dir.path(), &["--jwt_secret", JWT_SECRET, "--public_streams", "--enforce_jwt"]);
     for alg in [HS256, HS384, HS512] {
         let token = jwt(alg, JWT_SECRET, json!({"ext": "{}", "exp": now() + 60}));
-        let by_header = server
-            .client
-            .get(server.ds("s?offset=-1"))
-            .header("X-JID", &token)
-            .send()
-            .await
-            .unwrap();
+        let by_header = server.client.get(server.ds("s?offset=-1")).header("X-JID", &token).send().await.unwrap();
         assert_eq!(by_header.status(), 200, "{alg:?} in X-JID");
         assert_eq!(
             header(&by_header, "cache-control").as_deref(),
             Some("private, max-age=60, stale-while-revalidate=300")
         );
-        assert_eq!(
-            server
-                .get(&format!("s?offset=-1&jid={token}"))
-                .await
-                .status(),
-            200,
-            "{alg:?} in ?jid="
-        );
+        assert_eq!(server.get(&format!("s?offset=-1&jid={token}")).await.status(), 200, "{alg:?} in ?jid=");
     }
     let expired = jwt(HS256, JWT_SECRET, json!({"exp": now() - 60}));
     let refused = [
-        (
-            "wrong key",
-            jwt(HS256, "not-the-secret", json!({"exp": now() + 60})),
-            "unauthorized",
-        ),
-        (
-            "alg none",
-            "eyJhbGciOiJub25lIn0.eyJleHQiOiJ7fSJ9.".to_string(),
-            "unauthorized",
-        ),
+        ("wrong key", jwt(HS256, "not-the-secret", json!({"exp": now() + 60})), "unauthorized"),
+        ("alg none", "eyJhbGciOiJub25lIn0.eyJleHQiOiJ7fSJ9.".to_string(), "unauthorized"),
         ("garbage", "garbage".to_string(), "unauthorized"),
         ("expired", expired, "token_expired"),
     ];
@@ -279,78 +176,29 @@ async fn jwt_in_header_or_query_with_every_hmac_algorithm() {
 #[tokio::test]
 async fn jwt_is_optional_without_enforce_and_skipped_with_ds_skip_auth() {
     let dir = temp_dir();
-    let optional = private_server(
-        dir.path(),
-        &["--jwt_secret", JWT_SECRET, "--public_streams"],
-    );
-    assert_eq!(
-        optional.get("s?offset=-1").await.status(),
-        200,
-        "no token, not enforced"
-    );
-    let bad = optional
-        .client
-        .get(optional.ds("s?offset=-1"))
-        .header("X-JID", "garbage")
-        .send()
-        .await
-        .unwrap();
+    let optional = private_server(dir.path(), &["--jwt_secret", JWT_SECRET, "--public_streams"]);
+    assert_eq!(optional.get("s?offset=-1").await.status(), 200, "no token, not enforced");
+    let bad = optional.client.get(optional.ds("s?offset=-1")).header("X-JID", "garbage").send().await.unwrap();
     assert_eq!(bad.status(), 401, "a token that is present must be valid");
-    let ok = optional
-        .client
-        .get(optional.ds("s?offset=-1"))
-        .header("X-JID", valid_jwt())
-        .send()
-        .await
-        .unwrap();
+    let ok = optional.client.get(optional.ds("s?offset=-1")).header("X-JID", valid_jwt()).send().await.unwrap();
     assert_eq!(ok.status(), 200);
 
     let dir = temp_dir();
-    let skip = private_server(
-        dir.path(),
-        &[
-            "--jwt_secret",
-            JWT_SECRET,
-            "--enforce_jwt",
-            "--ds_skip_auth",
-        ],
-    );
+    let skip = private_server(dir.path(), &["--jwt_secret", JWT_SECRET, "--enforce_jwt", "--ds_skip_auth"]);
     broadcast_with_derived_key(&skip, "room").await;
     let signed = sign_stream(STREAMS_SECRET, "room");
-    assert_eq!(
-        skip.get(&format!("room?offset=-1&signed={signed}"))
-            .await
-            .status(),
-        200,
-        "client auth skipped"
-    );
-    assert_eq!(
-        skip.get("room?offset=-1").await.status(),
-        401,
-        "stream authorization still applies"
-    );
+    assert_eq!(skip.get(&format!("room?offset=-1&signed={signed}")).await.status(), 200, "client auth skipped");
+    assert_eq!(skip.get("room?offset=-1").await.status(), 401, "stream authorization still applies");
     // --noauth does the same.
     let dir = temp_dir();
-    let noauth = private_server(
-        dir.path(),
-        &["--jwt_secret", JWT_SECRET, "--enforce_jwt", "--noauth"],
-    );
-    assert_eq!(
-        noauth
-            .get(&format!("room?offset=-1&signed={signed}"))
-            .await
-            .status(),
-        200
-    );
+    let noauth = private_server(dir.path(), &["--jwt_secret", JWT_SECRET, "--enforce_jwt", "--noauth"]);
+    assert_eq!(noauth.get(&format!("room?offset=-1&signed={signed}")).await.status(), 200);
 }
 
 #[tokio::test]
 async fn cors_preflight_and_simple_requests() {
     let dir = temp_dir();
-    let server = Server::start(
-        dir.path(),
-        &["--allowed_origins", "https://app.example,*.trusted.dev"],
-    );
+    let server = Server::start(dir.path(), &["--allowed_origins", "https://app.example,*.trusted.dev"]);
     server.publish("s", numbered(1..=1)).await;
     for origin in ["https://app.example", "https://a.trusted.dev"] {
         let preflight = server
@@ -358,62 +206,29 @@ async fn cors_preflight_and_simple_requests() {
             .request(reqwest::Method::OPTIONS, server.ds("s?offset=-1"))
             .header("Origin", origin)
             .header("Access-Control-Request-Method", "GET")
-            .header(
-                "Access-Control-Request-Headers",
-                "x-signed, x-jid, if-none-match",
-            )
+            .header("Access-Control-Request-Headers", "x-signed, x-jid, if-none-match")
             .send()
             .await
             .unwrap();
-        assert!(
-            preflight.status().is_success(),
-            "{origin}: {}",
-            preflight.status()
-        );
-        assert_eq!(
-            header(&preflight, "access-control-allow-origin").as_deref(),
-            Some(origin)
-        );
+        assert!(preflight.status().is_success(), "{origin}: {}", preflight.status());
+        assert_eq!(header(&preflight, "access-control-allow-origin").as_deref(), Some(origin));
         let methods = header(&preflight, "access-control-allow-methods").unwrap();
         for method in ["GET", "HEAD", "OPTIONS"] {
             assert!(methods.contains(method), "{methods}");
         }
-        let allowed = header(&preflight, "access-control-allow-headers")
-            .unwrap()
-            .to_lowercase();
+        let allowed = header(&preflight, "access-control-allow-headers").unwrap().to_lowercase();
         for h in ["x-signed", "x-jid", "if-none-match"] {
             assert!(allowed.contains(h), "{allowed}");
         }
-        let simple = server
-            .client
-            .get(server.ds("s?offset=-1"))
-            .header("Origin", origin)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            header(&simple, "access-control-allow-origin").as_deref(),
-            Some(origin)
-        );
-        let exposed = header(&simple, "access-control-expose-headers")
-            .unwrap()
-            .to_lowercase();
-        for h in [
-            "stream-next-offset",
-            "stream-cursor",
-            "stream-up-to-date",
-            "etag",
-        ] {
+        let simple = server.client.get(server.ds("s?offset=-1")).header("Origin", origin).send().await.unwrap();
+        assert_eq!(header(&simple, "access-control-allow-origin").as_deref(), Some(origin));
+        let exposed = header(&simple, "access-control-expose-headers").unwrap().to_lowercase();
+        for h in ["stream-next-offset", "stream-cursor", "stream-up-to-date", "etag"] {
             assert!(exposed.contains(h), "{exposed}");
         }
     }
-    let foreign = server
-        .client
-        .get(server.ds("s?offset=-1"))
-        .header("Origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
+    let foreign =
+        server.client.get(server.ds("s?offset=-1")).header("Origin", "https://evil.example").send().await.unwrap();
     assert!(header(&foreign, "access-control-allow-origin").is_none());
     let preflight = server
         .client
@@ -429,23 +244,12 @@ async fn cors_preflight_and_simple_requests() {
 #[tokio::test]
 async fn secrets_never_reach_the_logs() {
     let dir = temp_dir();
-    let server = private_server(
-        dir.path(),
-        &[
-            "--jwt_secret",
-            JWT_SECRET,
-            "--log_level",
-            "trace",
-            "--ds_poll_interval",
-            "1",
-        ],
-    );
+    let server =
+        private_server(dir.path(), &["--jwt_secret", JWT_SECRET, "--log_level", "trace", "--ds_poll_interval", "1"]);
     broadcast_with_derived_key(&server, "room").await;
     let derived_key = anycable_ds::auth::derive_broadcast_key(SECRET);
     // Failures of every kind, successes too.
-    let _ = server
-        .broadcast_with_key(r#"{"stream":"room","data":"1"}"#, Some("wrong"))
-        .await;
+    let _ = server.broadcast_with_key(r#"{"stream":"room","data":"1"}"#, Some("wrong")).await;
     for (_, token) in bad_tokens("room") {
         let mut request = server.client.get(server.ds("room?offset=-1"));
         if let Some(token) = token {
@@ -454,13 +258,7 @@ async fn secrets_never_reach_the_logs() {
         let _ = request.send().await.unwrap();
     }
     let signed = sign_stream(STREAMS_SECRET, "room");
-    let _ = server
-        .client
-        .get(server.ds("room?offset=-1"))
-        .header("X-JID", "garbage")
-        .send()
-        .await
-        .unwrap();
+    let _ = server.client.get(server.ds("room?offset=-1")).header("X-JID", "garbage").send().await.unwrap();
     let _ = server
         .client
         .get(server.ds(&format!("room?offset=-1&signed={signed}")))
@@ -468,32 +266,14 @@ async fn secrets_never_reach_the_logs() {
         .send()
         .await
         .unwrap();
-    let mut sse =
-        SseClient::open(&server, &format!("room?offset=-1&live=sse&signed={signed}")).await;
+    let mut sse = SseClient::open(&server, &format!("room?offset=-1&live=sse&signed={signed}")).await;
     assert!(sse.next_batch(Duration::from_secs(5)).await.is_some());
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
 
     let logs = server.logs();
-    assert!(
-        logs.contains("DEBUG") || logs.contains("TRACE"),
-        "debug logging is on"
-    );
+    assert!(logs.contains("DEBUG") || logs.contains("TRACE"), "debug logging is on");
     for secret in [SECRET, STREAMS_SECRET, JWT_SECRET, derived_key.as_str()] {
-        assert!(
-            !logs.contains(secret),
-            "secret {secret:?} leaked into the log"
-        );
-        assert!(
-            !metrics.contains(secret),
-            "secret {secret:?} leaked into metrics"
-        );
+        assert!(!logs.contains(secret), "secret {secret:?} leaked into the log");
+        assert!(!metrics.contains(secret), "secret {secret:?} leaked into metrics");
     }
 }

@@ -7,20 +7,9 @@ use serde_json::Value;
 
 async fn expect_error(response: reqwest::Response, status: u16, what: &str) {
     assert_eq!(response.status().as_u16(), status, "{what}");
-    assert!(
-        response
-            .headers()
-            .get("content-type")
-            .is_some_and(|v| v == "application/json"),
-        "{what}: JSON error body"
-    );
-    let body: Value = response
-        .json()
-        .await
-        .unwrap_or_else(|_| panic!("{what}: JSON body"));
-    let error = body["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: error field in {body}"));
+    assert!(response.headers().get("content-type").is_some_and(|v| v == "application/json"), "{what}: JSON error body");
+    let body: Value = response.json().await.unwrap_or_else(|_| panic!("{what}: JSON body"));
+    let error = body["error"].as_str().unwrap_or_else(|| panic!("{what}: error field in {body}"));
     assert!(!error.is_empty());
 }
 
@@ -33,51 +22,16 @@ async fn bad_broadcasts_are_refused_whole() {
         ("malformed JSON", "{\"stream\":".into(), Some(KEY), 400),
         ("not JSON at all", "hello".into(), Some(KEY), 400),
         ("missing stream", r#"{"data":"1"}"#.into(), Some(KEY), 400),
-        (
-            "empty stream",
-            r#"{"stream":"","data":"1"}"#.into(),
-            Some(KEY),
-            400,
-        ),
+        ("empty stream", r#"{"stream":"","data":"1"}"#.into(), Some(KEY), 400),
         ("missing data", r#"{"stream":"s"}"#.into(), Some(KEY), 400),
         ("empty array", "[]".into(), Some(KEY), 400),
         ("a number", "42".into(), Some(KEY), 400),
-        (
-            "batch with one bad element",
-            r#"[{"stream":"s","data":"1"},{"stream":"s"}]"#.into(),
-            Some(KEY),
-            400,
-        ),
-        (
-            "batch with a non-object",
-            r#"[{"stream":"s","data":"1"},"x"]"#.into(),
-            Some(KEY),
-            400,
-        ),
-        (
-            "control character in name",
-            r#"{"stream":"a\u0001","data":"1"}"#.into(),
-            Some(KEY),
-            400,
-        ),
-        (
-            "overlong name",
-            format!(r#"{{"stream":"{}","data":"1"}}"#, "n".repeat(1025)),
-            Some(KEY),
-            400,
-        ),
-        (
-            "wrong key",
-            r#"{"stream":"s","data":"1"}"#.into(),
-            Some("nope"),
-            401,
-        ),
-        (
-            "missing key",
-            r#"{"stream":"s","data":"1"}"#.into(),
-            None,
-            401,
-        ),
+        ("batch with one bad element", r#"[{"stream":"s","data":"1"},{"stream":"s"}]"#.into(), Some(KEY), 400),
+        ("batch with a non-object", r#"[{"stream":"s","data":"1"},"x"]"#.into(), Some(KEY), 400),
+        ("control character in name", r#"{"stream":"a\u0001","data":"1"}"#.into(), Some(KEY), 400),
+        ("overlong name", format!(r#"{{"stream":"{}","data":"1"}}"#, "n".repeat(1025)), Some(KEY), 400),
+        ("wrong key", r#"{"stream":"s","data":"1"}"#.into(), Some("nope"), 401),
+        ("missing key", r#"{"stream":"s","data":"1"}"#.into(), None, 401),
         ("oversized body", big, Some(KEY), 413),
     ];
     for (what, body, key, status) in cases {
@@ -88,22 +42,10 @@ async fn bad_broadcasts_are_refused_whole() {
         expect_error(request.send().await.unwrap(), status, what).await;
     }
     // Wrong methods on the broadcast endpoint.
-    for method in [
-        reqwest::Method::GET,
-        reqwest::Method::PUT,
-        reqwest::Method::DELETE,
-    ] {
-        let response = server
-            .client
-            .request(method.clone(), server.url("/_broadcast"))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            response.headers().get("allow").map(|v| v.to_str().unwrap()),
-            Some("POST")
-        );
+    for method in [reqwest::Method::GET, reqwest::Method::PUT, reqwest::Method::DELETE] {
+        let response =
+            server.client.request(method.clone(), server.url("/_broadcast")).bearer_auth(KEY).send().await.unwrap();
+        assert_eq!(response.headers().get("allow").map(|v| v.to_str().unwrap()), Some("POST"));
         expect_error(response, 405, method.as_str()).await;
     }
     let (messages, _, _) = server.read("s", "-1").await;
@@ -137,22 +79,9 @@ async fn bad_reads_are_refused() {
     for (query, status) in cases {
         expect_error(server.get(&query).await, status, &query).await;
     }
-    for method in [
-        reqwest::Method::POST,
-        reqwest::Method::PUT,
-        reqwest::Method::DELETE,
-        reqwest::Method::PATCH,
-    ] {
-        let response = server
-            .client
-            .request(method.clone(), server.ds("s"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            response.headers().get("allow").map(|v| v.to_str().unwrap()),
-            Some("GET, HEAD, OPTIONS")
-        );
+    for method in [reqwest::Method::POST, reqwest::Method::PUT, reqwest::Method::DELETE, reqwest::Method::PATCH] {
+        let response = server.client.request(method.clone(), server.ds("s")).send().await.unwrap();
+        assert_eq!(response.headers().get("allow").map(|v| v.to_str().unwrap()), Some("GET, HEAD, OPTIONS"));
         expect_error(response, 405, method.as_str()).await;
     }
     let (messages, _, _) = server.read("s", "-1").await;

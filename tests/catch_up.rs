@@ -21,10 +21,7 @@ async fn single_batch_value_and_plain_string_data_come_back_in_order() {
     }
     let response = server.get("chat/room-42?offset=-1").await;
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "content-type").as_deref(),
-        Some("application/json")
-    );
+    assert_eq!(header(&response, "content-type").as_deref(), Some("application/json"));
     let text = response.text().await.unwrap();
     // Byte-exact: compact, key order and number digits kept.
     assert_eq!(
@@ -53,18 +50,11 @@ async fn every_token_resumes_exactly_after_its_message_and_tokens_sort() {
     sorted.sort();
     assert_eq!(tokens, sorted, "tokens sort in stream order");
     for (n, token) in tokens.iter().enumerate() {
-        assert!(
-            token.len() < 64 && !token.contains([',', '&', '=', '?', '/']),
-            "{token}"
-        );
+        assert!(token.len() < 64 && !token.contains([',', '&', '=', '?', '/']), "{token}");
         assert!(token != "-1" && token != "now");
         // Re-reading any token, any number of times, gives the same next message.
         let (messages, _, _) = server.read("s", token).await;
-        let expected = if n == 12 {
-            vec![]
-        } else {
-            numbered(n as u64 + 1..=n as u64 + 1)
-        };
+        let expected = if n == 12 { vec![] } else { numbered(n as u64 + 1..=n as u64 + 1) };
         assert_eq!(messages, expected, "from token {n}");
     }
 }
@@ -91,9 +81,7 @@ async fn chunking_gives_up_to_date_only_on_the_last_chunk() {
     assert_eq!(seen, numbered(1..=5));
     assert_eq!(chunks, 3);
     // A single message larger than the limit is still sent, alone.
-    server
-        .publish("big", [json!({"text": "x".repeat(100)})])
-        .await;
+    server.publish("big", [json!({"text": "x".repeat(100)})]).await;
     let (messages, _, up_to_date) = server.read("big", "-1").await;
     assert_eq!(messages.len(), 1);
     assert!(up_to_date);
@@ -105,10 +93,7 @@ async fn offset_now_head_and_unknown_streams() {
     let server = Server::start(dir.path(), &[]);
     // Unknown stream: empty, tail at position 0.
     let empty_tail = server.tail("nobody-wrote-here").await;
-    assert!(
-        empty_tail.ends_with("_00000000000000000000"),
-        "{empty_tail}"
-    );
+    assert!(empty_tail.ends_with("_00000000000000000000"), "{empty_tail}");
     let (messages, next, up_to_date) = server.read("nobody-wrote-here", "-1").await;
     assert!(messages.is_empty() && up_to_date);
     assert_eq!(next, empty_tail);
@@ -117,18 +102,12 @@ async fn offset_now_head_and_unknown_streams() {
     let head = server.client.head(server.ds("s")).send().await.unwrap();
     assert_eq!(head.status(), 200);
     assert_eq!(header(&head, "cache-control").as_deref(), Some("no-store"));
-    assert_eq!(
-        header(&head, "content-type").as_deref(),
-        Some("application/json")
-    );
+    assert_eq!(header(&head, "content-type").as_deref(), Some("application/json"));
     let tail = header(&head, "stream-next-offset").unwrap();
 
     let response = server.get("s?offset=now").await;
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "cache-control").as_deref(),
-        Some("no-store")
-    );
+    assert_eq!(header(&response, "cache-control").as_deref(), Some("no-store"));
     assert!(header(&response, "etag").is_none());
     let (messages, next, up_to_date) = read_parts(response).await;
     assert!(messages.is_empty() && up_to_date);
@@ -153,10 +132,7 @@ async fn read_headers_etag_and_304() {
     for (name, value) in [
         ("x-content-type-options", "nosniff"),
         ("cross-origin-resource-policy", "cross-origin"),
-        (
-            "cache-control",
-            "public, max-age=60, stale-while-revalidate=300",
-        ),
+        ("cache-control", "public, max-age=60, stale-while-revalidate=300"),
         ("stream-up-to-date", "true"),
     ] {
         assert_eq!(header(&response, name).as_deref(), Some(value), "{name}");
@@ -165,26 +141,14 @@ async fn read_headers_etag_and_304() {
     assert!(cursor > 3_000_000);
     let etag = header(&response, "etag").expect("ETag");
 
-    let cached = server
-        .client
-        .get(server.ds("e?offset=-1"))
-        .header("If-None-Match", &etag)
-        .send()
-        .await
-        .unwrap();
+    let cached = server.client.get(server.ds("e?offset=-1")).header("If-None-Match", &etag).send().await.unwrap();
     assert_eq!(cached.status(), 304);
     assert!(header(&cached, "stream-next-offset").is_some());
     assert!(cached.bytes().await.unwrap().is_empty());
 
     // A new message changes the body, so the same request no longer matches.
     server.publish("e", numbered(3..=3)).await;
-    let fresh = server
-        .client
-        .get(server.ds("e?offset=-1"))
-        .header("If-None-Match", &etag)
-        .send()
-        .await
-        .unwrap();
+    let fresh = server.client.get(server.ds("e?offset=-1")).header("If-None-Match", &etag).send().await.unwrap();
     assert_eq!(fresh.status(), 200);
     assert_ne!(header(&fresh, "etag").unwrap(), etag);
     let (messages, _, _) = read_parts(fresh).await;
@@ -204,11 +168,8 @@ async fn stream_names_may_hold_slashes_and_encoded_characters() {
         assert_eq!(server.broadcast(&body).await.0, 201);
         // Fully encoded (slashes as %2F: URL libraries collapse a literal `..` segment).
         let (messages, _, _) = server.read(&percent_encode(name), "-1").await;
-        let expected = if name == "a/b/c" {
-            vec![json!(1), json!({"name": name})]
-        } else {
-            vec![json!({"name": name})]
-        };
+        let expected =
+            if name == "a/b/c" { vec![json!(1), json!({"name": name})] } else { vec![json!({"name": name})] };
         assert_eq!(messages, expected, "{name}");
     }
 }
@@ -229,12 +190,7 @@ fn percent_encode(name: &str) -> String {
 async fn health_and_metrics_answer() {
     let dir = temp_dir();
     let server = Server::start(dir.path(), &[]);
-    let health = server
-        .client
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.client.get(server.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     server.publish("m", numbered(1..=3)).await;
     assert_eq!(server.metric("ds_messages_stored_total").await, 3.0);

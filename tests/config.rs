@@ -16,15 +16,8 @@ fn run(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn effective(output: &Output) -> toml::Table {
-    assert!(
-        output.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout.clone())
-        .unwrap()
-        .parse()
-        .expect("--print-config prints TOML")
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout.clone()).unwrap().parse().expect("--print-config prints TOML")
 }
 
 fn limit(config: &toml::Table) -> i64 {
@@ -34,11 +27,7 @@ fn limit(config: &toml::Table) -> i64 {
 #[test]
 fn file_then_env_then_flag() {
     let dir = temp_dir();
-    std::fs::write(
-        dir.path().join("anycable-ds.toml"),
-        "[broker]\nhistory_limit = 5\n\n[ds]\nsse_ttl = 9\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("anycable-ds.toml"), "[broker]\nhistory_limit = 5\n\n[ds]\nsse_ttl = 9\n").unwrap();
 
     let defaults_only = run(temp_dir().path(), &["--print-config"], &[]);
     assert_eq!(limit(&effective(&defaults_only)), 100);
@@ -47,23 +36,12 @@ fn file_then_env_then_flag() {
     assert_eq!(limit(&file), 5);
     assert_eq!(file["ds"]["sse_ttl"].as_integer(), Some(9));
 
-    let env = effective(&run(
-        dir.path(),
-        &["--print-config"],
-        &[("ANYCABLE_HISTORY_LIMIT", "6")],
-    ));
+    let env = effective(&run(dir.path(), &["--print-config"], &[("ANYCABLE_HISTORY_LIMIT", "6")]));
     assert_eq!(limit(&env), 6);
-    assert_eq!(
-        env["ds"]["sse_ttl"].as_integer(),
-        Some(9),
-        "env overrides only its own key"
-    );
+    assert_eq!(env["ds"]["sse_ttl"].as_integer(), Some(9), "env overrides only its own key");
 
-    let flag = effective(&run(
-        dir.path(),
-        &["--print-config", "--history_limit", "7"],
-        &[("ANYCABLE_HISTORY_LIMIT", "6")],
-    ));
+    let flag =
+        effective(&run(dir.path(), &["--print-config", "--history_limit", "7"], &[("ANYCABLE_HISTORY_LIMIT", "6")]));
     assert_eq!(limit(&flag), 7);
 
     // --config PATH instead of the current directory's file; PORT below ANYCABLE_PORT.
@@ -71,46 +49,22 @@ fn file_then_env_then_flag() {
     let path = other.path().join("custom.toml");
     std::fs::write(&path, "public_streams_unused = false\n").unwrap();
     std::fs::write(&path, "[server]\nport = 9001\n").unwrap();
-    let custom = effective(&run(
-        temp_dir().path(),
-        &["--print-config", "--config", path.to_str().unwrap()],
-        &[],
-    ));
+    let custom = effective(&run(temp_dir().path(), &["--print-config", "--config", path.to_str().unwrap()], &[]));
     assert_eq!(custom["server"]["port"].as_integer(), Some(9001));
-    let port = effective(&run(
-        temp_dir().path(),
-        &["--print-config"],
-        &[("PORT", "9100")],
-    ));
+    let port = effective(&run(temp_dir().path(), &["--print-config"], &[("PORT", "9100")]));
     assert_eq!(port["server"]["port"].as_integer(), Some(9100));
-    let both = effective(&run(
-        temp_dir().path(),
-        &["--print-config"],
-        &[("PORT", "9100"), ("ANYCABLE_PORT", "9200")],
-    ));
+    let both = effective(&run(temp_dir().path(), &["--print-config"], &[("PORT", "9100"), ("ANYCABLE_PORT", "9200")]));
     assert_eq!(both["server"]["port"].as_integer(), Some(9200));
 }
 
 #[test]
 fn boolean_flags_take_an_optional_value() {
     let dir = temp_dir();
-    let bare = effective(&run(
-        dir.path(),
-        &["--print-config", "--public_streams"],
-        &[],
-    ));
+    let bare = effective(&run(dir.path(), &["--print-config", "--public_streams"], &[]));
     assert_eq!(bare["streams"]["public"].as_bool(), Some(true));
-    let explicit = effective(&run(
-        dir.path(),
-        &["--print-config", "--ds_skip_auth=true"],
-        &[],
-    ));
+    let explicit = effective(&run(dir.path(), &["--print-config", "--ds_skip_auth=true"], &[]));
     assert_eq!(explicit["ds"]["skip_auth"].as_bool(), Some(true));
-    let env = effective(&run(
-        dir.path(),
-        &["--print-config"],
-        &[("ANYCABLE_PUBLIC_STREAMS", "true")],
-    ));
+    let env = effective(&run(dir.path(), &["--print-config"], &[("ANYCABLE_PUBLIC_STREAMS", "true")]));
     assert_eq!(env["streams"]["public"].as_bool(), Some(true));
 }
 
@@ -119,15 +73,7 @@ fn print_config_round_trips() {
     let dir = temp_dir();
     let first = run(
         dir.path(),
-        &[
-            "--print-config",
-            "--secret",
-            "s3",
-            "--history_ttl",
-            "60",
-            "--allowed_origins",
-            "*.example.com",
-        ],
+        &["--print-config", "--secret", "s3", "--history_ttl", "60", "--allowed_origins", "*.example.com"],
         &[],
     );
     let text = String::from_utf8(first.stdout.clone()).unwrap();
@@ -153,24 +99,13 @@ fn unknown_keys_and_bad_values_stop_start_up_naming_the_key() {
         let output = run(dir.path(), &["--print-config"], &[]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{file}: {stderr}");
-        assert!(
-            stderr.contains(key),
-            "{file}: error should name {key}: {stderr}"
-        );
+        assert!(stderr.contains(key), "{file}: error should name {key}: {stderr}");
     }
     let dir = temp_dir();
-    let bad_env = run(
-        dir.path(),
-        &["--print-config"],
-        &[("ANYCABLE_HISTORY_LIMIT", "many")],
-    );
+    let bad_env = run(dir.path(), &["--print-config"], &[("ANYCABLE_HISTORY_LIMIT", "many")]);
     assert!(!bad_env.status.success());
     assert!(String::from_utf8_lossy(&bad_env.stderr).contains("history_limit"));
-    let missing = run(
-        dir.path(),
-        &["--print-config", "--config", "/nonexistent/x.toml"],
-        &[],
-    );
+    let missing = run(dir.path(), &["--print-config", "--config", "/nonexistent/x.toml"], &[]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/x.toml"));
 }
@@ -179,13 +114,7 @@ fn unknown_keys_and_bad_values_stop_start_up_naming_the_key() {
 fn help_lists_flags_with_env_names_and_defaults() {
     let output = run(temp_dir().path(), &["--help"], &[]);
     let help = String::from_utf8(output.stdout).unwrap();
-    for needle in [
-        "--history_limit",
-        "ANYCABLE_HISTORY_LIMIT",
-        "[default: 100]",
-        "--public_streams",
-        "--ds_sse_ttl",
-    ] {
+    for needle in ["--history_limit", "ANYCABLE_HISTORY_LIMIT", "[default: 100]", "--public_streams", "--ds_sse_ttl"] {
         assert!(help.contains(needle), "--help should mention {needle}");
     }
 }

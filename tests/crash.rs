@@ -37,15 +37,8 @@ struct Acked {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
-    let cycles: u64 = std::env::var("ANYCABLE_DS_SOAK_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
+    let cycles: u64 = std::env::var("ANYCABLE_DS_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("crash test: {cycles} cycles, seed {seed}");
     let mut rng = Rng(seed);
 
@@ -77,7 +70,8 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
                         .map(|k| json!({"stream": stream, "data": json!({"w": w, "i": k}).to_string()}))
                         .collect();
                     let body = if batch == 1 { items[0].to_string() } else { Value::Array(items).to_string() };
-                    let sent = client.post(format!("{base}/_broadcast")).bearer_auth(common::KEY).body(body).send().await;
+                    let sent =
+                        client.post(format!("{base}/_broadcast")).bearer_auth(common::KEY).body(body).send().await;
                     match sent {
                         Ok(response) if response.status() == 201 => {
                             let mut acked = acked.lock().unwrap();
@@ -95,12 +89,7 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
         // Let the writers run, save a token mid-flight, then kill at a random moment.
         tokio::time::sleep(Duration::from_millis(50 + rng.next() % 150)).await;
         for stream in STREAMS {
-            if let Ok(response) = server
-                .client
-                .get(server.ds(&format!("{stream}?offset=-1")))
-                .send()
-                .await
-            {
+            if let Ok(response) = server.client.get(server.ds(&format!("{stream}?offset=-1"))).send().await {
                 if response.status() == 200 {
                     let (messages, token, _) = common::read_parts(response).await;
                     saved.push((stream.to_string(), token, messages));
@@ -120,51 +109,30 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
         for stream in STREAMS {
             let (messages, _, up_to_date) = server.read(stream, "-1").await;
             assert!(up_to_date, "one chunk holds the whole stream");
-            let pairs: Vec<(u64, u64)> = messages
-                .iter()
-                .map(|m| (m["w"].as_u64().unwrap(), m["i"].as_u64().unwrap()))
-                .collect();
+            let pairs: Vec<(u64, u64)> =
+                messages.iter().map(|m| (m["w"].as_u64().unwrap(), m["i"].as_u64().unwrap())).collect();
             let unique: HashSet<_> = pairs.iter().collect();
-            assert_eq!(
-                unique.len(),
-                pairs.len(),
-                "cycle {cycle}: a message stored twice in {stream}"
-            );
+            assert_eq!(unique.len(), pairs.len(), "cycle {cycle}: a message stored twice in {stream}");
             for w in 0..WRITERS {
-                let mine: Vec<u64> = pairs
-                    .iter()
-                    .filter(|(pw, _)| *pw == w)
-                    .map(|(_, i)| *i)
-                    .collect();
-                assert!(
-                    mine.windows(2).all(|p| p[0] < p[1]),
-                    "cycle {cycle}: writer {w} out of order in {stream}"
-                );
+                let mine: Vec<u64> = pairs.iter().filter(|(pw, _)| *pw == w).map(|(_, i)| *i).collect();
+                assert!(mine.windows(2).all(|p| p[0] < p[1]), "cycle {cycle}: writer {w} out of order in {stream}");
             }
             for (s, w, i) in acked_now.iter().filter(|(s, _, _)| s == stream) {
-                assert!(
-                    unique.contains(&(*w, *i)),
-                    "cycle {cycle}: acknowledged ({s}, {w}, {i}) lost (seed {seed})"
-                );
+                assert!(unique.contains(&(*w, *i)), "cycle {cycle}: acknowledged ({s}, {w}, {i}) lost (seed {seed})");
                 checked += 1;
             }
             // Every token saved before any crash resumes exactly after its message.
             for (_, token, before) in saved.iter().filter(|(s, _, _)| s == stream) {
                 let (rest, _, _) = server.read(stream, token).await;
-                assert_eq!(
-                    messages[..before.len()],
-                    before[..],
-                    "cycle {cycle}: history rewritten"
-                );
-                assert_eq!(
-                    rest,
-                    messages[before.len()..],
-                    "cycle {cycle}: token {token} resumes elsewhere"
-                );
+                assert_eq!(messages[..before.len()], before[..], "cycle {cycle}: history rewritten");
+                assert_eq!(rest, messages[before.len()..], "cycle {cycle}: token {token} resumes elsewhere");
             }
         }
         // Checked again after every later crash too.
         acked.lock().unwrap().messages.extend(acked_now);
     }
-    eprintln!("crash test: {cycles} SIGKILL cycles, {checked} acknowledged-message checks, {} saved tokens", saved.len());
+    eprintln!(
+        "crash test: {cycles} SIGKILL cycles, {checked} acknowledged-message checks, {} saved tokens",
+        saved.len()
+    );
 }

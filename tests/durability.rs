@@ -18,11 +18,7 @@ async fn graceful_restart_keeps_history_and_tokens() {
     server.restart();
     server.publish("s", numbered(6..=7)).await;
     let (messages, _, _) = server.read("s", &token_after_5).await;
-    assert_eq!(
-        messages,
-        numbered(6..=7),
-        "old token resumes exactly after its message"
-    );
+    assert_eq!(messages, numbered(6..=7), "old token resumes exactly after its message");
     let (all, _, _) = server.read("s", "-1").await;
     assert_eq!(all, numbered(1..=7), "sequence continues");
 }
@@ -34,16 +30,9 @@ async fn sigkill_loses_no_acknowledged_message() {
     let start = server.tail("s").await;
     // Batches and single messages, each acknowledged with 201 before the kill.
     server.publish("s", numbered(1..=3)).await;
-    let batch: Vec<_> = (4..=10)
-        .map(|n| serde_json::json!({"stream": "s", "data": format!("{{\"n\":{n}}}")}))
-        .collect();
-    assert_eq!(
-        server
-            .broadcast(&serde_json::Value::Array(batch).to_string())
-            .await
-            .0,
-        201
-    );
+    let batch: Vec<_> =
+        (4..=10).map(|n| serde_json::json!({"stream": "s", "data": format!("{{\"n\":{n}}}")})).collect();
+    assert_eq!(server.broadcast(&serde_json::Value::Array(batch).to_string()).await.0, 201);
     let (_, token_after_10, _) = server.read("s", &start).await;
     server.kill();
 
@@ -53,11 +42,7 @@ async fn sigkill_loses_no_acknowledged_message() {
     assert_eq!(next, token_after_10);
     server.publish("s", numbered(11..=11)).await;
     let (messages, _, _) = server.read("s", &token_after_10).await;
-    assert_eq!(
-        messages,
-        numbered(11..=11),
-        "no sequence number reused after the crash"
-    );
+    assert_eq!(messages, numbered(11..=11), "no sequence number reused after the crash");
 }
 
 #[tokio::test]
@@ -72,11 +57,7 @@ async fn retention_by_count() {
     }
     // Messages 3, 4, 5 are retained.
     let (messages, _, _) = server.read("s", "-1").await;
-    assert_eq!(
-        messages,
-        numbered(3..=5),
-        "trimmed history is never returned"
-    );
+    assert_eq!(messages, numbered(3..=5), "trimmed history is never returned");
     // Token after 2 = oldest retained (3) minus one: not a gap.
     let (messages, _, _) = server.read("s", &tokens[2]).await;
     assert_eq!(messages, numbered(3..=5));
@@ -105,11 +86,7 @@ async fn retention_by_age() {
     assert_eq!(messages, numbered(3..=3));
     assert_eq!(server.get(&format!("s?offset={start}")).await.status(), 410);
     let (messages, _, _) = server.read("s", &token_after_2).await;
-    assert_eq!(
-        messages,
-        numbered(3..=3),
-        "the token just before the oldest retained message is not a gap"
-    );
+    assert_eq!(messages, numbered(3..=3), "the token just before the oldest retained message is not a gap");
     // Everything expires: the stream reads empty at its tail, and numbering goes on.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let tail = server.tail("s").await;

@@ -30,9 +30,7 @@ impl Rng {
 /// Sends raw bytes as one HTTP/1.1 request and returns the status code.
 fn raw_request(addr: &str, request: &[u8]) -> u16 {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     stream.write_all(request).unwrap();
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
@@ -43,10 +41,7 @@ fn raw_request(addr: &str, request: &[u8]) -> u16 {
         }
     }
     let line = String::from_utf8_lossy(&response);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 #[tokio::test]
@@ -78,11 +73,7 @@ async fn malformed_paths_offsets_and_bodies_never_cause_a_5xx() {
         let mut path = b"/ds/".to_vec();
         let len = (rng.next() % 40) as usize;
         // Printable-ish garbage: raw control bytes or spaces would break the request line itself.
-        path.extend(
-            rng.bytes(len)
-                .into_iter()
-                .map(|b| if b.is_ascii_graphic() { b } else { b'%' }),
-        );
+        path.extend(rng.bytes(len).into_iter().map(|b| if b.is_ascii_graphic() { b } else { b'%' }));
         let query = rng.pick(&[
             "",
             "?offset=-1",
@@ -100,21 +91,14 @@ async fn malformed_paths_offsets_and_bodies_never_cause_a_5xx() {
             request.extend_from_slice(path);
             request.extend_from_slice(b" HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
             let status = raw_request(&server.addr, &request);
-            assert!(
-                (200..500).contains(&status),
-                "{method} {}: status {status}",
-                String::from_utf8_lossy(path)
-            );
+            assert!((200..500).contains(&status), "{method} {}: status {status}", String::from_utf8_lossy(path));
         }
     }
 
     // Bodies: random bytes, truncated and mutated valid bodies.
     let valid = r#"[{"stream":"s","data":"{\"a\":1}"},{"stream":"t","data":"2","meta":{"x":1}}]"#;
-    let mut bodies: Vec<Vec<u8>> = vec![
-        b"".to_vec(),
-        b"\xff\xfe".to_vec(),
-        b"{\"stream\":\"s\",\"data\":\"\xff\"}".to_vec(),
-    ];
+    let mut bodies: Vec<Vec<u8>> =
+        vec![b"".to_vec(), b"\xff\xfe".to_vec(), b"{\"stream\":\"s\",\"data\":\"\xff\"}".to_vec()];
     for _ in 0..300 {
         let body = match rng.next() % 3 {
             0 => {
@@ -135,20 +119,10 @@ async fn malformed_paths_offsets_and_bodies_never_cause_a_5xx() {
     }
     let mut accepted = 0;
     for body in bodies {
-        let response = server
-            .client
-            .post(server.url("/_broadcast"))
-            .bearer_auth(KEY)
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
+        let response =
+            server.client.post(server.url("/_broadcast")).bearer_auth(KEY).body(body.clone()).send().await.unwrap();
         let status = response.status().as_u16();
-        assert!(
-            status < 500,
-            "body {:?}: {status}",
-            String::from_utf8_lossy(&body)
-        );
+        assert!(status < 500, "body {:?}: {status}", String::from_utf8_lossy(&body));
         if status == 201 {
             // A mutation can still be a valid broadcast (e.g. it changed a stream name).
             accepted += 1;
@@ -161,17 +135,10 @@ async fn malformed_paths_offsets_and_bodies_never_cause_a_5xx() {
         accepted > 0,
         "only accepted broadcasts stored anything"
     );
-    let rejected = server
-        .metric("broadcast_rejected_total{reason=\"invalid\"}")
-        .await;
+    let rejected = server.metric("broadcast_rejected_total{reason=\"invalid\"}").await;
     assert!(rejected >= 300.0 - accepted as f64, "{rejected} rejected");
 
     // Still alive and well.
-    let health = server
-        .client
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.client.get(server.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
 }

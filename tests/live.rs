@@ -19,15 +19,9 @@ async fn long_poll_times_out_with_204_and_the_three_headers() {
     let response = server.get(&format!("s?offset={tail}&live=long-poll")).await;
     let waited = started.elapsed();
     assert_eq!(response.status(), 204);
-    assert!(
-        waited >= Duration::from_millis(950) && waited < Duration::from_secs(3),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(950) && waited < Duration::from_secs(3), "{waited:?}");
     assert_eq!(header(&response, "stream-next-offset"), Some(tail));
-    assert_eq!(
-        header(&response, "stream-up-to-date").as_deref(),
-        Some("true")
-    );
+    assert_eq!(header(&response, "stream-up-to-date").as_deref(), Some("true"));
     assert!(header(&response, "stream-cursor").is_some_and(|c| c.parse::<u64>().is_ok()));
 }
 
@@ -52,17 +46,13 @@ async fn a_waiting_long_poll_gets_all_new_messages_right_after_the_broadcast() {
     server.publish("s", numbered(1..=1)).await;
     let tail = server.tail("s").await;
     let poll = tokio::spawn({
-        let request = server
-            .client
-            .get(server.ds(&format!("s?offset={tail}&live=long-poll")));
+        let request = server.client.get(server.ds(&format!("s?offset={tail}&live=long-poll")));
         async move {
             let response = request.send().await.unwrap();
             (Instant::now(), response)
         }
     });
-    server
-        .wait_for_metric("ds_poll_clients_num", 1.0, WAIT)
-        .await;
+    server.wait_for_metric("ds_poll_clients_num", 1.0, WAIT).await;
     let batch = json!([
         {"stream": "s", "data": "{\"n\":2}"},
         {"stream": "s", "data": "{\"n\":3}"},
@@ -75,10 +65,7 @@ async fn a_waiting_long_poll_gets_all_new_messages_right_after_the_broadcast() {
     assert_eq!(response.status(), 200);
     let latency = answered.saturating_duration_since(acknowledged);
     eprintln!("long-poll answered {latency:?} after the broadcast was acknowledged");
-    assert!(
-        latency < Duration::from_secs(5),
-        "woken by the broadcast, not a timeout"
-    );
+    assert!(latency < Duration::from_secs(5), "woken by the broadcast, not a timeout");
     let (messages, next, up_to_date) = read_parts(response).await;
     assert_eq!(messages, numbered(2..=3));
     assert!(up_to_date);
@@ -90,21 +77,10 @@ async fn long_poll_from_now_waits_at_the_tail() {
     let dir = temp_dir();
     let server = Server::start(dir.path(), &["--ds_poll_interval", "30"]);
     server.publish("s", numbered(1..=2)).await;
-    let poll = tokio::spawn(
-        server
-            .client
-            .get(server.ds("s?offset=now&live=long-poll"))
-            .send(),
-    );
-    server
-        .wait_for_metric("ds_poll_clients_num", 1.0, WAIT)
-        .await;
+    let poll = tokio::spawn(server.client.get(server.ds("s?offset=now&live=long-poll")).send());
+    server.wait_for_metric("ds_poll_clients_num", 1.0, WAIT).await;
     server.publish("s", numbered(3..=3)).await;
-    let response = tokio::time::timeout(WAIT, poll)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let response = tokio::time::timeout(WAIT, poll).await.unwrap().unwrap().unwrap();
     let (messages, _, _) = read_parts(response).await;
     assert_eq!(messages, numbered(3..=3), "only what came after `now`");
 }
@@ -116,26 +92,15 @@ async fn cursor_moves_forward_when_echoed() {
     let response = server.get("s?offset=now&live=long-poll").await;
     let mut cursor: u64 = header(&response, "stream-cursor").unwrap().parse().unwrap();
     for _ in 0..3 {
-        let response = server
-            .get(&format!("s?offset=now&live=long-poll&cursor={cursor}"))
-            .await;
+        let response = server.get(&format!("s?offset=now&live=long-poll&cursor={cursor}")).await;
         let next: u64 = header(&response, "stream-cursor").unwrap().parse().unwrap();
         assert!(next > cursor, "{next} > {cursor}");
         assert!(next <= cursor + 61);
         cursor = next;
     }
     // An old or unparsable cursor is ignored: the answer is the current interval.
-    let fresh: u64 = header(
-        &server.get("s?offset=-1&cursor=junk").await,
-        "stream-cursor",
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
-    let old: u64 = header(&server.get("s?offset=-1&cursor=5").await, "stream-cursor")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let fresh: u64 = header(&server.get("s?offset=-1&cursor=junk").await, "stream-cursor").unwrap().parse().unwrap();
+    let old: u64 = header(&server.get("s?offset=-1&cursor=5").await, "stream-cursor").unwrap().parse().unwrap();
     assert_eq!(fresh, old);
 }
 
@@ -149,20 +114,13 @@ async fn broadcasts_racing_with_a_poll_are_never_missed() {
     for round in 0..100u64 {
         let stream = format!("race-{round}");
         let tail = server.tail(&stream).await;
-        let poll = server
-            .client
-            .get(server.ds(&format!("{stream}?offset={tail}&live=long-poll")))
-            .send();
+        let poll = server.client.get(server.ds(&format!("{stream}?offset={tail}&live=long-poll"))).send();
         let body = json!({"stream": stream, "data": json!({"n": round}).to_string()}).to_string();
         let publish = server.broadcast(&body);
         let (response, (status, _)) = tokio::join!(poll, publish);
         assert_eq!(status, 201);
         let response = response.unwrap();
-        assert_eq!(
-            response.status(),
-            200,
-            "round {round}: the poll missed the broadcast"
-        );
+        assert_eq!(response.status(), 200, "round {round}: the poll missed the broadcast");
         let (messages, _, _) = read_parts(response).await;
         assert_eq!(messages, vec![json!({"n": round})]);
     }
@@ -172,12 +130,7 @@ async fn broadcasts_racing_with_a_poll_are_never_missed() {
 async fn sse_framing_on_an_empty_stream_then_live() {
     let dir = temp_dir();
     let server = Server::start(dir.path(), &[]);
-    let response = server
-        .client
-        .get(server.ds("empty?offset=-1&live=sse"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.client.get(server.ds("empty?offset=-1&live=sse")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     for (name, value) in [
         ("content-type", "text/event-stream"),
@@ -195,15 +148,8 @@ async fn sse_framing_on_an_empty_stream_then_live() {
     assert_eq!(first.event, "control");
     let control = first.json();
     assert_eq!(control["upToDate"], json!(true));
-    assert_eq!(
-        control["streamNextOffset"],
-        json!(server.tail("empty").await)
-    );
-    assert!(control["streamCursor"]
-        .as_str()
-        .unwrap()
-        .parse::<u64>()
-        .is_ok());
+    assert_eq!(control["streamNextOffset"], json!(server.tail("empty").await));
+    assert!(control["streamCursor"].as_str().unwrap().parse::<u64>().is_ok());
 
     server.publish("empty", numbered(1..=1)).await;
     let data = sse.next(WAIT).await.unwrap();
@@ -211,10 +157,7 @@ async fn sse_framing_on_an_empty_stream_then_live() {
     assert_eq!(data.data, r#"[{"n":1}]"#, "exact bytes of the data line");
     let control = sse.next(WAIT).await.unwrap();
     assert_eq!(control.event, "control");
-    assert_eq!(
-        control.json()["streamNextOffset"],
-        json!(server.tail("empty").await)
-    );
+    assert_eq!(control.json()["streamNextOffset"], json!(server.tail("empty").await));
     assert_eq!(control.json()["upToDate"], json!(true));
 }
 
@@ -235,10 +178,7 @@ async fn sse_backlog_in_chunks_then_up_to_date() {
     assert_eq!(controls.len(), 3, "chunks of two messages");
     let (last, earlier) = controls.split_last().unwrap();
     assert_eq!(last["upToDate"], json!(true));
-    assert!(
-        earlier.iter().all(|c| c.get("upToDate").is_none()),
-        "{earlier:?}"
-    );
+    assert!(earlier.iter().all(|c| c.get("upToDate").is_none()), "{earlier:?}");
     // Catch-up chunks the same way.
     let catch_up = server.get("s?offset=-1").await.text().await.unwrap();
     assert_eq!(catch_up, serde_json::to_string(&seen[..2]).unwrap());
@@ -254,15 +194,9 @@ async fn sse_ends_after_ttl_and_a_reconnect_gets_exactly_the_rest() {
     let (messages, control) = sse.next_batch(WAIT).await.unwrap();
     assert_eq!(messages, numbered(1..=3));
     let offset = control["streamNextOffset"].as_str().unwrap().to_string();
-    assert!(
-        sse.next_batch(WAIT).await.is_none(),
-        "the response ends cleanly"
-    );
+    assert!(sse.next_batch(WAIT).await.is_none(), "the response ends cleanly");
     let lasted = started.elapsed();
-    assert!(
-        lasted >= Duration::from_millis(950) && lasted < Duration::from_secs(5),
-        "{lasted:?}"
-    );
+    assert!(lasted >= Duration::from_millis(950) && lasted < Duration::from_secs(5), "{lasted:?}");
 
     server.publish("s", numbered(4..=5)).await;
     let mut sse = SseClient::open(&server, &format!("s?offset={offset}&live=sse")).await;
@@ -277,84 +211,50 @@ async fn clients_that_go_away_free_their_waiters() {
     let server = Server::start(dir.path(), &["--ds_poll_interval", "60"]);
     let mut tasks = Vec::new();
     for i in 0..5 {
-        let poll = server
-            .client
-            .get(server.ds(&format!("p{i}?offset=now&live=long-poll")));
+        let poll = server.client.get(server.ds(&format!("p{i}?offset=now&live=long-poll")));
         tasks.push(tokio::spawn(async move {
             let _ = poll.send().await;
         }));
-        let sse = server
-            .client
-            .get(server.ds(&format!("s{i}?offset=now&live=sse")));
+        let sse = server.client.get(server.ds(&format!("s{i}?offset=now&live=sse")));
         tasks.push(tokio::spawn(async move {
             let response = sse.send().await.unwrap();
             let _ = response.bytes().await; // reads until the server ends it: never, here
         }));
     }
-    server
-        .wait_for_metric("ds_poll_clients_num", 5.0, WAIT)
-        .await;
-    server
-        .wait_for_metric("ds_sse_clients_num", 5.0, WAIT)
-        .await;
+    server.wait_for_metric("ds_poll_clients_num", 5.0, WAIT).await;
+    server.wait_for_metric("ds_sse_clients_num", 5.0, WAIT).await;
     server.wait_for_metric("ds_hub_streams", 10.0, WAIT).await;
     for task in tasks {
         task.abort();
     }
-    server
-        .wait_for_metric("ds_poll_clients_num", 0.0, WAIT)
-        .await;
-    server
-        .wait_for_metric("ds_sse_clients_num", 0.0, WAIT)
-        .await;
+    server.wait_for_metric("ds_poll_clients_num", 0.0, WAIT).await;
+    server.wait_for_metric("ds_sse_clients_num", 0.0, WAIT).await;
     server.wait_for_metric("ds_hub_streams", 0.0, WAIT).await;
 }
 
 #[tokio::test]
 async fn sigterm_answers_polls_ends_sse_and_exits_zero() {
     let dir = temp_dir();
-    let mut server = Server::start(
-        dir.path(),
-        &["--ds_poll_interval", "60", "--ds_sse_ttl", "600"],
-    );
+    let mut server = Server::start(dir.path(), &["--ds_poll_interval", "60", "--ds_sse_ttl", "600"]);
     server.publish("s", numbered(1..=2)).await;
     let tail = server.tail("s").await;
-    let poll = tokio::spawn(
-        server
-            .client
-            .get(server.ds(&format!("s?offset={tail}&live=long-poll")))
-            .send(),
-    );
+    let poll = tokio::spawn(server.client.get(server.ds(&format!("s?offset={tail}&live=long-poll"))).send());
     let mut sse = SseClient::open(&server, "s?offset=-1&live=sse").await;
     assert!(sse.next_batch(WAIT).await.is_some());
-    server
-        .wait_for_metric("ds_poll_clients_num", 1.0, WAIT)
-        .await;
+    server.wait_for_metric("ds_poll_clients_num", 1.0, WAIT).await;
 
     let started = Instant::now();
     let exit = tokio::task::spawn_blocking(move || {
         let status = server.terminate(Duration::from_secs(10));
         (status, server)
     });
-    let response = tokio::time::timeout(WAIT, poll)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        response.status(),
-        204,
-        "waiting long-poll answered at shutdown"
-    );
+    let response = tokio::time::timeout(WAIT, poll).await.unwrap().unwrap().unwrap();
+    assert_eq!(response.status(), 204, "waiting long-poll answered at shutdown");
     assert_eq!(header(&response, "stream-next-offset"), Some(tail));
     assert!(sse.next_batch(WAIT).await.is_none(), "SSE response ended");
     let (status, mut server) = exit.await.unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 
     // Nothing was lost on the way down.
     server.restart();
@@ -371,10 +271,7 @@ async fn storm_of_writers_and_readers_sees_every_message_once() {
     const PER_WRITER: u64 = 60;
     const TOTAL: usize = (WRITERS * PER_WRITER) as usize;
     let dir = temp_dir();
-    let server = std::sync::Arc::new(Server::start(
-        dir.path(),
-        &["--ds_poll_interval", "1", "--ds_sse_ttl", "1"],
-    ));
+    let server = std::sync::Arc::new(Server::start(dir.path(), &["--ds_poll_interval", "1", "--ds_sse_ttl", "1"]));
     let start = server.tail("storm").await;
 
     let mut readers = Vec::new();
@@ -384,9 +281,7 @@ async fn storm_of_writers_and_readers_sees_every_message_once() {
             let mut offset = start;
             let mut seen: Vec<Value> = Vec::new();
             while seen.len() < TOTAL {
-                let response = server
-                    .get(&format!("storm?offset={offset}&live=long-poll"))
-                    .await;
+                let response = server.get(&format!("storm?offset={offset}&live=long-poll")).await;
                 match response.status().as_u16() {
                     204 => offset = header(&response, "stream-next-offset").unwrap(),
                     200 => {
@@ -406,8 +301,7 @@ async fn storm_of_writers_and_readers_sees_every_message_once() {
             let mut offset = start;
             let mut seen: Vec<Value> = Vec::new();
             while seen.len() < TOTAL {
-                let mut sse =
-                    SseClient::open(&server, &format!("storm?offset={offset}&live=sse")).await;
+                let mut sse = SseClient::open(&server, &format!("storm?offset={offset}&live=sse")).await;
                 while let Some((messages, control)) = sse.next_batch(WAIT).await {
                     seen.extend(messages);
                     offset = control["streamNextOffset"].as_str().unwrap().to_string();
@@ -425,8 +319,7 @@ async fn storm_of_writers_and_readers_sees_every_message_once() {
         let server = server.clone();
         writers.push(tokio::spawn(async move {
             for i in 0..PER_WRITER {
-                let body = json!({"stream": "storm", "data": json!({"w": w, "i": i}).to_string()})
-                    .to_string();
+                let body = json!({"stream": "storm", "data": json!({"w": w, "i": i}).to_string()}).to_string();
                 let (status, reply) = server.broadcast(&body).await;
                 assert_eq!(status, 201, "{reply}");
             }
@@ -438,22 +331,11 @@ async fn storm_of_writers_and_readers_sees_every_message_once() {
     let (stored, _, _) = server.read("storm", "-1").await;
     assert_eq!(stored.len(), TOTAL);
     for w in 0..WRITERS {
-        let mine: Vec<u64> = stored
-            .iter()
-            .filter(|m| m["w"] == json!(w))
-            .map(|m| m["i"].as_u64().unwrap())
-            .collect();
-        assert_eq!(
-            mine,
-            (0..PER_WRITER).collect::<Vec<_>>(),
-            "writer {w}'s messages in its order"
-        );
+        let mine: Vec<u64> = stored.iter().filter(|m| m["w"] == json!(w)).map(|m| m["i"].as_u64().unwrap()).collect();
+        assert_eq!(mine, (0..PER_WRITER).collect::<Vec<_>>(), "writer {w}'s messages in its order");
     }
     for (i, reader) in readers.into_iter().enumerate() {
-        let seen = tokio::time::timeout(Duration::from_secs(60), reader)
-            .await
-            .expect("reader finished")
-            .unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("reader finished").unwrap();
         assert_eq!(seen, stored, "reader {i} saw exactly the stored sequence");
     }
 }

@@ -9,14 +9,8 @@ use anycable_ds::streams::{stream_from_path, validate_stream_name};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    ProptestConfig { cases, ..ProptestConfig::default() }
 }
 
 /// JSON-ish text: a mix of structure characters and arbitrary strings, so the parser sees

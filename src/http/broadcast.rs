@@ -17,60 +17,36 @@ pub async fn handle(
             return Err(("method", ApiError::method_not_allowed("POST")));
         }
         if let Some(key) = &state.broadcast_key {
-            let authorization = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
+            let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
             if !auth::bearer_matches(authorization, key) {
-                return Err((
-                    "unauthorized",
-                    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized"),
-                ));
+                return Err(("unauthorized", ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized")));
             }
         }
         let limit = usize::try_from(state.config.http_broadcast.max_body).unwrap_or(usize::MAX);
         let too_large = || {
-            (
-                "too_large",
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body is larger than {limit} bytes"),
-                ),
-            )
+            ("too_large", ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {limit} bytes")))
         };
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared =
+            req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(too_large());
         }
         let mut body = web::BytesMut::new();
         while let Some(piece) = payload.next().await {
-            let piece = piece.map_err(|e| {
-                (
-                    "body",
-                    ApiError::bad_request(format!("cannot read body: {e}")),
-                )
-            })?;
+            let piece = piece.map_err(|e| ("body", ApiError::bad_request(format!("cannot read body: {e}"))))?;
             if body.len() + piece.len() > limit {
                 return Err(too_large());
             }
             body.extend_from_slice(&piece);
         }
-        let broadcast =
-            ingest::parse(&body).map_err(|e| ("invalid", ApiError::bad_request(e.0)))?;
+        let broadcast = ingest::parse(&body).map_err(|e| ("invalid", ApiError::bad_request(e.0)))?;
         Ok(broadcast)
     }
     .await;
     let broadcast = match result {
         Ok(broadcast) => broadcast,
         Err((reason, error)) => {
-            metrics::get()
-                .broadcast_rejected
-                .with_label_values(&[reason])
-                .inc();
+            metrics::get().broadcast_rejected.with_label_values(&[reason]).inc();
             return Err(error);
         }
     };
@@ -84,19 +60,11 @@ pub async fn handle(
             .await
             .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?
             .map_err(|e| ApiError::unavailable(&e, "append failed"))?;
-        metrics::get()
-            .append_seconds
-            .observe(started.elapsed().as_secs_f64());
-        pending
-            .durable()
-            .await
-            .map_err(|e| ApiError::unavailable(&e, "broadcast not durable"))?;
+        metrics::get().append_seconds.observe(started.elapsed().as_secs_f64());
+        pending.durable().await.map_err(|e| ApiError::unavailable(&e, "broadcast not durable"))?;
     }
     if !broadcast.transient.is_empty() {
-        log::debug!(
-            "{} transient message(s) accepted but not stored",
-            broadcast.transient.len()
-        );
+        log::debug!("{} transient message(s) accepted but not stored", broadcast.transient.len());
     }
     let m = metrics::get();
     m.broadcasts.inc();

@@ -31,11 +31,7 @@ pub struct Query(HashMap<String, String>);
 
 impl Query {
     fn parse(raw: &str) -> Query {
-        Query(
-            web::Query::<HashMap<String, String>>::from_query(raw)
-                .map(|q| q.into_inner())
-                .unwrap_or_default(),
-        )
+        Query(web::Query::<HashMap<String, String>>::from_query(raw).map(|q| q.into_inner()).unwrap_or_default())
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -70,19 +66,14 @@ struct Read {
     max_bytes: usize,
 }
 
-pub async fn handle(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn handle(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let method = req.method().clone();
     if method != Method::GET && method != Method::HEAD && method != Method::OPTIONS {
         return Err(ApiError::method_not_allowed(ALLOW));
     }
     if method == Method::OPTIONS {
         // A preflight is answered by the CORS middleware; this is a plain OPTIONS.
-        return Ok(HttpResponse::NoContent()
-            .insert_header((header::ALLOW, ALLOW))
-            .finish());
+        return Ok(HttpResponse::NoContent().insert_header((header::ALLOW, ALLOW)).finish());
     }
     let stream = stream_from_path(req.uri().path(), &state.config.ds.path)?;
     let query = Query::parse(req.query_string());
@@ -90,26 +81,15 @@ pub async fn handle(
         None | Some("") | Some("false") => Mode::CatchUp,
         Some("long-poll") => Mode::LongPoll,
         Some("sse") => Mode::Sse,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "invalid live mode {other:?}: use long-poll or sse"
-            )))
-        }
+        Some(other) => return Err(ApiError::bad_request(format!("invalid live mode {other:?}: use long-poll or sse"))),
     };
     let result = read(&req, &state, &query, stream, mode, method == Method::HEAD).await;
     let status = match &result {
         Ok(response) => response.status(),
         Err(e) => actix_web::ResponseError::status_code(e),
     };
-    let mode_label = if method == Method::HEAD {
-        "head"
-    } else {
-        mode.label()
-    };
-    metrics::get()
-        .requests
-        .with_label_values(&[mode_label, status.as_str()])
-        .inc();
+    let mode_label = if method == Method::HEAD { "head" } else { mode.label() };
+    metrics::get().requests.with_label_values(&[mode_label, status.as_str()]).inc();
     result
 }
 
@@ -133,9 +113,7 @@ async fn read(
     }
     let raw_offset = query.get("offset");
     if mode != Mode::CatchUp && raw_offset.is_none() {
-        return Err(ApiError::bad_request(
-            "offset is required for live reads (use -1, now or a token)",
-        ));
+        return Err(ApiError::bad_request("offset is required for live reads (use -1, now or a token)"));
     }
     let offset = Offset::parse(raw_offset).map_err(|_| ApiError::bad_request("invalid offset"))?;
     let read = Read {
@@ -173,13 +151,7 @@ fn read_chunk(
 }
 
 async fn catch_up(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiError> {
-    let chunk = read_chunk(
-        &read.state.storage,
-        &read.stream,
-        read.offset,
-        read.max_bytes,
-    )
-    .await?;
+    let chunk = read_chunk(&read.state.storage, &read.stream, read.offset, read.max_bytes).await?;
     if read.offset == Offset::Now {
         // The tail, never cached: it moves.
         return Ok(common(HttpResponse::Ok())
@@ -206,15 +178,8 @@ fn chunk_response(req: &HttpRequest, read: &Read, chunk: Chunk) -> HttpResponse 
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|candidate| candidate.trim() == etag || candidate.trim() == "*")
-        });
-    let mut builder = common(if not_modified {
-        HttpResponse::NotModified()
-    } else {
-        HttpResponse::Ok()
-    });
+        .is_some_and(|v| v.split(',').any(|candidate| candidate.trim() == etag || candidate.trim() == "*"));
+    let mut builder = common(if not_modified { HttpResponse::NotModified() } else { HttpResponse::Ok() });
     builder
         .insert_header(("Stream-Next-Offset", chunk.next.token()))
         .insert_header(("Stream-Cursor", cursor::next_cursor(read.cursor.as_deref())))
@@ -233,6 +198,7 @@ fn chunk_response(req: &HttpRequest, read: &Read, chunk: Chunk) -> HttpResponse 
 async fn long_poll(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiError> {
     metrics::get().poll_requests.inc();
     let state = &read.state;
+    let _slot = state.live_slot()?;
     // Subscribe before the first read: nothing appended after this point can be missed.
     let mut subscription = state.storage.hub().subscribe(&read.stream);
     let mut chunk = read_chunk(&state.storage, &read.stream, read.offset, read.max_bytes).await?;
@@ -246,13 +212,7 @@ async fn long_poll(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiErr
                 _ = tokio::time::sleep_until(deadline) => return Ok(poll_timeout(&read, position)),
                 _ = state.shutdown.cancelled() => return Ok(poll_timeout(&read, position)),
             }
-            chunk = read_chunk(
-                &state.storage,
-                &read.stream,
-                Offset::At(position),
-                read.max_bytes,
-            )
-            .await?;
+            chunk = read_chunk(&state.storage, &read.stream, Offset::At(position), read.max_bytes).await?;
             if chunk.count > 0 {
                 break;
             }
@@ -275,15 +235,14 @@ fn poll_timeout(read: &Read, position: Position) -> HttpResponse {
 async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
     metrics::get().sse_requests.inc();
     let state = read.state.clone();
+    let slot = state.live_slot()?;
     let subscription = state.storage.hub().subscribe(&read.stream);
     // The first read happens before the response starts, so a bad or gone offset still gets
     // its proper status code.
     let first = read_chunk(&state.storage, &read.stream, read.offset, read.max_bytes).await?;
     let now = Instant::now();
     let sse = SseStream {
-        cursor: cursor::next_cursor(read.cursor.as_deref())
-            .parse()
-            .unwrap_or(0),
+        cursor: cursor::next_cursor(read.cursor.as_deref()).parse().unwrap_or(0),
         storage: state.storage.clone(),
         shutdown: state.shutdown.clone(),
         deadline: now + Duration::from_secs(state.config.ds.sse_ttl),
@@ -296,16 +255,14 @@ async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
         stream: read.stream,
         max_bytes: read.max_bytes,
         _open: GaugeGuard::new(&metrics::get().sse_clients),
+        _slot: slot,
     };
     let body = stream::unfold(sse, |mut sse| async move {
         let frame = sse.next_frame().await?;
         Some((Ok::<_, actix_web::Error>(frame), sse))
     });
     Ok(common(HttpResponse::Ok())
-        .insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        ))
+        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(body))
@@ -330,6 +287,7 @@ struct SseStream {
     deadline: Instant,
     next_ping: Instant,
     _open: GaugeGuard,
+    _slot: super::LiveSlot,
 }
 
 impl SseStream {
@@ -372,14 +330,7 @@ impl SseStream {
     /// Reads after the current position; `None` ends the response (the client reconnects from
     /// its last offset and gets a proper status for whatever went wrong).
     async fn read(&self) -> Option<Chunk> {
-        match read_chunk(
-            &self.storage,
-            &self.stream,
-            Offset::At(self.position),
-            self.max_bytes,
-        )
-        .await
-        {
+        match read_chunk(&self.storage, &self.stream, Offset::At(self.position), self.max_bytes).await {
             Ok(chunk) => Some(chunk),
             Err(e) => {
                 log::warn!("SSE read of stream {:?} failed: {e}", self.stream);

@@ -26,17 +26,34 @@ pub struct AppState {
     broadcast_key: Option<Arc<str>>,
     /// Cancelled at shutdown: live responses end, waiting long-polls answer 204.
     pub shutdown: CancellationToken,
+    live_readers: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AppState {
     pub fn new(storage: Storage, config: Arc<Config>, shutdown: CancellationToken) -> AppState {
         let broadcast_key = config.effective_broadcast_key().map(Arc::from);
-        AppState {
-            storage,
-            config,
-            broadcast_key,
-            shutdown,
+        AppState { storage, config, broadcast_key, shutdown, live_readers: Arc::default() }
+    }
+
+    /// Takes one live-reader slot, or refuses with 503 when `ds.max_live_readers` are busy.
+    fn live_slot(&self) -> Result<LiveSlot, ApiError> {
+        use std::sync::atomic::Ordering;
+        let limit = self.config.ds.max_live_readers;
+        let now = self.live_readers.fetch_add(1, Ordering::AcqRel) + 1;
+        let slot = LiveSlot(self.live_readers.clone());
+        if limit > 0 && now > limit {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many live readers, retry later"));
         }
+        Ok(slot)
+    }
+}
+
+/// A live reader's place in the `ds.max_live_readers` budget, given back on drop.
+pub struct LiveSlot(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -51,11 +68,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-            allow: None,
-        }
+        ApiError { status, message: message.into(), allow: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -63,11 +76,7 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(allow: &'static str) -> ApiError {
-        ApiError {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            message: "method not allowed".into(),
-            allow: Some(allow),
-        }
+        ApiError { status: StatusCode::METHOD_NOT_ALLOWED, message: "method not allowed".into(), allow: Some(allow) }
     }
 
     /// Logs server-side failures (the client only learns the kind).
@@ -99,10 +108,7 @@ impl From<InvalidStreamName> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        crate::metrics::get()
-            .auth_failures
-            .with_label_values(&[e.code()])
-            .inc();
+        crate::metrics::get().auth_failures.with_label_values(&[e.code()]).inc();
         ApiError::new(StatusCode::UNAUTHORIZED, e.code())
     }
 }
@@ -120,10 +126,7 @@ where
             ReadError::Gone => ApiError::new(StatusCode::GONE, "offset is no longer available"),
             ReadError::Storage(e) => ApiError::unavailable(&e, "read failed"),
         }),
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server is shutting down",
-        )),
+        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
     }
 }
 
@@ -133,9 +136,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
         let config = state.config.clone();
         let ds_path = config.ds.path.clone();
         cfg.app_data(web::Data::new(state))
-            .service(
-                web::resource([ds_path.clone(), format!("{ds_path}/{{stream:.*}}")]).to(ds::handle),
-            )
+            .service(web::resource([ds_path.clone(), format!("{ds_path}/{{stream:.*}}")]).to(ds::handle))
             .service(web::resource(config.http_broadcast.path.clone()).to(broadcast::handle))
             .service(web::resource(config.server.health_path.clone()).to(ops::health))
             .service(web::resource(config.metrics.http_path.clone()).to(ops::metrics))
@@ -148,21 +149,10 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
 }
 
 /// Request headers a browser may send to DS endpoints.
-pub const CORS_ALLOWED_HEADERS: [&str; 5] = [
-    "x-signed",
-    "x-jid",
-    "if-none-match",
-    "content-type",
-    "authorization",
-];
+pub const CORS_ALLOWED_HEADERS: [&str; 5] = ["x-signed", "x-jid", "if-none-match", "content-type", "authorization"];
 /// Response headers a browser client must be able to read.
-pub const CORS_EXPOSED_HEADERS: [&str; 5] = [
-    "stream-next-offset",
-    "stream-cursor",
-    "stream-up-to-date",
-    "stream-closed",
-    "etag",
-];
+pub const CORS_EXPOSED_HEADERS: [&str; 5] =
+    ["stream-next-offset", "stream-cursor", "stream-up-to-date", "stream-closed", "etag"];
 
 /// CORS per spec §7: allowed origins with `*.suffix` wildcards (empty list = any origin); a
 /// foreign origin simply gets no allow header.
@@ -176,17 +166,14 @@ pub fn cors(config: &Config) -> actix_cors::Cors {
             .filter(|o| !o.is_empty())
             .collect(),
     );
-    let mut allowed_headers: Vec<String> =
-        CORS_ALLOWED_HEADERS.iter().map(|h| h.to_string()).collect();
+    let mut allowed_headers: Vec<String> = CORS_ALLOWED_HEADERS.iter().map(|h| h.to_string()).collect();
     allowed_headers.push(format!("x-{}", config.jwt.param.to_ascii_lowercase()));
     allowed_headers.dedup();
     actix_cors::Cors::default()
         .allowed_origin_fn(move |origin, _| origin_allowed(&origins, origin))
         .allowed_methods([Method::GET, Method::HEAD, Method::OPTIONS])
         .allowed_headers(
-            allowed_headers
-                .iter()
-                .map(|h| header::HeaderName::try_from(h.as_str()).expect("valid header")),
+            allowed_headers.iter().map(|h| header::HeaderName::try_from(h.as_str()).expect("valid header")),
         )
         .expose_headers(CORS_EXPOSED_HEADERS)
         .max_age(86_400)
@@ -201,26 +188,18 @@ fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
         return false;
     };
     let origin = origin.to_ascii_lowercase();
-    let host = origin
-        .split_once("://")
-        .map_or(origin.as_str(), |(_, host)| host);
-    allowed
-        .iter()
-        .any(|pattern| match pattern.strip_prefix("*.") {
-            Some(suffix) => host
-                .strip_suffix(suffix)
-                .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
-            None => {
-                let pattern_host = pattern
-                    .split_once("://")
-                    .map_or(pattern.as_str(), |(_, host)| host);
-                if pattern.contains("://") {
-                    *pattern == origin
-                } else {
-                    pattern_host == host
-                }
+    let host = origin.split_once("://").map_or(origin.as_str(), |(_, host)| host);
+    allowed.iter().any(|pattern| match pattern.strip_prefix("*.") {
+        Some(suffix) => host.strip_suffix(suffix).is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
+        None => {
+            let pattern_host = pattern.split_once("://").map_or(pattern.as_str(), |(_, host)| host);
+            if pattern.contains("://") {
+                *pattern == origin
+            } else {
+                pattern_host == host
             }
-        })
+        }
+    })
 }
 
 /// Whether the read needed credentials (decides `Cache-Control: public` vs `private`).
@@ -231,12 +210,7 @@ pub enum Access {
 }
 
 /// Client authentication, then stream authorization (spec §6).
-fn authorize(
-    state: &AppState,
-    req: &HttpRequest,
-    query: &ds::Query,
-    stream: &str,
-) -> Result<Access, AuthError> {
+fn authorize(state: &AppState, req: &HttpRequest, query: &ds::Query, stream: &str) -> Result<Access, AuthError> {
     let config = &state.config;
     let mut access = Access::Public;
     if !config.skip_client_auth() {
@@ -246,10 +220,7 @@ fn authorize(
             match token {
                 Some(token) => {
                     let identity = auth::verify_jwt(secret, token)?;
-                    log::debug!(
-                        "authenticated client {:?} for stream {stream:?}",
-                        identity.identifiers
-                    );
+                    log::debug!("authenticated client {:?} for stream {stream:?}", identity.identifiers);
                     access = Access::Private;
                 }
                 None if config.jwt.force => return Err(AuthError::Unauthorized),
@@ -257,9 +228,7 @@ fn authorize(
             }
         }
     }
-    let signed = query
-        .get("signed")
-        .or_else(|| header_value(req, "x-signed"));
+    let signed = query.get("signed").or_else(|| header_value(req, "x-signed"));
     match (signed, config.effective_streams_secret()) {
         (Some(token), Some(secret)) => {
             auth::verify_signed_stream(secret, token, stream)?;
@@ -272,10 +241,7 @@ fn authorize(
 }
 
 fn header_value<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
-    req.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
+    req.headers().get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]
@@ -284,11 +250,7 @@ mod tests {
 
     #[test]
     fn origins_match_exactly_or_by_suffix_wildcard() {
-        let allowed: Vec<String> = vec![
-            "*.example.com".into(),
-            "https://app.test".into(),
-            "localhost:3000".into(),
-        ];
+        let allowed: Vec<String> = vec!["*.example.com".into(), "https://app.test".into(), "localhost:3000".into()];
         let ok = |o: &str| origin_allowed(&allowed, &HeaderValue::from_str(o).unwrap());
         assert!(ok("https://a.example.com"));
         assert!(ok("http://x.y.example.com"));
@@ -298,9 +260,6 @@ mod tests {
         assert!(!ok("http://app.test"));
         assert!(ok("http://localhost:3000"));
         assert!(!ok("http://localhost:3001"));
-        assert!(origin_allowed(
-            &[],
-            &HeaderValue::from_static("https://any.where")
-        ));
+        assert!(origin_allowed(&[], &HeaderValue::from_static("https://any.where")));
     }
 }

@@ -8,6 +8,7 @@
 //! Under load, tickets pile up while a flush runs, so the number of fsyncs per second stays
 //! bounded by the disk while throughput grows with concurrency.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,11 +29,11 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    pub(crate) fn start(db: sled::Db, hub: Hub) -> Committer {
+    pub(crate) fn start(db: sled::Db, hub: Hub, failed: Arc<AtomicBool>) -> Committer {
         let (sender, receiver) = mpsc::channel::<Ticket>();
         let thread = std::thread::Builder::new()
             .name("ds-commit".into())
-            .spawn(move || run(db, hub, receiver))
+            .spawn(move || run(db, hub, failed, receiver))
             .expect("spawn commit thread");
         Committer { sender, thread }
     }
@@ -44,9 +45,7 @@ impl Committer {
         publish: Vec<(Arc<StreamEntry>, u64)>,
     ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
         let (done, receiver) = oneshot::channel();
-        self.sender
-            .send(Ticket { publish, done })
-            .map_err(|_| StorageError::Closed)?;
+        self.sender.send(Ticket { publish, done }).map_err(|_| StorageError::Closed)?;
         Ok(receiver)
     }
 
@@ -57,21 +56,16 @@ impl Committer {
     }
 }
 
-fn run(db: sled::Db, hub: Hub, receiver: mpsc::Receiver<Ticket>) {
+fn run(db: sled::Db, hub: Hub, failed: Arc<AtomicBool>, receiver: mpsc::Receiver<Ticket>) {
     while let Ok(first) = receiver.recv() {
         let mut group = vec![first];
         group.extend(receiver.try_iter());
         let started = std::time::Instant::now();
-        let result = db
-            .flush()
-            .map(drop)
-            .map_err(|e| StorageError::Flush(e.to_string()));
+        let result = db.flush().map(drop).map_err(|e| StorageError::Flush(e.to_string()));
         crate::metrics::observe_flush(started.elapsed(), group.len());
         if let Err(e) = &result {
-            log::error!(
-                "flush failed, {} broadcast(s) not acknowledged: {e}",
-                group.len()
-            );
+            failed.store(true, Ordering::Release);
+            log::error!("flush failed, {} broadcast(s) not acknowledged: {e}", group.len());
         }
         for ticket in group {
             if result.is_ok() {

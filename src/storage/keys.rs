@@ -64,11 +64,7 @@ pub struct StreamRecord {
 
 impl StreamRecord {
     pub fn new() -> StreamRecord {
-        StreamRecord {
-            last_seq: 0,
-            closed: false,
-            content_type: "application/json".into(),
-        }
+        StreamRecord { last_seq: 0, closed: false, content_type: "application/json".into() }
     }
 
     /// `last_seq (8) ‖ flags (1) ‖ content type (rest, UTF-8)`.
@@ -84,11 +80,7 @@ impl StreamRecord {
         let last_seq = decode_u64(bytes.get(..8)?)?;
         let closed = *bytes.get(8)? & 1 == 1;
         let content_type = std::str::from_utf8(bytes.get(9..)?).ok()?.to_string();
-        Some(StreamRecord {
-            last_seq,
-            closed,
-            content_type,
-        })
+        Some(StreamRecord { last_seq, closed, content_type })
     }
 }
 
@@ -110,13 +102,7 @@ mod tests {
 
     #[test]
     fn log_keys_sort_by_stream_then_seq() {
-        let keys = [
-            log_key(1, 1),
-            log_key(1, 2),
-            log_key(1, 256),
-            log_key(2, 0),
-            log_key(256, 1),
-        ];
+        let keys = [log_key(1, 1), log_key(1, 2), log_key(1, 256), log_key(2, 0), log_key(256, 1)];
         let mut sorted = keys;
         sorted.sort();
         assert_eq!(keys, sorted);
@@ -125,11 +111,7 @@ mod tests {
 
     #[test]
     fn stream_record_round_trips() {
-        let record = StreamRecord {
-            last_seq: 42,
-            closed: true,
-            content_type: "application/json".into(),
-        };
+        let record = StreamRecord { last_seq: 42, closed: true, content_type: "application/json".into() };
         assert_eq!(StreamRecord::decode(&record.encode()), Some(record));
         assert_eq!(StreamRecord::decode(b"short"), None);
     }

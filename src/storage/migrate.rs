@@ -31,12 +31,7 @@ pub(crate) struct StoreState {
 /// Initialises a new store, upgrades an old one, or refuses one this build cannot read.
 pub(crate) fn prepare(db: &sled::Db) -> Result<StoreState, MigrateError> {
     let layout = match db.get(keys::META_LAYOUT)? {
-        Some(bytes) => u32::from_be_bytes(
-            bytes
-                .as_ref()
-                .try_into()
-                .map_err(|_| MigrateError::Corrupt("layout"))?,
-        ),
+        Some(bytes) => u32::from_be_bytes(bytes.as_ref().try_into().map_err(|_| MigrateError::Corrupt("layout"))?),
         None if db.is_empty() => initialise(db)?,
         None => return Err(MigrateError::Foreign),
     };
@@ -44,30 +39,18 @@ pub(crate) fn prepare(db: &sled::Db) -> Result<StoreState, MigrateError> {
         return Err(MigrateError::TooNew { found: layout });
     }
     for from in layout..CURRENT_LAYOUT {
-        let step = migrations::STEPS
-            .iter()
-            .find(|s| s.from == from)
-            .ok_or(MigrateError::MissingStep { from })?;
-        log::info!(
-            "upgrading storage layout {from} -> {}: {}",
-            from + 1,
-            step.description
-        );
+        let step = migrations::STEPS.iter().find(|s| s.from == from).ok_or(MigrateError::MissingStep { from })?;
+        log::info!("upgrading storage layout {from} -> {}: {}", from + 1, step.description);
         (step.run)(db, &|progress| log::info!("  {progress}"))?;
         db.flush()?;
     }
-    let epoch = db
-        .get(keys::META_EPOCH)?
-        .ok_or(MigrateError::Corrupt("epoch missing"))?;
+    let epoch = db.get(keys::META_EPOCH)?.ok_or(MigrateError::Corrupt("epoch missing"))?;
     let epoch = Epoch::parse(&epoch).ok_or(MigrateError::Corrupt("epoch"))?;
     let next_stream_id = match db.get(keys::META_NEXT_STREAM_ID)? {
         Some(bytes) => keys::decode_u64(&bytes).ok_or(MigrateError::Corrupt("next stream id"))?,
         None => 1,
     };
-    Ok(StoreState {
-        epoch,
-        next_stream_id,
-    })
+    Ok(StoreState { epoch, next_stream_id })
 }
 
 /// Writes the metadata of a brand-new store, durably, before anything else can happen.

@@ -120,6 +120,9 @@ struct Inner {
     writer: Mutex<Writer>,
     committer: Mutex<Option<commit::Committer>>,
     trimmer: Mutex<Option<retention::Trimmer>>,
+    /// Set by the first failed write or flush. sled 0.34 keeps an I/O error for good, so the
+    /// store stays unwritable until the process restarts; `/health` reports it.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Writer {
@@ -167,20 +170,14 @@ impl PendingAppend {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Storage {
     /// Opens (or creates) the store in `dir`, upgrading an older layout, and starts the commit
     /// and retention threads.
     pub fn open(dir: &Path, options: StorageOptions, hub: Hub) -> Result<Storage, StorageError> {
-        let open_error = |message: String| StorageError::Open {
-            path: dir.display().to_string(),
-            message,
-        };
+        let open_error = |message: String| StorageError::Open { path: dir.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
         let db = sled::Config::new()
             .path(dir)
@@ -190,9 +187,8 @@ impl Storage {
             .map_err(|e| open_error(e.to_string()))?;
         let state = migrate::prepare(&db).map_err(|e| open_error(e.to_string()))?;
 
-        let committer = options
-            .fsync
-            .then(|| commit::Committer::start(db.clone(), hub.clone()));
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let committer = options.fsync.then(|| commit::Committer::start(db.clone(), hub.clone(), failed.clone()));
         let trimmer = retention::Trimmer::start(db.clone(), options.retention);
         Ok(Storage {
             inner: Arc::new(Inner {
@@ -201,11 +197,10 @@ impl Storage {
                 hub,
                 retention: options.retention,
                 streams: RwLock::new(HashMap::new()),
-                writer: Mutex::new(Writer {
-                    next_stream_id: state.next_stream_id,
-                }),
+                writer: Mutex::new(Writer { next_stream_id: state.next_stream_id }),
                 committer: Mutex::new(committer),
                 trimmer: Mutex::new(trimmer),
+                failed,
             }),
         })
     }
@@ -216,6 +211,11 @@ impl Storage {
 
     pub fn hub(&self) -> &Hub {
         &self.inner.hub
+    }
+
+    /// False once a write or flush failed (see `Inner::failed`).
+    pub fn is_writable(&self) -> bool {
+        !self.inner.failed.load(Ordering::Acquire)
     }
 
     /// Bytes the store takes on disk.
@@ -240,20 +240,15 @@ impl Storage {
         // linear search beats a map.
         let mut touched: Vec<(Arc<StreamEntry>, u64, u64)> = Vec::new();
         for message in messages {
-            let index = match touched
-                .iter()
-                .position(|(entry, _, _)| *entry.name == *message.stream)
-            {
+            let index = match touched.iter().position(|(entry, _, _)| *entry.name == *message.stream) {
                 Some(index) => index,
                 None => {
                     let entry = match self.load(&message.stream)? {
                         Some(entry) => entry,
                         None => self.create(&message.stream, &mut writer, &mut batch, &mut created),
                     };
-                    let (seq, ts) = (
-                        entry.allocated.load(Ordering::Acquire),
-                        entry.last_timestamp_ms.load(Ordering::Acquire),
-                    );
+                    let (seq, ts) =
+                        (entry.allocated.load(Ordering::Acquire), entry.last_timestamp_ms.load(Ordering::Acquire));
                     touched.push((entry, seq, ts));
                     touched.len() - 1
                 }
@@ -261,25 +256,17 @@ impl Storage {
             let (entry, seq, ts) = &mut touched[index];
             *seq += 1;
             *ts = (*ts).max(now);
-            batch.insert(
-                &keys::log_key(entry.id, *seq)[..],
-                keys::encode_log_value(*ts, &message.json),
-            );
+            batch.insert(&keys::log_key(entry.id, *seq)[..], keys::encode_log_value(*ts, &message.json));
         }
         for (entry, seq, _) in &touched {
-            let record = StreamRecord {
-                last_seq: *seq,
-                ..StreamRecord::new()
-            };
+            let record = StreamRecord { last_seq: *seq, ..StreamRecord::new() };
             batch.insert(&keys::stream_key(entry.id)[..], record.encode());
         }
         if !created.is_empty() {
-            batch.insert(
-                keys::META_NEXT_STREAM_ID,
-                &keys::encode_u64(writer.next_stream_id)[..],
-            );
+            batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(writer.next_stream_id)[..]);
         }
         if let Err(e) = inner.db.apply_batch(batch) {
+            inner.failed.store(true, Ordering::Release);
             let mut streams = inner.streams.write().expect("streams lock");
             for name in &created {
                 streams.remove(name);
@@ -290,8 +277,7 @@ impl Storage {
             entry.allocated.store(*seq, Ordering::Release);
             entry.last_timestamp_ms.store(*ts, Ordering::Release);
         }
-        let published: Vec<(Arc<StreamEntry>, u64)> =
-            touched.into_iter().map(|(e, seq, _)| (e, seq)).collect();
+        let published: Vec<(Arc<StreamEntry>, u64)> = touched.into_iter().map(|(e, seq, _)| (e, seq)).collect();
         // Handing the ticket over while still holding the writer lock keeps tickets in append
         // order; the commit thread relies on nothing more than that.
         let committer = inner.committer.lock().expect("committer lock");
@@ -309,18 +295,14 @@ impl Storage {
 
     /// The durable tail of a stream (an unknown stream is empty: position 0).
     pub fn tail(&self, stream: &str) -> Result<Position, StorageError> {
-        let seq = self
-            .load(stream)?
-            .map_or(0, |e| e.visible.load(Ordering::Acquire));
+        let seq = self.load(stream)?.map_or(0, |e| e.visible.load(Ordering::Acquire));
         Ok(self.position(seq))
     }
 
     /// Reads messages after `offset`, at most `max_bytes` of them (but always at least one).
     pub fn read(&self, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ReadError> {
         let entry = self.load(stream)?;
-        let tail = entry
-            .as_ref()
-            .map_or(0, |e| e.visible.load(Ordering::Acquire));
+        let tail = entry.as_ref().map_or(0, |e| e.visible.load(Ordering::Acquire));
         let window_start = self.window_start(tail);
         let (after, must_start_at_next) = match offset {
             Offset::Now => return Ok(self.empty_chunk(tail)),
@@ -349,8 +331,7 @@ impl Storage {
         for item in self.inner.db.range(range) {
             let (key, value) = item.map_err(StorageError::from)?;
             let seq = keys::log_key_seq(&key).ok_or_else(|| corrupt("log key"))?;
-            let (timestamp, json) =
-                keys::decode_log_value(&value).ok_or_else(|| corrupt("log value"))?;
+            let (timestamp, json) = keys::decode_log_value(&value).ok_or_else(|| corrupt("log value"))?;
             if count == 0 {
                 let expired = timestamp < expired_before;
                 if must_start_at_next && (seq != after + 1 || expired) {
@@ -405,21 +386,12 @@ impl Storage {
     }
 
     fn position(&self, seq: u64) -> Position {
-        Position {
-            epoch: self.inner.epoch,
-            seq,
-        }
+        Position { epoch: self.inner.epoch, seq }
     }
 
     fn empty_chunk(&self, seq: u64) -> Chunk {
         let position = self.position(seq);
-        Chunk {
-            body: Bytes::from_static(b"[]"),
-            count: 0,
-            start: position,
-            next: position,
-            up_to_date: true,
-        }
+        Chunk { body: Bytes::from_static(b"[]"), count: 0, start: position, next: position, up_to_date: true }
     }
 
     /// The first sequence number the count limit keeps, given the tail.
@@ -486,11 +458,7 @@ impl Storage {
             visible: AtomicU64::new(0),
             last_timestamp_ms: AtomicU64::new(0),
         });
-        self.inner
-            .streams
-            .write()
-            .expect("streams lock")
-            .insert(name.clone(), entry.clone());
+        self.inner.streams.write().expect("streams lock").insert(name.clone(), entry.clone());
         created.push(name);
         entry
     }

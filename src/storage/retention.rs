@@ -57,16 +57,11 @@ impl Trimmer {
 /// Deletes every message outside the retention window of its stream; returns how many.
 pub(crate) fn trim(db: &sled::Db, retention: Retention, now_ms: u64) -> Result<u64, StorageError> {
     let max_age_ms = retention.max_age.as_millis() as u64;
-    let expired_before = if max_age_ms == 0 {
-        0
-    } else {
-        now_ms.saturating_sub(max_age_ms)
-    };
+    let expired_before = if max_age_ms == 0 { 0 } else { now_ms.saturating_sub(max_age_ms) };
     let mut removed = 0;
     for item in db.scan_prefix([keys::STREAM]) {
         let (key, value) = item?;
-        let (Some(id), Some(record)) = (keys::stream_key_id(&key), StreamRecord::decode(&value))
-        else {
+        let (Some(id), Some(record)) = (keys::stream_key_id(&key), StreamRecord::decode(&value)) else {
             continue;
         };
         let keep_from = match retention.max_messages {

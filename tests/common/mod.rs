@@ -16,6 +16,7 @@ pub const KEY: &str = "test-broadcast-key";
 pub struct Server {
     child: Option<Child>,
     pub addr: String,
+    work_dir: PathBuf,
     pub data_dir: PathBuf,
     args: Vec<String>,
     logs: Arc<Mutex<Vec<String>>>,
@@ -25,26 +26,15 @@ pub struct Server {
 /// A temporary directory that holds the data dir (and is the server's working directory, so
 /// the repository's own `anycable-ds.toml` is never picked up by accident).
 pub fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("anycable-ds-test")
-        .tempdir()
-        .expect("temp dir")
+    tempfile::Builder::new().prefix("anycable-ds-test").tempdir().expect("temp dir")
 }
 
 /// Arguments most tests want: public streams, a known broadcast key, unlimited retention.
 pub fn default_args() -> Vec<String> {
-    [
-        "--public_streams",
-        "--broadcast_key",
-        KEY,
-        "--history_limit",
-        "0",
-        "--history_ttl",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ["--public_streams", "--broadcast_key", KEY, "--history_limit", "0", "--history_ttl", "0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 impl Server {
@@ -70,18 +60,24 @@ impl Server {
     }
 
     /// Starts a server with exactly `args` (plus port, data dir and log level).
-    pub fn start_with(dir: &Path, args: Vec<String>) -> Server {
-        let data_dir = dir.join("data");
+    pub fn start_with(dir: &Path, mut args: Vec<String>) -> Server {
+        // `--data_dir X` in the arguments replaces the default `dir/data`.
+        let data_dir = match args.iter().position(|a| a == "--data_dir") {
+            Some(i) => {
+                let value = args.remove(i + 1);
+                args.remove(i);
+                PathBuf::from(value)
+            }
+            None => dir.join("data"),
+        };
         let mut server = Server {
             child: None,
             addr: String::new(),
+            work_dir: dir.to_path_buf(),
             data_dir,
             args,
             logs: Arc::new(Mutex::new(Vec::new())),
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(64)
-                .build()
-                .unwrap(),
+            client: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
         };
         server.spawn();
         server
@@ -99,8 +95,7 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let dir = self.data_dir.parent().unwrap().to_path_buf();
-        let mut command = Server::command(&dir);
+        let mut command = Server::command(&self.work_dir);
         command
             .args(["--port", "0", "--data_dir"])
             .arg(&self.data_dir)
@@ -170,10 +165,7 @@ impl Server {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!(
-                    "server did not exit within {limit:?} after SIGTERM:\n{}",
-                    self.logs()
-                );
+                panic!("server did not exit within {limit:?} after SIGTERM:\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -190,20 +182,14 @@ impl Server {
     }
 
     pub async fn broadcast_with_key(&self, body: &str, key: Option<&str>) -> (u16, Value) {
-        let mut request = self
-            .client
-            .post(self.url("/_broadcast"))
-            .body(body.to_string());
+        let mut request = self.client.post(self.url("/_broadcast")).body(body.to_string());
         if let Some(key) = key {
             request = request.bearer_auth(key);
         }
         let response = request.send().await.expect("broadcast request");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// Broadcasts one message per value to `stream`, one request each; panics unless 201.
@@ -216,11 +202,7 @@ impl Server {
     }
 
     pub async fn get(&self, stream_and_query: &str) -> reqwest::Response {
-        self.client
-            .get(self.ds(stream_and_query))
-            .send()
-            .await
-            .expect("GET")
+        self.client.get(self.ds(stream_and_query)).send().await.expect("GET")
     }
 
     /// Catch-up read: (messages, Stream-Next-Offset, up-to-date).
@@ -239,20 +221,9 @@ impl Server {
 
     /// A metric's value from `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
         text.lines()
-            .find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
@@ -264,10 +235,7 @@ impl Server {
             if value == expected {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{metric} is {value}, expected {expected}"
-            );
+            assert!(Instant::now() < deadline, "{metric} is {value}, expected {expected}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -280,21 +248,14 @@ impl Drop for Server {
 }
 
 pub fn header(response: &reqwest::Response, name: &str) -> Option<String> {
-    response
-        .headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
+    response.headers().get(name).map(|v| v.to_str().unwrap().to_string())
 }
 
 pub async fn read_parts(response: reqwest::Response) -> (Vec<Value>, String, bool) {
     let next = header(&response, "stream-next-offset").expect("Stream-Next-Offset");
     let up_to_date = header(&response, "stream-up-to-date").as_deref() == Some("true");
     let body: Value = response.json().await.expect("JSON body");
-    (
-        body.as_array().expect("JSON array").clone(),
-        next,
-        up_to_date,
-    )
+    (body.as_array().expect("JSON array").clone(), next, up_to_date)
 }
 
 /// `[{"n":from}, ..., {"n":to}]`
@@ -348,22 +309,10 @@ impl SseEvent {
 
 impl SseClient {
     pub async fn open(server: &Server, stream_and_query: &str) -> SseClient {
-        let response = server
-            .client
-            .get(server.ds(stream_and_query))
-            .send()
-            .await
-            .expect("SSE request");
+        let response = server.client.get(server.ds(stream_and_query)).send().await.expect("SSE request");
         assert_eq!(response.status(), 200, "SSE {stream_and_query}");
-        assert_eq!(
-            header(&response, "content-type").as_deref(),
-            Some("text/event-stream")
-        );
-        SseClient {
-            body: Box::pin(response.bytes_stream()),
-            buffer: String::new(),
-            ended: false,
-        }
+        assert_eq!(header(&response, "content-type").as_deref(), Some("text/event-stream"));
+        SseClient { body: Box::pin(response.bytes_stream()), buffer: String::new(), ended: false }
     }
 
     /// The next event, or `None` once the server ended the response. Panics after `limit`.
@@ -373,16 +322,10 @@ impl SseClient {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
-                let mut event = SseEvent {
-                    event: String::new(),
-                    data: String::new(),
-                };
+                let mut event = SseEvent { event: String::new(), data: String::new() };
                 for line in block.lines().filter(|l| !l.is_empty()) {
                     if let Some(comment) = line.strip_prefix(':') {
-                        event = SseEvent {
-                            event: "comment".into(),
-                            data: comment.trim().into(),
-                        };
+                        event = SseEvent { event: "comment".into(), data: comment.trim().into() };
                     } else if let Some(name) = line.strip_prefix("event: ") {
                         event.event = name.into();
                     } else if let Some(data) = line.strip_prefix("data: ") {
@@ -395,11 +338,7 @@ impl SseClient {
                 return Some(event);
             }
             if self.ended {
-                assert!(
-                    self.buffer.is_empty(),
-                    "response ended mid-event: {:?}",
-                    self.buffer
-                );
+                assert!(self.buffer.is_empty(), "response ended mid-event: {:?}", self.buffer);
                 return None;
             }
             match tokio::time::timeout_at(deadline, self.body.next()).await {
@@ -419,15 +358,8 @@ impl SseClient {
             match event.event.as_str() {
                 "comment" => continue,
                 "data" => {
-                    assert!(
-                        messages.is_empty(),
-                        "two data events without a control between"
-                    );
-                    messages = event
-                        .json()
-                        .as_array()
-                        .expect("data is a JSON array")
-                        .clone();
+                    assert!(messages.is_empty(), "two data events without a control between");
+                    messages = event.json().as_array().expect("data is a JSON array").clone();
                     assert!(!messages.is_empty(), "empty data event");
                 }
                 "control" => return Some((messages, event.json())),

@@ -200,6 +200,7 @@ export function deferred(what, timeoutMs) {
     rejectFn = rej;
   });
   const timer = setTimeout(() => rejectFn(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs);
+  timer.unref();
   promise.then(() => clearTimeout(timer), () => clearTimeout(timer));
   return { promise, resolve: resolveFn, reject: rejectFn };
 }

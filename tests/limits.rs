@@ -1,0 +1,134 @@
+//! Resource bounds and storage failures: live-reader cap, unusable data directories, a full
+//! disk.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{numbered, temp_dir, Server, KEY};
+use serde_json::Value;
+
+#[tokio::test]
+async fn live_readers_beyond_the_cap_get_503() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_max_live_readers", "2", "--ds_poll_interval", "30"]);
+    let first = tokio::spawn(server.client.get(server.ds("a?offset=now&live=long-poll")).send());
+    let second = tokio::spawn(server.client.get(server.ds("b?offset=now&live=long-poll")).send());
+    server.wait_for_metric("ds_poll_clients_num", 2.0, Duration::from_secs(10)).await;
+    for query in ["c?offset=now&live=long-poll", "c?offset=-1&live=sse"] {
+        let refused = server.get(query).await;
+        assert_eq!(refused.status(), 503, "{query}");
+        let body: Value = refused.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains("too many live readers"));
+    }
+    // Catch-up reads are not live readers.
+    assert_eq!(server.get("c?offset=-1").await.status(), 200);
+    // One finishes; its slot is free again.
+    server.publish("a", numbered(1..=1)).await;
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    let third = tokio::spawn(server.client.get(server.ds("c?offset=now&live=long-poll")).send());
+    server.wait_for_metric("ds_poll_clients_num", 2.0, Duration::from_secs(10)).await;
+    server.publish("b", numbered(1..=1)).await;
+    server.publish("c", numbered(1..=1)).await;
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    assert_eq!(third.await.unwrap().unwrap().status(), 200);
+}
+
+#[test]
+fn a_data_directory_that_is_a_file_stops_start_up_with_a_clear_message() {
+    let dir = temp_dir();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let output = Server::command(dir.path())
+        .args(["--port", "0", "--data_dir"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot open data directory") && stderr.contains("not-a-dir"), "{stderr}");
+}
+
+/// A small tmpfs mounted inside `dir`, unmounted on drop. `None` where mounting is not
+/// allowed (not root): the caller skips with a message.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, options: &str) -> Option<Tmpfs> {
+        let point = dir.join("mnt");
+        std::fs::create_dir_all(&point).unwrap();
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(&point).status().ok()?;
+        status.success().then_some(Tmpfs(point))
+    }
+
+    fn remount(&self, options: &str) {
+        let status = Command::new("mount").args(["-o", &format!("remount,{options}")]).arg(&self.0).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_read_only_data_directory_stops_start_up_with_a_clear_message() {
+    let dir = temp_dir();
+    let Some(mount) = Tmpfs::mount(dir.path(), "size=4m,ro") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let data = mount.0.join("data");
+    let output = Server::command(dir.path()).args(["--port", "0", "--data_dir"]).arg(&data).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot open data directory") && stderr.contains("Read-only"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_acknowledges_nothing_more_and_loses_nothing() {
+    let dir = temp_dir();
+    let Some(mount) = Tmpfs::mount(dir.path(), "size=3m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let data = mount.0.join("data").to_string_lossy().into_owned();
+    let mut server = Server::start(dir.path(), &["--data_dir", &data]);
+    let pad = "x".repeat(3000);
+    let mut acknowledged = 0u64;
+    let mut refused = None;
+    for n in 1..=5000u64 {
+        let body = serde_json::json!({"stream": "s", "data": {"n": n, "pad": pad}}).to_string();
+        let response = server.client.post(server.url("/_broadcast")).bearer_auth(KEY).body(body).send().await.unwrap();
+        match response.status().as_u16() {
+            201 => acknowledged = n,
+            503 => {
+                refused = Some(response.json::<Value>().await.unwrap());
+                break;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    assert_eq!(refused["error"], "storage unavailable");
+    let health = server.client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503, "health reports the failed storage");
+    // Every acknowledged message is still readable.
+    let (messages, _, _) = server.read("s", "-1").await;
+    assert_eq!(messages.len() as u64, acknowledged);
+
+    // Space comes back; sled keeps its I/O error, so the operator restarts the server.
+    mount.remount("size=16m");
+    server.kill();
+    server.restart();
+    let (messages, _, _) = server.read("s", "-1").await;
+    let ns: Vec<u64> = messages.iter().map(|m| m["n"].as_u64().unwrap()).collect();
+    assert!(ns.len() as u64 >= acknowledged, "no acknowledged message lost");
+    assert_eq!(ns[..acknowledged as usize], (1..=acknowledged).collect::<Vec<_>>()[..]);
+    let body = serde_json::json!({"stream": "s", "data": "\"after\""}).to_string();
+    assert_eq!(server.broadcast(&body).await.0, 201, "writable again");
+    drop(server);
+}

@@ -111,3 +111,21 @@ async fn token_from_another_data_directory_is_gone() {
     assert_eq!(b.get(&format!("s?offset={token_a}")).await.status(), 410);
     assert_eq!(a.get(&format!("s?offset={token_b}")).await.status(), 410);
 }
+
+#[tokio::test]
+async fn a_store_from_a_newer_layout_is_refused_with_a_clear_message() {
+    let dir = temp_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    server.publish("s", numbered(1..=1)).await;
+    assert!(server.terminate(Duration::from_secs(10)).success());
+    {
+        let db = sled::open(&server.data_dir).unwrap();
+        db.insert("Mlayout", &99u32.to_be_bytes()[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let output =
+        Server::command(dir.path()).args(["--port", "0", "--data_dir"]).arg(&server.data_dir).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("layout 99") && stderr.contains("newer anycable-ds"), "{stderr}");
+}

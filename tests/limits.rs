@@ -40,11 +40,7 @@ fn a_data_directory_that_is_a_file_stops_start_up_with_a_clear_message() {
     let dir = temp_dir();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, "x").unwrap();
-    let output = Server::command(dir.path())
-        .args(["--port", "0", "--data_dir"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let output = Server::command(dir.path()).args(["--port", "0", "--data_dir"]).arg(&file).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot open data directory") && stderr.contains("not-a-dir"), "{stderr}");

@@ -16,6 +16,8 @@ pub enum MigrateError {
     TooNew { found: u32 },
     #[error("no upgrade step from storage layout {from}")]
     MissingStep { from: u32 },
+    #[error("the upgrade step from storage layout {from} did not record its new version")]
+    StepDidNotRecord { from: u32 },
     #[error("corrupt store metadata: {0}")]
     Corrupt(&'static str),
     #[error(transparent)]
@@ -30,20 +32,7 @@ pub(crate) struct StoreState {
 
 /// Initialises a new store, upgrades an old one, or refuses one this build cannot read.
 pub(crate) fn prepare(db: &sled::Db) -> Result<StoreState, MigrateError> {
-    let layout = match db.get(keys::META_LAYOUT)? {
-        Some(bytes) => u32::from_be_bytes(bytes.as_ref().try_into().map_err(|_| MigrateError::Corrupt("layout"))?),
-        None if db.is_empty() => initialise(db)?,
-        None => return Err(MigrateError::Foreign),
-    };
-    if layout > CURRENT_LAYOUT {
-        return Err(MigrateError::TooNew { found: layout });
-    }
-    for from in layout..CURRENT_LAYOUT {
-        let step = migrations::STEPS.iter().find(|s| s.from == from).ok_or(MigrateError::MissingStep { from })?;
-        log::info!("upgrading storage layout {from} -> {}: {}", from + 1, step.description);
-        (step.run)(db, &|progress| log::info!("  {progress}"))?;
-        db.flush()?;
-    }
+    upgrade(db, CURRENT_LAYOUT, migrations::STEPS)?;
     let epoch = db.get(keys::META_EPOCH)?.ok_or(MigrateError::Corrupt("epoch missing"))?;
     let epoch = Epoch::parse(&epoch).ok_or(MigrateError::Corrupt("epoch"))?;
     let next_stream_id = match db.get(keys::META_NEXT_STREAM_ID)? {
@@ -53,13 +42,113 @@ pub(crate) fn prepare(db: &sled::Db) -> Result<StoreState, MigrateError> {
     Ok(StoreState { epoch, next_stream_id })
 }
 
+/// Brings the store to layout `target` with `steps`, one durable step at a time.
+fn upgrade(db: &sled::Db, target: u32, steps: &[migrations::Step]) -> Result<(), MigrateError> {
+    let mut layout = match read_layout(db)? {
+        Some(layout) => layout,
+        None if db.is_empty() => initialise(db, target)?,
+        None => return Err(MigrateError::Foreign),
+    };
+    if layout > target {
+        return Err(MigrateError::TooNew { found: layout });
+    }
+    while layout < target {
+        let from = layout;
+        let step = steps.iter().find(|s| s.from == from).ok_or(MigrateError::MissingStep { from })?;
+        log::info!("upgrading storage layout {from} -> {}: {}", from + 1, step.description);
+        (step.run)(db, &|progress| log::info!("  {progress}"))?;
+        db.flush()?;
+        layout = read_layout(db)?.unwrap_or(from);
+        if layout != from + 1 {
+            return Err(MigrateError::StepDidNotRecord { from });
+        }
+    }
+    Ok(())
+}
+
+fn read_layout(db: &sled::Db) -> Result<Option<u32>, MigrateError> {
+    match db.get(keys::META_LAYOUT)? {
+        Some(bytes) => {
+            Ok(Some(u32::from_be_bytes(bytes.as_ref().try_into().map_err(|_| MigrateError::Corrupt("layout"))?)))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Writes the metadata of a brand-new store, durably, before anything else can happen.
-fn initialise(db: &sled::Db) -> Result<u32, MigrateError> {
+fn initialise(db: &sled::Db, layout: u32) -> Result<u32, MigrateError> {
     let mut batch = sled::Batch::default();
     batch.insert(keys::META_EPOCH, Epoch::random().as_str().as_bytes());
     batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(1)[..]);
-    batch.insert(keys::META_LAYOUT, &CURRENT_LAYOUT.to_be_bytes()[..]);
+    batch.insert(keys::META_LAYOUT, &layout.to_be_bytes()[..]);
     db.apply_batch(batch)?;
     db.flush()?;
-    Ok(CURRENT_LAYOUT)
+    Ok(layout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for a real future step (layout 1 -> 2): copies every message key under a new
+    /// prefix and records the new version in the same batch.
+    fn copy_log_step(db: &sled::Db, progress: migrations::Progress) -> sled::Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut copied = 0;
+        for item in db.scan_prefix(b"L") {
+            let (key, value) = item?;
+            let mut new_key = key.to_vec();
+            new_key[0] = b'X';
+            batch.insert(new_key, value);
+            copied += 1;
+        }
+        progress(&format!("copied {copied} messages"));
+        batch.insert(keys::META_LAYOUT, &2u32.to_be_bytes()[..]);
+        db.apply_batch(batch)
+    }
+
+    const STEPS_TO_2: &[migrations::Step] =
+        &[migrations::Step { from: 1, description: "test step", run: copy_log_step }];
+
+    fn temp_db() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn an_older_layout_is_upgraded_step_by_step_keeping_data() {
+        let (_dir, db) = temp_db();
+        prepare(&db).unwrap();
+        db.insert(keys::log_key(1, 1), &b"message"[..]).unwrap();
+        let epoch = db.get(keys::META_EPOCH).unwrap();
+
+        upgrade(&db, 2, STEPS_TO_2).unwrap();
+        assert_eq!(read_layout(&db).unwrap(), Some(2));
+        assert_eq!(db.get(keys::log_key(1, 1)).unwrap().as_deref(), Some(&b"message"[..]));
+        assert_eq!(db.scan_prefix(b"X").count(), 1);
+        assert_eq!(db.get(keys::META_EPOCH).unwrap(), epoch, "the epoch survives upgrades");
+        // Already at the target: nothing runs again.
+        upgrade(&db, 2, STEPS_TO_2).unwrap();
+        assert_eq!(db.scan_prefix(b"X").count(), 1);
+    }
+
+    #[test]
+    fn newer_layouts_missing_steps_and_foreign_data_are_refused() {
+        let (_dir, db) = temp_db();
+        prepare(&db).unwrap();
+        let too_new = upgrade(&db, 0, &[]).unwrap_err();
+        assert!(too_new.to_string().contains("newer anycable-ds"), "{too_new}");
+        assert!(matches!(upgrade(&db, 3, STEPS_TO_2), Err(MigrateError::MissingStep { from: 2 })));
+
+        let forgetful: &[migrations::Step] =
+            &[migrations::Step { from: 1, description: "forgets", run: |_, _| Ok(()) }];
+        let (_dir2, db2) = temp_db();
+        prepare(&db2).unwrap();
+        assert!(matches!(upgrade(&db2, 2, forgetful), Err(MigrateError::StepDidNotRecord { from: 1 })));
+
+        let (_dir3, db3) = temp_db();
+        db3.insert(b"something else", &b"x"[..]).unwrap();
+        assert!(matches!(prepare(&db3), Err(MigrateError::Foreign)));
+    }
 }

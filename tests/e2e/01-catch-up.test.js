@@ -60,6 +60,17 @@ describe("catch-up read", { timeout: 30_000 }, () => {
     assert.equal(third.offset, second.offset);
   });
 
+  test("stream names with ':', spaces, '/' and non-ASCII work through both SDKs", { timeout: 15_000 }, async (t) => {
+    const broadcast = broadcaster(server.broadcastUrl, BROADCAST_KEY);
+    const names = ["chat:2021", "room 1/é ✓", "a/b/c"];
+    for (const name of names) await broadcast(name, { name });
+    for (const name of names) {
+      // The client percent-encodes the path (new URL); the server decodes it.
+      const res = await stream({ url: server.streamUrl(name), offset: "-1", signal: t.signal });
+      assert.deepEqual(await res.json(), [{ name }], name);
+    }
+  });
+
   test("an unknown stream is empty, not an error", { timeout: 15_000 }, async (t) => {
     const res = await stream({ url: server.streamUrl("nobody/wrote/here"), offset: "-1", signal: t.signal });
     assert.deepEqual(await res.json(), []);

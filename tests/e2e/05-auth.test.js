@@ -192,10 +192,9 @@ describe("access control", { timeout: 40_000 }, () => {
           return true;
         },
       );
-      const after401 = fetch.requests.length;
-      assert.ok(after401 >= 2);
-      assert.equal(fetch.requests.at(-1).url.includes("live=long-poll"), true);
-      assert.equal(fetch.requests.length, after401, "no retry after the 401");
+      // It was refused on a live request, after at least one accepted one.
+      assert.ok(fetch.requests.length >= 2);
+      assert.ok(fetch.requests.at(-1).url.includes("live=long-poll"), fetch.requests.at(-1).url);
     } finally {
       controller.abort();
     }

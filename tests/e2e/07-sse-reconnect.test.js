@@ -53,7 +53,7 @@ describe("SSE reconnects", { timeout: 40_000 }, () => {
         await sleep(100 + Math.floor(Math.random() * 100));
       }
       const elapsed = Date.now() - started;
-      // Each connection lived about the 1 s TTL: not cut short, not held past it.
+      // The connections lived about the 1 s TTL each, not cut short.
       assert.ok(elapsed >= 1_800, `3 reconnects took only ${elapsed} ms`);
       // A last burst right after a reconnect.
       for (let i = 0; i < 3; i++) await send({ n: n++ });

@@ -126,3 +126,47 @@ fn the_repository_example_config_is_valid() {
     let config = effective(&output);
     assert_eq!(config["storage"]["data_dir"].as_str(), Some("./data"));
 }
+
+#[test]
+fn the_repository_example_config_documents_every_key() {
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/anycable-ds.toml")).unwrap();
+    // Every key of the effective config, with every optional secret set so it is printed too.
+    let output = run(
+        temp_dir().path(),
+        &["--print-config", "--secret", "a", "--broadcast_key", "b", "--streams_secret", "c", "--jwt_secret", "d"],
+        &[],
+    );
+    let config = effective(&output);
+    let mut missing = Vec::new();
+    for (key, value) in &config {
+        match value.as_table() {
+            Some(table) => {
+                for sub in table.keys() {
+                    if !documented(&example, key, sub) {
+                        missing.push(format!("{key}.{sub}"));
+                    }
+                }
+            }
+            None if !documented(&example, "", key) => missing.push(key.clone()),
+            None => {}
+        }
+    }
+    assert!(missing.is_empty(), "anycable-ds.toml does not document {missing:?}");
+}
+
+/// Whether `key` appears (set or commented out) in `[section]` of the example file.
+fn documented(example: &str, section: &str, key: &str) -> bool {
+    let mut current = String::new();
+    for line in example.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name.to_string();
+            continue;
+        }
+        let line = line.trim_start_matches('#').trim();
+        if current == section && line.starts_with(&format!("{key} =")) {
+            return true;
+        }
+    }
+    false
+}

@@ -26,7 +26,7 @@ async fn an_append_between_read_and_wait_wakes_the_reader() {
     assert_eq!(chunk.count, 0);
 
     let appender = storage.clone();
-    tokio::task::spawn_blocking(move || appender.append(&[message("s", "1")]))
+    tokio::task::spawn_blocking(move || appender.append(vec![message("s", "1")]))
         .await
         .unwrap()
         .unwrap()
@@ -44,7 +44,7 @@ async fn an_append_between_read_and_wait_wakes_the_reader() {
 fn batches_span_streams_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
-    let pending = storage.append(&[message("a", "1"), message("b", "2"), message("a", "3")]).unwrap();
+    let pending = storage.append(vec![message("a", "1"), message("b", "2"), message("a", "3")]).unwrap();
     futures_executor(pending.durable()).unwrap();
     assert_eq!(&storage.read("a", Offset::Start, 1024).unwrap().body[..], b"[1,3]");
     assert_eq!(&storage.read("b", Offset::Start, 1024).unwrap().body[..], b"[2]");
@@ -62,7 +62,7 @@ fn the_retention_task_deletes_what_reads_already_hide() {
     let retention = Retention { max_messages: 2, max_age: Duration::ZERO };
     let storage = Storage::open(dir.path(), options(retention), Hub::new()).unwrap();
     for n in 1..=5 {
-        futures_executor(storage.append(&[message("s", &n.to_string())]).unwrap().durable()).unwrap();
+        futures_executor(storage.append(vec![message("s", &n.to_string())]).unwrap().durable()).unwrap();
     }
     assert_eq!(&storage.read("s", Offset::Start, 1024).unwrap().body[..], b"[4,5]");
     // The background pass may already have run; together they removed exactly 3 messages.

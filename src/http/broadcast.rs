@@ -53,14 +53,9 @@ pub async fn handle(
 
     let stored = broadcast.stored.len();
     if stored > 0 {
-        let storage = state.storage.clone();
-        let started = std::time::Instant::now();
-        let messages = broadcast.stored;
-        let pending = web::block(move || storage.append(&messages))
-            .await
-            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?
-            .map_err(|e| ApiError::unavailable(&e, "append failed"))?;
-        metrics::get().append_seconds.observe(started.elapsed().as_secs_f64());
+        // Hands the messages to the writer thread (no blocking here) and waits for the group
+        // flush that makes them durable.
+        let pending = state.storage.append(broadcast.stored).map_err(|e| ApiError::unavailable(&e, "append failed"))?;
         pending.durable().await.map_err(|e| ApiError::unavailable(&e, "broadcast not durable"))?;
     }
     if !broadcast.transient.is_empty() {

@@ -13,14 +13,16 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::sync::oneshot;
-
-use super::{StorageError, StreamEntry};
+use super::cache::StreamEntry;
+use super::writer::Done;
+use super::StorageError;
 use crate::hub::Hub;
 
+/// One group of appends, already applied to sled: the tails to publish and the requests to
+/// answer once they are durable.
 struct Ticket {
     publish: Vec<(Arc<StreamEntry>, u64)>,
-    done: oneshot::Sender<Result<(), StorageError>>,
+    done: Vec<Done>,
 }
 
 pub(crate) struct Committer {
@@ -38,15 +40,14 @@ impl Committer {
         Committer { sender, thread }
     }
 
-    /// Queues a flush for messages already applied to sled; the receiver answers once they are
+    /// Queues a flush for a group already applied to sled; `done` are answered once it is
     /// durable (and visible to readers).
-    pub(crate) fn submit(
-        &self,
-        publish: Vec<(Arc<StreamEntry>, u64)>,
-    ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
-        let (done, receiver) = oneshot::channel();
-        self.sender.send(Ticket { publish, done }).map_err(|_| StorageError::Closed)?;
-        Ok(receiver)
+    pub(crate) fn submit(&self, publish: Vec<(Arc<StreamEntry>, u64)>, done: Vec<Done>) {
+        if let Err(mpsc::SendError(ticket)) = self.sender.send(Ticket { publish, done }) {
+            for d in ticket.done {
+                let _ = d.send(Err(StorageError::Closed));
+            }
+        }
     }
 
     /// Finishes the queued tickets and joins the thread.
@@ -62,10 +63,11 @@ fn run(db: sled::Db, hub: Hub, failed: Arc<AtomicBool>, receiver: mpsc::Receiver
         group.extend(receiver.try_iter());
         let started = std::time::Instant::now();
         let result = db.flush().map(drop).map_err(|e| StorageError::Flush(e.to_string()));
-        crate::metrics::observe_flush(started.elapsed(), group.len());
+        let requests: usize = group.iter().map(|t| t.done.len()).sum();
+        crate::metrics::observe_flush(started.elapsed(), requests);
         if let Err(e) = &result {
             failed.store(true, Ordering::Release);
-            log::error!("flush failed, {} broadcast(s) not acknowledged: {e}", group.len());
+            log::error!("flush failed, {requests} broadcast(s) not acknowledged: {e}");
         }
         for ticket in group {
             if result.is_ok() {
@@ -73,8 +75,10 @@ fn run(db: sled::Db, hub: Hub, failed: Arc<AtomicBool>, receiver: mpsc::Receiver
                     entry.publish(*seq, &hub);
                 }
             }
-            // The appender may have gone away (client disconnected); the data is durable anyway.
-            let _ = ticket.done.send(result.clone());
+            for done in ticket.done {
+                // The appender may have gone away (client disconnected); the data is durable anyway.
+                let _ = done.send(result.clone());
+            }
         }
     }
 }

@@ -2,43 +2,39 @@
 //!
 //! # Ordering and durability
 //!
-//! Appends take one writer lock, allocate sequence numbers, and apply a single `sled::Batch`
-//! (atomic: a broadcast batch is stored whole or not at all). The messages are then written but
-//! not yet durable, so readers must not see them: a reader that saw message 11 before a crash
-//! would hold a token for a number that the restarted server hands out again. Each stream
-//! therefore has two tails:
+//! One writer thread ([`writer`]) allocates sequence numbers and applies one atomic
+//! `sled::Batch` per group of waiting broadcasts. The messages are then written but not yet
+//! durable, so readers must not see them: a reader that saw message 11 before a crash would
+//! hold a token for a number that the restarted server hands out again. Each stream therefore
+//! has two tails:
 //!
-//! * `allocated`: the last sequence number written to sled (changed only under the writer lock);
+//! * `allocated`: the last sequence number written to sled (changed only by the writer);
 //! * `visible`: the last one that is durable; readers never read past it.
 //!
-//! The commit thread (see [`commit`]) flushes sled once for every group of waiting appends, then
-//! raises `visible` and wakes the hub. Because all numbers up to a stream's `allocated` were
-//! applied before that flush began, raising `visible` to the highest flushed number never
-//! exposes a gap (the visibility race of PITFALLS.md cannot happen).
+//! The commit thread ([`commit`]) flushes sled once per group, then raises `visible` and wakes
+//! the hub. Because all numbers up to a stream's `allocated` were applied before that flush
+//! began, raising `visible` to the highest flushed number never exposes a gap (the visibility
+//! race of PITFALLS.md cannot happen).
 //!
-//! # Stream cache
-//!
-//! Stream entries are loaded lazily (a restart reads no history) and are never evicted while
-//! the process runs: a writer inserts the entry *before* applying its batch, so a concurrent
-//! reader that loads the stream from sled always ends up sharing the writer's entry and never
-//! publishes a tail that is not durable yet.
+//! Stream entries are loaded lazily (a restart reads no history), see [`cache`].
 
-pub mod commit;
+mod cache;
+mod commit;
 mod keys;
 mod migrate;
 mod retention;
+mod writer;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use crate::hub::Hub;
 use crate::offset::{Epoch, Offset, Position};
-use keys::StreamRecord;
+use cache::StreamCache;
 
 pub use migrate::CURRENT_LAYOUT;
 
@@ -116,55 +112,25 @@ struct Inner {
     epoch: Epoch,
     hub: Hub,
     retention: Retention,
-    streams: RwLock<HashMap<Arc<str>, Arc<StreamEntry>>>,
-    writer: Mutex<Writer>,
-    committer: Mutex<Option<commit::Committer>>,
+    cache: Arc<StreamCache>,
+    writer: Mutex<Option<writer::Writer>>,
     trimmer: Mutex<Option<retention::Trimmer>>,
     /// Set by the first failed write or flush. sled 0.34 keeps an I/O error for good, so the
     /// store stays unwritable until the process restarts; `/health` reports it.
-    failed: Arc<std::sync::atomic::AtomicBool>,
+    failed: Arc<AtomicBool>,
 }
 
-struct Writer {
-    next_stream_id: u64,
-}
-
-/// In-memory state of one stream.
-#[derive(Debug)]
-pub(crate) struct StreamEntry {
-    name: Arc<str>,
-    id: u64,
-    allocated: AtomicU64,
-    visible: AtomicU64,
-    /// Timestamp of the newest message; new messages never get an older one, so per-stream
-    /// timestamps are monotonic even if the wall clock steps back, and age-based retention
-    /// can stop at the first message young enough.
-    last_timestamp_ms: AtomicU64,
-}
-
-impl StreamEntry {
-    /// Makes messages up to `seq` readable and wakes the stream's live readers.
-    pub(crate) fn publish(&self, seq: u64, hub: &Hub) {
-        let previous = self.visible.fetch_max(seq, Ordering::AcqRel);
-        if seq > previous {
-            hub.wake(&self.name, seq);
-        }
-    }
-}
-
-/// How an append becomes durable.
+/// An append on its way to disk.
 pub enum PendingAppend {
-    /// Waits for the group flush that covers this append.
-    Flush(tokio::sync::oneshot::Receiver<Result<(), StorageError>>),
-    /// Already visible; durability left to sled's background flush (unsafe mode).
-    Done,
+    /// Answered by the writer (fsync off) or the commit thread (after the flush).
+    Waiting(tokio::sync::oneshot::Receiver<Result<(), StorageError>>),
 }
 
 impl PendingAppend {
+    /// Resolves once the messages are durable (or, with `storage.fsync = false`, applied).
     pub async fn durable(self) -> Result<(), StorageError> {
         match self {
-            PendingAppend::Flush(receiver) => receiver.await.unwrap_or(Err(StorageError::Closed)),
-            PendingAppend::Done => Ok(()),
+            PendingAppend::Waiting(receiver) => receiver.await.unwrap_or(Err(StorageError::Closed)),
         }
     }
 }
@@ -187,8 +153,16 @@ impl Storage {
             .map_err(|e| open_error(e.to_string()))?;
         let state = migrate::prepare(&db).map_err(|e| open_error(e.to_string()))?;
 
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let committer = options.fsync.then(|| commit::Committer::start(db.clone(), hub.clone(), failed.clone()));
+        let failed = Arc::new(AtomicBool::new(false));
+        let cache = Arc::new(StreamCache::default());
+        let writer = writer::Writer::start(
+            db.clone(),
+            cache.clone(),
+            hub.clone(),
+            failed.clone(),
+            state.next_stream_id,
+            options.fsync,
+        );
         let trimmer = retention::Trimmer::start(db.clone(), options.retention);
         Ok(Storage {
             inner: Arc::new(Inner {
@@ -196,9 +170,8 @@ impl Storage {
                 epoch: state.epoch,
                 hub,
                 retention: options.retention,
-                streams: RwLock::new(HashMap::new()),
-                writer: Mutex::new(Writer { next_stream_id: state.next_stream_id }),
-                committer: Mutex::new(committer),
+                cache,
+                writer: Mutex::new(Some(writer)),
                 trimmer: Mutex::new(trimmer),
                 failed,
             }),
@@ -225,72 +198,15 @@ impl Storage {
 
     /// Streams loaded into memory since start.
     pub fn streams_loaded(&self) -> usize {
-        self.inner.streams.read().expect("streams lock").len()
+        self.inner.cache.len()
     }
 
-    /// Appends messages atomically (all or none, in order). Blocking: call it off the async
-    /// workers. Await the returned value before acknowledging.
-    pub fn append(&self, messages: &[NewMessage]) -> Result<PendingAppend, StorageError> {
-        let inner = &*self.inner;
-        let now = now_ms();
-        let mut writer = inner.writer.lock().expect("writer lock");
-        let mut batch = sled::Batch::default();
-        let mut created: Vec<Arc<str>> = Vec::new();
-        // (entry, last seq, last timestamp) per stream touched; batches name few streams, so a
-        // linear search beats a map.
-        let mut touched: Vec<(Arc<StreamEntry>, u64, u64)> = Vec::new();
-        for message in messages {
-            let index = match touched.iter().position(|(entry, _, _)| *entry.name == *message.stream) {
-                Some(index) => index,
-                None => {
-                    let entry = match self.load(&message.stream)? {
-                        Some(entry) => entry,
-                        None => self.create(&message.stream, &mut writer, &mut batch, &mut created),
-                    };
-                    let (seq, ts) =
-                        (entry.allocated.load(Ordering::Acquire), entry.last_timestamp_ms.load(Ordering::Acquire));
-                    touched.push((entry, seq, ts));
-                    touched.len() - 1
-                }
-            };
-            let (entry, seq, ts) = &mut touched[index];
-            *seq += 1;
-            *ts = (*ts).max(now);
-            batch.insert(&keys::log_key(entry.id, *seq)[..], keys::encode_log_value(*ts, &message.json));
-        }
-        for (entry, seq, _) in &touched {
-            let record = StreamRecord { last_seq: *seq, ..StreamRecord::new() };
-            batch.insert(&keys::stream_key(entry.id)[..], record.encode());
-        }
-        if !created.is_empty() {
-            batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(writer.next_stream_id)[..]);
-        }
-        if let Err(e) = inner.db.apply_batch(batch) {
-            inner.failed.store(true, Ordering::Release);
-            let mut streams = inner.streams.write().expect("streams lock");
-            for name in &created {
-                streams.remove(name);
-            }
-            return Err(e.into());
-        }
-        for (entry, seq, ts) in &touched {
-            entry.allocated.store(*seq, Ordering::Release);
-            entry.last_timestamp_ms.store(*ts, Ordering::Release);
-        }
-        let published: Vec<(Arc<StreamEntry>, u64)> = touched.into_iter().map(|(e, seq, _)| (e, seq)).collect();
-        // Handing the ticket over while still holding the writer lock keeps tickets in append
-        // order; the commit thread relies on nothing more than that.
-        let committer = inner.committer.lock().expect("committer lock");
-        match committer.as_ref() {
-            Some(committer) => committer.submit(published).map(PendingAppend::Flush),
-            None => {
-                drop(writer);
-                for (entry, seq) in published {
-                    entry.publish(seq, &inner.hub);
-                }
-                Ok(PendingAppend::Done)
-            }
-        }
+    /// Appends messages atomically (all or none, in order). Does not block: the writer thread
+    /// does the work. Await the returned value before acknowledging.
+    pub fn append(&self, messages: Vec<NewMessage>) -> Result<PendingAppend, StorageError> {
+        let writer = self.inner.writer.lock().expect("writer lock");
+        let writer = writer.as_ref().ok_or(StorageError::Closed)?;
+        writer.submit(messages).map(PendingAppend::Waiting)
     }
 
     /// The durable tail of a stream (an unknown stream is empty: position 0).
@@ -373,8 +289,8 @@ impl Storage {
         if let Some(trimmer) = self.inner.trimmer.lock().expect("trimmer lock").take() {
             trimmer.stop();
         }
-        if let Some(committer) = self.inner.committer.lock().expect("committer lock").take() {
-            committer.stop();
+        if let Some(writer) = self.inner.writer.lock().expect("writer lock").take() {
+            writer.stop();
         }
         self.inner.db.flush()?;
         Ok(())
@@ -409,62 +325,12 @@ impl Storage {
         }
     }
 
-    /// The stream's entry: cached, or loaded from sled; `None` if the stream was never written.
-    fn load(&self, stream: &str) -> Result<Option<Arc<StreamEntry>>, StorageError> {
-        let inner = &*self.inner;
-        if let Some(entry) = inner.streams.read().expect("streams lock").get(stream) {
-            return Ok(Some(entry.clone()));
-        }
-        let Some(id) = inner.db.get(keys::name_key(stream))? else {
-            return Ok(None);
-        };
-        let id = keys::decode_u64(&id).ok_or_else(|| corrupt("stream id"))?;
-        let record = match inner.db.get(keys::stream_key(id))? {
-            Some(bytes) => StreamRecord::decode(&bytes).ok_or_else(|| corrupt("stream record"))?,
-            None => StreamRecord::new(),
-        };
-        let last_timestamp = match inner.db.get(keys::log_key(id, record.last_seq))? {
-            Some(value) => keys::decode_log_value(&value).map_or(0, |(ts, _)| ts),
-            None => 0,
-        };
-        let name: Arc<str> = Arc::from(stream);
-        let entry = Arc::new(StreamEntry {
-            name: name.clone(),
-            id,
-            allocated: AtomicU64::new(record.last_seq),
-            visible: AtomicU64::new(record.last_seq),
-            last_timestamp_ms: AtomicU64::new(last_timestamp),
-        });
-        let mut streams = inner.streams.write().expect("streams lock");
-        Ok(Some(streams.entry(name).or_insert(entry).clone()))
-    }
-
-    /// Makes a new stream's entry (under the writer lock) and adds its name to `batch`.
-    fn create(
-        &self,
-        stream: &str,
-        writer: &mut Writer,
-        batch: &mut sled::Batch,
-        created: &mut Vec<Arc<str>>,
-    ) -> Arc<StreamEntry> {
-        let id = writer.next_stream_id;
-        writer.next_stream_id += 1;
-        batch.insert(keys::name_key(stream), &keys::encode_u64(id)[..]);
-        let name: Arc<str> = Arc::from(stream);
-        let entry = Arc::new(StreamEntry {
-            name: name.clone(),
-            id,
-            allocated: AtomicU64::new(0),
-            visible: AtomicU64::new(0),
-            last_timestamp_ms: AtomicU64::new(0),
-        });
-        self.inner.streams.write().expect("streams lock").insert(name.clone(), entry.clone());
-        created.push(name);
-        entry
+    fn load(&self, stream: &str) -> Result<Option<Arc<cache::StreamEntry>>, StorageError> {
+        self.inner.cache.get_or_load(&self.inner.db, stream)
     }
 }
 
-fn corrupt(what: &str) -> StorageError {
+pub(crate) fn corrupt(what: &str) -> StorageError {
     StorageError::Sled(format!("corrupt {what}"))
 }
 
@@ -473,8 +339,8 @@ impl Drop for Inner {
         if let Some(trimmer) = self.trimmer.get_mut().ok().and_then(Option::take) {
             trimmer.stop();
         }
-        if let Some(committer) = self.committer.get_mut().ok().and_then(Option::take) {
-            committer.stop();
+        if let Some(writer) = self.writer.get_mut().ok().and_then(Option::take) {
+            writer.stop();
         }
     }
 }

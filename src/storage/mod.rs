@@ -11,15 +11,13 @@
 //! * `allocated`: the last sequence number written to sled (changed only by the writer);
 //! * `visible`: the last one that is durable; readers never read past it.
 //!
-//! The commit thread ([`commit`]) flushes sled once per group, then raises `visible` and wakes
-//! the hub. Because all numbers up to a stream's `allocated` were applied before that flush
+//! The same thread then flushes sled once for the group, raises `visible` and wakes the hub. Because all numbers up to a stream's `allocated` were applied before that flush
 //! began, raising `visible` to the highest flushed number never exposes a gap (the visibility
 //! race of PITFALLS.md cannot happen).
 //!
 //! Stream entries are loaded lazily (a restart reads no history), see [`cache`].
 
 mod cache;
-mod commit;
 mod keys;
 mod migrate;
 mod retention;
@@ -122,7 +120,8 @@ struct Inner {
 
 /// An append on its way to disk.
 pub enum PendingAppend {
-    /// Answered by the writer (fsync off) or the commit thread (after the flush).
+    /// Answered by the writer thread after the group's flush (right after the apply when
+    /// `storage.fsync` is off).
     Waiting(tokio::sync::oneshot::Receiver<Result<(), StorageError>>),
 }
 
@@ -140,7 +139,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Storage {
-    /// Opens (or creates) the store in `dir`, upgrading an older layout, and starts the commit
+    /// Opens (or creates) the store in `dir`, upgrading an older layout, and starts the writer
     /// and retention threads.
     pub fn open(dir: &Path, options: StorageOptions, hub: Hub) -> Result<Storage, StorageError> {
         let open_error = |message: String| StorageError::Open { path: dir.display().to_string(), message };

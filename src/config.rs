@@ -97,6 +97,8 @@ pub struct StorageConfig {
     pub fsync: bool,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,
+    /// Byte budget of the cache of recently read chunks (0 disables it).
+    pub read_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -169,7 +171,12 @@ impl Default for BrokerConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("./data"), fsync: true, cache_capacity: 64 * 1024 * 1024 }
+        StorageConfig {
+            data_dir: PathBuf::from("./data"),
+            fsync: true,
+            cache_capacity: 64 * 1024 * 1024,
+            read_cache_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -276,6 +283,9 @@ pub struct Cli {
     /// sled cache size in bytes (storage.cache_capacity) [default: 67108864]
     #[arg(long = "storage_cache_capacity", env = "ANYCABLE_STORAGE_CACHE_CAPACITY")]
     pub storage_cache_capacity: Option<u64>,
+    /// Byte budget of the read chunk cache, 0 disables it (storage.read_cache_bytes) [default: 67108864]
+    #[arg(long = "storage_read_cache_bytes", env = "ANYCABLE_STORAGE_READ_CACHE_BYTES")]
+    pub storage_read_cache_bytes: Option<u64>,
 
     /// Secret for signed stream names (streams.secret) [default: from secret]
     #[arg(long = "streams_secret", env = "ANYCABLE_STREAMS_SECRET", hide_env_values = true)]
@@ -344,6 +354,7 @@ impl Cli {
         push(&mut out, "storage.data_dir", &path_str(&self.data_dir));
         push(&mut out, "storage.fsync", &self.storage_fsync);
         push(&mut out, "storage.cache_capacity", &self.storage_cache_capacity);
+        push(&mut out, "storage.read_cache_bytes", &self.storage_read_cache_bytes);
         push(&mut out, "streams.secret", &self.streams_secret);
         push(&mut out, "streams.public", &self.public_streams);
         push(&mut out, "jwt.secret", &self.jwt_secret);

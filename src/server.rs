@@ -24,6 +24,7 @@ pub enum ServeError {
 pub fn storage_options(config: &Config) -> StorageOptions {
     StorageOptions {
         cache_capacity: config.storage.cache_capacity,
+        read_cache_bytes: usize::try_from(config.storage.read_cache_bytes).unwrap_or(usize::MAX),
         fsync: config.storage.fsync,
         retention: Retention {
             max_messages: config.broker.history_limit,

@@ -8,7 +8,7 @@ use anycable_ds::offset::Offset;
 use anycable_ds::storage::{NewMessage, Retention, Storage, StorageOptions};
 
 fn options(retention: Retention) -> StorageOptions {
-    StorageOptions { cache_capacity: 8 * 1024 * 1024, fsync: true, retention }
+    StorageOptions { cache_capacity: 8 * 1024 * 1024, fsync: true, retention, read_cache_bytes: 1024 * 1024 }
 }
 
 fn message(stream: &str, json: &str) -> NewMessage {

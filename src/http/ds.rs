@@ -139,15 +139,15 @@ fn common(mut builder: HttpResponseBuilder) -> HttpResponseBuilder {
     builder
 }
 
-fn read_chunk(
-    storage: &Storage,
-    stream: &str,
-    offset: Offset,
-    max_bytes: usize,
-) -> impl std::future::Future<Output = Result<Chunk, ApiError>> {
+/// Reads a chunk: from memory when possible (a cached chunk of a known stream), else on the
+/// blocking pool.
+async fn read_chunk(storage: &Storage, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ApiError> {
+    if let Some(result) = storage.read_from_memory(stream, offset, max_bytes) {
+        return result.map_err(ApiError::from);
+    }
     let storage = storage.clone();
     let stream = stream.to_string();
-    blocking(move || storage.read(&stream, offset, max_bytes))
+    blocking(move || storage.read(&stream, offset, max_bytes)).await
 }
 
 async fn catch_up(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiError> {

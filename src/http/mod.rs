@@ -122,11 +122,17 @@ where
 {
     match web::block(f).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(match e.into() {
+        Ok(Err(e)) => Err(ApiError::from(e.into())),
+        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
             ReadError::Gone => ApiError::new(StatusCode::GONE, "offset is no longer available"),
             ReadError::Storage(e) => ApiError::unavailable(&e, "read failed"),
-        }),
-        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
+        }
     }
 }
 

@@ -76,6 +76,11 @@ impl StreamCache {
         Ok(Some(entries.entry(name).or_insert(entry).clone()))
     }
 
+    /// The stream's entry if it is in memory (never touches sled).
+    pub(crate) fn get(&self, stream: &str) -> Option<Arc<StreamEntry>> {
+        self.entries.read().expect("stream cache lock").get(stream).cloned()
+    }
+
     pub(crate) fn insert(&self, entry: Arc<StreamEntry>) {
         self.entries.write().expect("stream cache lock").insert(entry.name.clone(), entry);
     }

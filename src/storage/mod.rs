@@ -18,6 +18,7 @@
 //! Stream entries are loaded lazily (a restart reads no history), see [`cache`].
 
 mod cache;
+mod chunks;
 mod keys;
 mod migrate;
 mod retention;
@@ -76,6 +77,8 @@ pub struct StorageOptions {
     /// Acknowledge appends only after a flush (see module docs). `false` is unsafe.
     pub fsync: bool,
     pub retention: Retention,
+    /// Byte budget of the cache of recently read chunks (0 disables it).
+    pub read_cache_bytes: usize,
 }
 
 /// A message ready to append: its stream and its compact JSON text.
@@ -111,6 +114,7 @@ struct Inner {
     hub: Hub,
     retention: Retention,
     cache: Arc<StreamCache>,
+    chunks: chunks::ChunkCache,
     writer: Mutex<Option<writer::Writer>>,
     trimmer: Mutex<Option<retention::Trimmer>>,
     /// Set by the first failed write or flush. sled 0.34 keeps an I/O error for good, so the
@@ -170,6 +174,7 @@ impl Storage {
                 hub,
                 retention: options.retention,
                 cache,
+                chunks: chunks::ChunkCache::new(options.read_cache_bytes),
                 writer: Mutex::new(Some(writer)),
                 trimmer: Mutex::new(trimmer),
                 failed,
@@ -215,33 +220,79 @@ impl Storage {
     }
 
     /// Reads messages after `offset`, at most `max_bytes` of them (but always at least one).
+    /// Blocking (may scan sled): call it off the async workers.
     pub fn read(&self, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ReadError> {
-        let entry = self.load(stream)?;
+        self.read_inner(stream, offset, max_bytes, true).expect("a blocking read always answers")
+    }
+
+    /// [`Storage::read`] if it can be answered from memory alone (known stream, cached chunk),
+    /// so the caller can skip a trip to the blocking pool; `None` otherwise.
+    pub fn read_from_memory(&self, stream: &str, offset: Offset, max_bytes: usize) -> Option<Result<Chunk, ReadError>> {
+        self.read_inner(stream, offset, max_bytes, false)
+    }
+
+    fn read_inner(
+        &self,
+        stream: &str,
+        offset: Offset,
+        max_bytes: usize,
+        may_block: bool,
+    ) -> Option<Result<Chunk, ReadError>> {
+        let entry = if may_block {
+            match self.load(stream) {
+                Ok(entry) => entry,
+                Err(e) => return Some(Err(e.into())),
+            }
+        } else {
+            Some(self.inner.cache.get(stream)?)
+        };
         let tail = entry.as_ref().map_or(0, |e| e.visible.load(Ordering::Acquire));
         let window_start = self.window_start(tail);
         let (after, must_start_at_next) = match offset {
-            Offset::Now => return Ok(self.empty_chunk(tail)),
+            Offset::Now => return Some(Ok(self.empty_chunk(tail))),
             Offset::Start => (window_start - 1, false),
             Offset::At(position) => {
-                if position.epoch != self.inner.epoch || position.seq > tail {
-                    return Err(ReadError::Gone);
-                }
-                if position.seq + 1 < window_start {
-                    return Err(ReadError::Gone);
+                if position.epoch != self.inner.epoch || position.seq > tail || position.seq + 1 < window_start {
+                    return Some(Err(ReadError::Gone));
                 }
                 (position.seq, true)
             }
         };
         let Some(entry) = entry.filter(|_| after < tail) else {
-            return Ok(self.empty_chunk(after));
+            return Some(Ok(self.empty_chunk(after)));
         };
-
         let expired_before = self.expiry_cutoff_ms();
+        if let Some(cached) = self.inner.chunks.get(entry.id, after, max_bytes) {
+            let still_complete = cached.full || cached.last == tail;
+            if still_complete && cached.first_timestamp_ms >= expired_before {
+                let mut chunk = cached.chunk;
+                chunk.up_to_date = cached.last >= tail;
+                return Some(Ok(chunk));
+            }
+        }
+        if !may_block {
+            return None;
+        }
+        Some(self.scan(&entry, after, tail, must_start_at_next, expired_before, max_bytes))
+    }
+
+    /// Reads the log of `entry` after `after` up to `tail`, and caches what it read.
+    fn scan(
+        &self,
+        entry: &cache::StreamEntry,
+        after: u64,
+        tail: u64,
+        must_start_at_next: bool,
+        expired_before: u64,
+        max_bytes: usize,
+    ) -> Result<Chunk, ReadError> {
         let mut body = Vec::with_capacity(256);
         body.push(b'[');
         let mut count = 0;
         let mut start = after;
         let mut last = after;
+        let mut first_timestamp_ms = 0;
+        let mut full = false;
         let range = keys::log_key(entry.id, after + 1)..=keys::log_key(entry.id, tail);
         for item in self.inner.db.range(range) {
             let (key, value) = item.map_err(StorageError::from)?;
@@ -259,7 +310,9 @@ impl Storage {
                     continue;
                 }
                 start = seq - 1;
+                first_timestamp_ms = timestamp;
             } else if body.len() + json.len() + 1 > max_bytes {
+                full = true;
                 break;
             }
             if count > 0 {
@@ -274,13 +327,18 @@ impl Storage {
             // Everything from the start had expired.
             return Ok(self.empty_chunk(last));
         }
-        Ok(Chunk {
+        let chunk = Chunk {
             body: Bytes::from(body),
             count,
             start: self.position(start),
             next: self.position(last),
             up_to_date: last >= tail,
-        })
+        };
+        // Keyed by the position the chunk really follows: a read from the start that skipped
+        // expired messages must not answer a later read from before them (that one is a gap).
+        let cached = chunks::CachedChunk { chunk: chunk.clone(), last, first_timestamp_ms, full };
+        self.inner.chunks.put(entry.id, start, max_bytes, cached);
+        Ok(chunk)
     }
 
     /// Flushes everything and stops the background threads. Appends made after this fail.

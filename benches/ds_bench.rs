@@ -12,6 +12,7 @@
 //! cargo bench --bench ds_bench -- streams --streams 10000
 //! cargo bench --bench ds_bench -- restart --messages 1000000
 //! cargo bench --bench ds_bench -- idle --connections 10000
+//! cargo bench --bench ds_bench -- load --readers 1000 --connections 10000
 //! cargo bench --bench ds_bench -- all --target both --plot docs/fanout-latency.svg
 //! ```
 //!
@@ -450,9 +451,32 @@ fn count_messages(body: &[u8]) -> u64 {
 /// broadcast-to-delivery latency (from just before the write request to the reader having
 /// the message).
 async fn fanout(kind: Kind, options: &Options, readers: usize, mode: &str) -> Vec<Figure> {
-    let server = Server::start(kind, options, 60);
+    let label = format!("fanout {mode} readers={readers}");
+    let (sse, poll) = if mode == "sse" { (readers, 0) } else { (0, readers) };
+    live_load(kind, options, sse, poll, 0, &label).await
+}
+
+/// `sse` SSE readers and `poll` long-poll readers of one stream, plus `idle` idle SSE
+/// connections spread over other streams; a publisher sends 100 messages 50 ms apart.
+async fn live_load(kind: Kind, options: &Options, sse: usize, poll: usize, idle: usize, label: &str) -> Vec<Figure> {
+    let server = Server::start(kind, options, 600);
     let setup = client(1);
     server.create(&setup, "fan").await;
+    let mut idle_connections = Vec::new();
+    let idle_client = client(16);
+    for i in 0..idle {
+        let stream = format!("idle-{}", i % 1000);
+        if i < 1000 {
+            server.create(&setup, &stream).await;
+        }
+        let url = server.read_url(&stream);
+        let head = idle_client.head(&url).send().await.unwrap();
+        let offset = head.headers()["stream-next-offset"].to_str().unwrap().to_string();
+        let response = idle_client.get(format!("{url}?offset={offset}&live=sse")).send().await.unwrap();
+        assert!(response.status().is_success(), "idle connection {i}: {}", response.status());
+        idle_connections.push(response.bytes_stream());
+    }
+    let readers = sse + poll;
     let url = server.read_url("fan");
     let epoch = Instant::now();
     let latencies = Arc::new(Mutex::new(histogram()));
@@ -460,10 +484,10 @@ async fn fanout(kind: Kind, options: &Options, readers: usize, mode: &str) -> Ve
     let total: u64 = 100;
     let connected = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..readers {
+    for reader in 0..readers {
         let (url, latencies, received, connected) =
             (url.clone(), latencies.clone(), received.clone(), connected.clone());
-        let sse = mode == "sse";
+        let sse = reader < sse;
         tasks.push(tokio::spawn(async move {
             let client = client(1);
             let mut local = histogram();
@@ -544,8 +568,8 @@ async fn fanout(kind: Kind, options: &Options, readers: usize, mode: &str) -> Ve
         eprintln!("{}: some readers did not get every message", kind.name());
     }
     let h = latencies.lock().unwrap();
-    let label = format!("fanout {mode} readers={readers}");
     let delivered = received.load(Ordering::Relaxed) as f64 / (total * readers as u64) as f64 * 100.0;
+    drop(idle_connections);
     vec![
         figure(format!("{label} delivered"), delivered, "%", true),
         figure(format!("{label} p50"), ms(h.value_at_quantile(0.5)), "ms", false),
@@ -699,6 +723,11 @@ async fn run(kind: Kind, options: &Options, workload: &str) -> Vec<Figure> {
         "ingest" => ingest(kind, options).await,
         "catchup" => catchup(kind, options).await,
         "fanout" => fanout(kind, options, options.readers, &options.mode).await,
+        "load" => {
+            let (sse, poll, idle) = (options.readers, options.readers, options.connections);
+            let label = format!("load sse={sse} long-poll={poll} idle={idle}");
+            live_load(kind, options, sse, poll, idle, &label).await
+        }
         "streams" => streams(kind, options).await,
         "restart" => restart(kind, options).await,
         "idle" => idle(kind, options).await,

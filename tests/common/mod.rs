@@ -309,7 +309,12 @@ impl SseEvent {
 
 impl SseClient {
     pub async fn open(server: &Server, stream_and_query: &str) -> SseClient {
-        let response = server.client.get(server.ds(stream_and_query)).send().await.expect("SSE request");
+        SseClient::open_with(server, server.client.clone(), stream_and_query).await
+    }
+
+    /// Opens with a given client (a fresh client per reader gives each its own connection pool).
+    pub async fn open_with(server: &Server, client: reqwest::Client, stream_and_query: &str) -> SseClient {
+        let response = client.get(server.ds(stream_and_query)).send().await.expect("SSE request");
         assert_eq!(response.status(), 200, "SSE {stream_and_query}");
         assert_eq!(header(&response, "content-type").as_deref(), Some("text/event-stream"));
         SseClient { body: Box::pin(response.bytes_stream()), buffer: String::new(), ended: false }

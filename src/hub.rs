@@ -6,6 +6,10 @@
 //! afterwards: it can never fall in between. The hub never carries message bodies; a woken
 //! reader reads the log after its own position.
 //!
+//! The one exception is transient broadcasts (`meta.transient`): they have no offset and are
+//! never stored, so the hub hands their bodies to whoever is subscribed at that moment, keeping
+//! the last few so a reader that was busy when two arrived still gets both.
+//!
 //! Each stream's entry is a `tokio::sync::watch` sender holding the last published tail. Unlike
 //! `Notify::notify_waiters`, a watch channel remembers that a change happened while nobody was
 //! polling, so there is no missed-wake-up window. Entries exist only while someone is
@@ -19,11 +23,30 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::sync::watch;
+
+/// Transient batches a stream keeps for subscribers that have not looked yet.
+const TRANSIENT_KEPT: usize = 16;
+
+/// Messages delivered live only: a JSON array, in one body.
+#[derive(Debug)]
+pub struct Transient {
+    pub id: u64,
+    pub body: Bytes,
+}
+
+/// What a stream's watch channel carries.
+#[derive(Debug, Default)]
+struct StreamState {
+    tail: u64,
+    transient: std::collections::VecDeque<Arc<Transient>>,
+}
 
 #[derive(Debug, Default, Clone)]
 pub struct Hub {
-    streams: Arc<Mutex<HashMap<Arc<str>, watch::Sender<u64>>>>,
+    streams: Arc<Mutex<HashMap<Arc<str>, watch::Sender<StreamState>>>>,
+    transient_ids: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Hub {
@@ -38,19 +61,36 @@ impl Hub {
         let receiver = match streams.get(stream) {
             Some(sender) => sender.subscribe(),
             None => {
-                let (sender, receiver) = watch::channel(0);
+                let (sender, receiver) = watch::channel(StreamState::default());
                 streams.insert(Arc::from(stream), sender);
                 receiver
             }
         };
-        Subscription { hub: self.clone(), stream: Arc::from(stream), receiver: Some(receiver) }
+        // Only transient messages sent from now on are this subscriber's.
+        let transient_seen = receiver.borrow().transient.back().map_or(0, |t| t.id);
+        Subscription { hub: self.clone(), stream: Arc::from(stream), receiver: Some(receiver), transient_seen }
     }
 
     /// Wakes every subscriber of `stream`; `tail` is the stream's new durable tail.
     pub fn wake(&self, stream: &str, tail: u64) {
         let streams = self.streams.lock().expect("hub lock");
         if let Some(sender) = streams.get(stream) {
-            sender.send_replace(tail);
+            sender.send_modify(|state| state.tail = state.tail.max(tail));
+        }
+    }
+
+    /// Hands a transient batch (a JSON array body) to the stream's current subscribers; without
+    /// subscribers it is dropped, as transient messages are.
+    pub fn push_transient(&self, stream: &str, body: Bytes) {
+        let streams = self.streams.lock().expect("hub lock");
+        if let Some(sender) = streams.get(stream) {
+            let id = self.transient_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            sender.send_modify(|state| {
+                if state.transient.len() == TRANSIENT_KEPT {
+                    state.transient.pop_front();
+                }
+                state.transient.push_back(Arc::new(Transient { id, body }));
+            });
         }
     }
 
@@ -71,7 +111,8 @@ impl Hub {
 pub struct Subscription {
     hub: Hub,
     stream: Arc<str>,
-    receiver: Option<watch::Receiver<u64>>,
+    receiver: Option<watch::Receiver<StreamState>>,
+    transient_seen: u64,
 }
 
 impl Subscription {
@@ -82,6 +123,18 @@ impl Subscription {
         // The sender lives in the map as long as this receiver does, so this cannot fail; if it
         // ever did, returning lets the caller re-read the log, which is always safe.
         let _ = receiver.changed().await;
+    }
+
+    /// Transient batches that arrived since the last call (or since subscribing), oldest first.
+    pub fn take_transient(&mut self) -> Vec<Arc<Transient>> {
+        let receiver = self.receiver.as_ref().expect("receiver lives until drop");
+        let state = receiver.borrow();
+        let fresh: Vec<Arc<Transient>> =
+            state.transient.iter().filter(|t| t.id > self.transient_seen).cloned().collect();
+        if let Some(last) = fresh.last() {
+            self.transient_seen = last.id;
+        }
+        fresh
     }
 }
 
@@ -118,6 +171,21 @@ mod tests {
         let mut sub = hub.subscribe("s");
         hub.wake("s", 7);
         tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.expect("woken");
+    }
+
+    #[tokio::test]
+    async fn transient_batches_reach_current_subscribers_once() {
+        let hub = Hub::new();
+        hub.push_transient("s", Bytes::from_static(b"[0]")); // nobody listening: dropped
+        let mut sub = hub.subscribe("s");
+        hub.push_transient("s", Bytes::from_static(b"[1]"));
+        hub.push_transient("s", Bytes::from_static(b"[2]"));
+        tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.expect("woken");
+        let bodies: Vec<Bytes> = sub.take_transient().iter().map(|t| t.body.clone()).collect();
+        assert_eq!(bodies, [Bytes::from_static(b"[1]"), Bytes::from_static(b"[2]")]);
+        assert!(sub.take_transient().is_empty(), "each batch once");
+        let mut late = hub.subscribe("s");
+        assert!(late.take_transient().is_empty(), "a later subscriber does not get older batches");
     }
 
     #[test]

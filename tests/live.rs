@@ -339,3 +339,46 @@ async fn storm_of_writers_and_readers_sees_every_message_once() {
         assert_eq!(seen, stored, "reader {i} saw exactly the stored sequence");
     }
 }
+
+/// `meta.transient`: delivered to live readers, never stored, no offset.
+#[tokio::test]
+async fn transient_broadcasts_reach_live_readers_and_are_not_stored() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_poll_interval", "30"]);
+    server.publish("t", numbered(1..=1)).await;
+    let tail = server.tail("t").await;
+    let poll = tokio::spawn(server.client.get(server.ds(&format!("t?offset={tail}&live=long-poll"))).send());
+    let mut sse = SseClient::open(&server, &format!("t?offset={tail}&live=sse")).await;
+    let (_, first) = sse.next_batch(WAIT).await.unwrap();
+    assert_eq!(first["upToDate"], json!(true));
+    server.wait_for_metric("ds_poll_clients_num", 1.0, WAIT).await;
+
+    let body = json!([
+        {"stream": "t", "data": "{\"typing\":true}", "meta": {"transient": true}},
+        {"stream": "t", "data": "{\"typing\":false}", "meta": {"transient": true}},
+    ]);
+    let (status, reply) = server.broadcast(&body.to_string()).await;
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(reply["stored"], json!(0));
+
+    let response = tokio::time::timeout(WAIT, poll).await.unwrap().unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "cache-control").as_deref(), Some("no-store"));
+    assert!(header(&response, "etag").is_none());
+    let (messages, next, _) = read_parts(response).await;
+    assert_eq!(messages, vec![json!({"typing": true}), json!({"typing": false})]);
+    assert_eq!(next, tail, "transient messages have no offset");
+
+    let (messages, control) = sse.next_batch(WAIT).await.unwrap();
+    assert_eq!(messages, vec![json!({"typing": true}), json!({"typing": false})]);
+    assert_eq!(control["streamNextOffset"], json!(tail));
+
+    // Not stored: catch-up and the tail are unchanged.
+    let (stored, _, _) = server.read("t", "-1").await;
+    assert_eq!(stored, numbered(1..=1));
+    assert_eq!(server.tail("t").await, tail);
+    // A stored message afterwards flows as usual.
+    server.publish("t", numbered(2..=2)).await;
+    let (messages, _) = sse.next_batch(WAIT).await.unwrap();
+    assert_eq!(messages, numbered(2..=2));
+}

@@ -58,11 +58,32 @@ pub async fn handle(
         let pending = state.storage.append(broadcast.stored).map_err(|e| ApiError::unavailable(&e, "append failed"))?;
         pending.durable().await.map_err(|e| ApiError::unavailable(&e, "broadcast not durable"))?;
     }
-    if !broadcast.transient.is_empty() {
-        log::debug!("{} transient message(s) accepted but not stored", broadcast.transient.len());
-    }
+    deliver_transient(&state, broadcast.transient);
     let m = metrics::get();
     m.broadcasts.inc();
     m.messages_stored.inc_by(stored as u64);
     Ok(HttpResponse::Created().json(serde_json::json!({ "stored": stored })))
+}
+
+/// Hands `meta.transient` messages to the live readers of their streams, one JSON array per
+/// stream, in order. Nothing is stored, so there is nothing to wait for.
+fn deliver_transient(state: &AppState, messages: Vec<crate::storage::NewMessage>) {
+    let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
+    for message in messages {
+        let body = match bodies.iter_mut().find(|(stream, _)| *stream == message.stream) {
+            Some((_, body)) => {
+                body.push(b',');
+                body
+            }
+            None => {
+                bodies.push((message.stream, vec![b'[']));
+                &mut bodies.last_mut().expect("just pushed").1
+            }
+        };
+        body.extend_from_slice(&message.json);
+    }
+    for (stream, mut body) in bodies {
+        body.push(b']');
+        state.storage.hub().push_transient(&stream, body.into());
+    }
 }

@@ -17,11 +17,12 @@ use tokio::time::Instant;
 
 use super::{authorize, blocking, Access, ApiError, AppState};
 use crate::cursor;
-use crate::hub::Subscription;
+use crate::hub::{Subscription, Transient};
 use crate::metrics::{self, GaugeGuard};
 use crate::offset::{Offset, Position};
 use crate::storage::{Chunk, Storage};
 use crate::streams::stream_from_path;
+use std::sync::Arc;
 
 const ALLOW: &str = "GET, HEAD, OPTIONS";
 const SSE_PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -212,13 +213,41 @@ async fn long_poll(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiErr
                 _ = tokio::time::sleep_until(deadline) => return Ok(poll_timeout(&read, position)),
                 _ = state.shutdown.cancelled() => return Ok(poll_timeout(&read, position)),
             }
+            let transient = subscription.take_transient();
             chunk = read_chunk(&state.storage, &read.stream, Offset::At(position), read.max_bytes).await?;
+            if !transient.is_empty() {
+                return Ok(with_transient(&read, chunk, &transient));
+            }
             if chunk.count > 0 {
                 break;
             }
         }
     }
     Ok(chunk_response(req, &read, chunk))
+}
+
+/// A long-poll answer that carries transient messages (after the stored ones, if any). Such a
+/// body exists once, so it is neither cached nor given an ETag.
+fn with_transient(read: &Read, chunk: Chunk, transient: &[Arc<Transient>]) -> HttpResponse {
+    let mut body = BytesMut::with_capacity(chunk.body.len() + transient.iter().map(|t| t.body.len()).sum::<usize>());
+    body.put_slice(&chunk.body[..chunk.body.len() - 1]); // without its closing bracket
+    for batch in transient {
+        if body.len() > 1 {
+            body.put_u8(b',');
+        }
+        body.put_slice(&batch.body[1..batch.body.len() - 1]);
+    }
+    body.put_u8(b']');
+    let mut builder = common(HttpResponse::Ok());
+    builder
+        .content_type("application/json")
+        .insert_header(("Stream-Next-Offset", chunk.next.token()))
+        .insert_header(("Stream-Cursor", cursor::next_cursor(read.cursor.as_deref())))
+        .insert_header((header::CACHE_CONTROL, "no-store"));
+    if chunk.up_to_date {
+        builder.insert_header(("Stream-Up-To-Date", "true"));
+    }
+    builder.body(body.freeze())
 }
 
 /// `204`: nothing new within `ds.poll_interval` (or the server is stopping); retry from the
@@ -315,7 +344,11 @@ impl SseStream {
             }
             tokio::select! {
                 _ = self.subscription.changed() => {
+                    let transient = self.subscription.take_transient();
                     self.pending = Some(self.read().await?);
+                    if !transient.is_empty() {
+                        return Some(self.transient_frame(&transient));
+                    }
                 }
                 _ = tokio::time::sleep_until(self.next_ping) => {
                     self.next_ping = Instant::now() + SSE_PING_INTERVAL;
@@ -339,28 +372,45 @@ impl SseStream {
         }
     }
 
+    /// Transient messages as data + control events; the position does not move.
+    fn transient_frame(&mut self, transient: &[Arc<Transient>]) -> Bytes {
+        let mut out = BytesMut::new();
+        for batch in transient {
+            out.put_slice(b"event: data\ndata: ");
+            out.put_slice(&batch.body);
+            out.put_slice(b"\n\n");
+            let at_tail = self.pending.as_ref().is_none_or(|c| c.count == 0);
+            out.put_slice(&self.control(self.position, at_tail));
+        }
+        out.freeze()
+    }
+
     /// `event: data` (if there are messages) followed by its `event: control`, as one write.
     fn frame(&mut self, chunk: &Chunk) -> Bytes {
-        self.cursor = self.cursor.max(cursor::current_interval());
-        let control = serde_json::json!({
-            "streamNextOffset": chunk.next.token(),
-            "streamCursor": self.cursor.to_string(),
-        });
-        let mut control = control.to_string();
-        if chunk.up_to_date {
-            control.insert_str(control.len() - 1, ",\"upToDate\":true");
-        }
-        let mut out = BytesMut::with_capacity(chunk.body.len() + control.len() + 48);
+        let control = self.control(chunk.next, chunk.up_to_date);
+        let mut out = BytesMut::with_capacity(chunk.body.len() + control.len() + 24);
         if chunk.count > 0 {
             // Stored messages are compact JSON: the array holds no raw newline.
             out.put_slice(b"event: data\ndata: ");
             out.put_slice(&chunk.body);
             out.put_slice(b"\n\n");
         }
-        out.put_slice(b"event: control\ndata: ");
-        out.put_slice(control.as_bytes());
-        out.put_slice(b"\n\n");
-        self.next_ping = Instant::now() + SSE_PING_INTERVAL;
+        out.put_slice(&control);
         out.freeze()
+    }
+
+    /// One `event: control` for `position`.
+    fn control(&mut self, position: Position, up_to_date: bool) -> Vec<u8> {
+        self.cursor = self.cursor.max(cursor::current_interval());
+        self.next_ping = Instant::now() + SSE_PING_INTERVAL;
+        let mut control = serde_json::json!({
+            "streamNextOffset": position.token(),
+            "streamCursor": self.cursor.to_string(),
+        })
+        .to_string();
+        if up_to_date {
+            control.insert_str(control.len() - 1, ",\"upToDate\":true");
+        }
+        format!("event: control\ndata: {control}\n\n").into_bytes()
     }
 }

@@ -89,6 +89,18 @@ impl StreamCache {
         self.entries.write().expect("stream cache lock").remove(name);
     }
 
+    /// Calls `f` on every entry; returns how many there were.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<StreamEntry>)) -> usize {
+        let entries = self.entries.read().expect("stream cache lock");
+        entries.values().for_each(&mut f);
+        entries.len()
+    }
+
+    /// Keeps only the entries for which `keep` is true.
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&StreamEntry) -> bool) {
+        self.entries.write().expect("stream cache lock").retain(|_, entry| keep(entry));
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.entries.read().expect("stream cache lock").len()
     }

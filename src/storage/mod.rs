@@ -22,6 +22,7 @@ mod chunks;
 mod keys;
 mod migrate;
 mod retention;
+mod slot;
 mod writer;
 
 use std::path::Path;
@@ -47,6 +48,8 @@ pub enum StorageError {
     Flush(String),
     #[error("storage is shutting down")]
     Closed,
+    #[error("storage is recovering from a failed write")]
+    Recovering,
 }
 
 impl From<sled::Error> for StorageError {
@@ -109,7 +112,7 @@ pub struct Storage {
 }
 
 struct Inner {
-    db: sled::Db,
+    db: Arc<slot::DbSlot>,
     epoch: Epoch,
     hub: Hub,
     retention: Retention,
@@ -148,28 +151,26 @@ impl Storage {
     pub fn open(dir: &Path, options: StorageOptions, hub: Hub) -> Result<Storage, StorageError> {
         let open_error = |message: String| StorageError::Open { path: dir.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| open_error(e.to_string()))?;
+        let (db_slot, db) = slot::DbSlot::open(dir, options.cache_capacity).map_err(|e| open_error(e.to_string()))?;
         let state = migrate::prepare(&db).map_err(|e| open_error(e.to_string()))?;
 
         let failed = Arc::new(AtomicBool::new(false));
         let cache = Arc::new(StreamCache::default());
+        let db_slot = Arc::new(db_slot);
         let writer = writer::Writer::start(
-            db.clone(),
+            db_slot.clone(),
+            state.epoch,
             cache.clone(),
             hub.clone(),
             failed.clone(),
             state.next_stream_id,
             options.fsync,
         );
-        let trimmer = retention::Trimmer::start(db.clone(), options.retention);
+        let trimmer = retention::Trimmer::start(db_slot.clone(), options.retention);
+        drop(db);
         Ok(Storage {
             inner: Arc::new(Inner {
-                db,
+                db: db_slot,
                 epoch: state.epoch,
                 hub,
                 retention: options.retention,
@@ -197,7 +198,7 @@ impl Storage {
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.inner.db.get().ok().and_then(|db| db.size_on_disk().ok()).unwrap_or(0)
     }
 
     /// Streams loaded into memory since start.
@@ -294,7 +295,7 @@ impl Storage {
         let mut first_timestamp_ms = 0;
         let mut full = false;
         let range = keys::log_key(entry.id, after + 1)..=keys::log_key(entry.id, tail);
-        for item in self.inner.db.range(range) {
+        for item in self.inner.db.get()?.range(range) {
             let (key, value) = item.map_err(StorageError::from)?;
             let seq = keys::log_key_seq(&key).ok_or_else(|| corrupt("log key"))?;
             let (timestamp, json) = keys::decode_log_value(&value).ok_or_else(|| corrupt("log value"))?;
@@ -349,13 +350,13 @@ impl Storage {
         if let Some(writer) = self.inner.writer.lock().expect("writer lock").take() {
             writer.stop();
         }
-        self.inner.db.flush()?;
+        self.inner.db.get()?.flush()?;
         Ok(())
     }
 
     /// Runs one retention pass now (the background task does this periodically).
     pub fn trim_now(&self) -> Result<u64, StorageError> {
-        retention::trim(&self.inner.db, self.inner.retention, now_ms())
+        retention::trim(&self.inner.db.get()?, self.inner.retention, now_ms())
     }
 
     fn position(&self, seq: u64) -> Position {
@@ -383,7 +384,7 @@ impl Storage {
     }
 
     fn load(&self, stream: &str) -> Result<Option<Arc<cache::StreamEntry>>, StorageError> {
-        self.inner.cache.get_or_load(&self.inner.db, stream)
+        self.inner.cache.get_or_load(&self.inner.db.get()?, stream)
     }
 }
 

@@ -25,7 +25,7 @@ pub(crate) struct Trimmer {
 
 impl Trimmer {
     /// Starts the task, unless retention is unlimited.
-    pub(crate) fn start(db: sled::Db, retention: Retention) -> Option<Trimmer> {
+    pub(crate) fn start(db: std::sync::Arc<super::slot::DbSlot>, retention: Retention) -> Option<Trimmer> {
         if retention == Retention::default() {
             return None;
         }
@@ -36,7 +36,8 @@ impl Trimmer {
                 let mut pause = MIN_INTERVAL;
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(pause) {
                     let started = Instant::now();
-                    match trim(&db, retention, now_ms()) {
+                    // A clone per pass only: the slot may be reopened in between.
+                    match db.get().and_then(|db| trim(&db, retention, now_ms())) {
                         Ok(0) => {}
                         Ok(n) => log::debug!("retention removed {n} message(s)"),
                         Err(e) => log::error!("retention pass failed: {e}"),

@@ -27,8 +27,10 @@ use tokio::sync::oneshot;
 
 use super::cache::{StreamCache, StreamEntry};
 use super::keys::{self, StreamRecord};
+use super::slot::DbSlot;
 use super::{now_ms, NewMessage, StorageError};
 use crate::hub::Hub;
+use crate::offset::Epoch;
 
 /// Most requests taken into one group (bounds the batch size under a burst).
 const MAX_GROUP_REQUESTS: usize = 512;
@@ -47,25 +49,29 @@ pub(crate) struct Writer {
 
 /// What the writer thread owns.
 struct State {
-    db: sled::Db,
+    slot: Arc<DbSlot>,
+    epoch: Epoch,
     cache: Arc<StreamCache>,
     hub: Hub,
     failed: Arc<AtomicBool>,
     next_stream_id: u64,
     /// `storage.fsync`: flush before answering (off is unsafe: answer right after the apply).
     fsync: bool,
+    /// When recovery was last tried (at most once per `RECOVERY_INTERVAL`).
+    last_recovery: Option<std::time::Instant>,
 }
 
 impl Writer {
     pub(crate) fn start(
-        db: sled::Db,
+        slot: Arc<DbSlot>,
+        epoch: Epoch,
         cache: Arc<StreamCache>,
         hub: Hub,
         failed: Arc<AtomicBool>,
         next_stream_id: u64,
         fsync: bool,
     ) -> Writer {
-        let state = State { db, cache, hub, failed, next_stream_id, fsync };
+        let state = State { slot, epoch, cache, hub, failed, next_stream_id, fsync, last_recovery: None };
         let (sender, receiver) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("ds-writer".into())
@@ -91,23 +97,22 @@ impl Writer {
     }
 }
 
+/// How often a failed store checks whether the disk takes writes again.
+const RECOVERY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn run(mut state: State, receiver: mpsc::Receiver<Request>) {
-    while let Ok(first) = receiver.recv() {
+    loop {
+        let first = match receiver.recv_timeout(RECOVERY_INTERVAL) {
+            Ok(first) => first,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                state.recover_if_failed();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut group = vec![first];
         group.extend(receiver.try_iter().take(MAX_GROUP_REQUESTS - 1));
-        let started = std::time::Instant::now();
-        let applied = state.apply(&group);
-        let metrics = crate::metrics::get();
-        metrics.append_seconds.observe(started.elapsed().as_secs_f64());
-        let result = applied.and_then(|published| {
-            if state.fsync {
-                state.flush(group.len())?;
-            }
-            for (entry, seq) in published {
-                entry.publish(seq, &state.hub);
-            }
-            Ok(())
-        });
+        let result = state.commit(&group);
         for request in group {
             // The client may have gone away meanwhile; what was stored stays stored.
             let _ = request.done.send(result.clone());
@@ -116,9 +121,76 @@ fn run(mut state: State, receiver: mpsc::Receiver<Request>) {
 }
 
 impl State {
-    fn flush(&self, requests: usize) -> Result<(), StorageError> {
+    /// Applies, flushes and publishes one group.
+    fn commit(&mut self, group: &[Request]) -> Result<(), StorageError> {
+        if self.failed.load(Ordering::Acquire) {
+            self.recover_if_failed();
+        }
+        if self.failed.load(Ordering::Acquire) {
+            // Nothing is accepted until the store was reopened (see `slot.rs`).
+            return Err(StorageError::Recovering);
+        }
+        let db = self.slot.get()?;
         let started = std::time::Instant::now();
-        let result = self.db.flush().map(drop).map_err(|e| StorageError::Flush(e.to_string()));
+        let published = self.apply(&db, group)?;
+        crate::metrics::get().append_seconds.observe(started.elapsed().as_secs_f64());
+        if self.fsync {
+            self.flush(&db, group.len())?;
+        }
+        for (entry, seq) in published {
+            entry.publish(seq, &self.hub);
+        }
+        Ok(())
+    }
+
+    /// After a failed write: reopen the store once the disk takes data again, and bring every
+    /// stream in memory back to what is on disk.
+    fn recover_if_failed(&mut self) {
+        if !self.failed.load(Ordering::Acquire) || self.last_recovery.is_some_and(|at| at.elapsed() < RECOVERY_INTERVAL)
+        {
+            return;
+        }
+        self.last_recovery = Some(std::time::Instant::now());
+        let Some(db) = self.slot.reopen() else { return };
+        match super::migrate::prepare(&db) {
+            Ok(store) if store.epoch == self.epoch => {
+                self.next_stream_id = self.next_stream_id.max(store.next_stream_id)
+            }
+            Ok(_) => {
+                log::error!("storage: the reopened store has another epoch; staying read-only");
+                return;
+            }
+            Err(e) => {
+                log::error!("storage: reopened store refused: {e}");
+                return;
+            }
+        }
+        // Messages applied but never flushed before the failure are gone: allocation restarts
+        // from the durable tail. Nothing past `visible` was ever shown, and what became durable
+        // on its own is published now.
+        let refreshed = self.cache.for_each(|entry| {
+            let last = db
+                .get(keys::stream_key(entry.id))
+                .ok()
+                .flatten()
+                .and_then(|bytes| StreamRecord::decode(&bytes))
+                .map_or(0, |record| record.last_seq);
+            let last = last.max(entry.visible.load(Ordering::Acquire));
+            entry.allocated.store(last, Ordering::Release);
+            entry.publish(last, &self.hub);
+        });
+        // Streams created in memory but never made durable are forgotten with their ids.
+        self.cache.retain(|entry| {
+            entry.visible.load(Ordering::Acquire) > 0 || db.get(keys::stream_key(entry.id)).ok().flatten().is_some()
+        });
+        self.slot.put(db);
+        self.failed.store(false, Ordering::Release);
+        log::warn!("storage: writable again ({refreshed} stream(s) in memory refreshed)");
+    }
+
+    fn flush(&self, db: &sled::Db, requests: usize) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
+        let result = db.flush().map(drop).map_err(|e| StorageError::Flush(e.to_string()));
         crate::metrics::observe_flush(started.elapsed(), requests);
         if let Err(e) = &result {
             self.failed.store(true, Ordering::Release);
@@ -128,7 +200,7 @@ impl State {
     }
 
     /// Applies a group of requests as one batch; returns each touched stream's new last seq.
-    fn apply(&mut self, group: &[Request]) -> Result<Vec<(Arc<StreamEntry>, u64)>, StorageError> {
+    fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Vec<(Arc<StreamEntry>, u64)>, StorageError> {
         let now = now_ms();
         let mut batch = sled::Batch::default();
         let mut created: Vec<Arc<str>> = Vec::new();
@@ -140,7 +212,7 @@ impl State {
             let i = match index.get(message.stream.as_str()) {
                 Some(&i) => i,
                 None => {
-                    let entry = match self.cache.get_or_load(&self.db, &message.stream) {
+                    let entry = match self.cache.get_or_load(db, &message.stream) {
                         Ok(Some(entry)) => entry,
                         Ok(None) => self.create(&message.stream, &mut batch, &mut created),
                         Err(e) => {
@@ -167,7 +239,7 @@ impl State {
         if !created.is_empty() {
             batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
         }
-        if let Err(e) = self.db.apply_batch(batch) {
+        if let Err(e) = db.apply_batch(batch) {
             self.failed.store(true, Ordering::Release);
             self.forget(&created);
             log::error!("append failed: {e}");

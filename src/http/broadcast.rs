@@ -55,8 +55,12 @@ pub async fn handle(
     if stored > 0 {
         // Hands the messages to the writer thread (no blocking here) and waits for the group
         // flush that makes them durable.
-        let pending = state.storage.append(broadcast.stored).map_err(|e| ApiError::unavailable(&e, "append failed"))?;
-        pending.durable().await.map_err(|e| ApiError::unavailable(&e, "broadcast not durable"))?;
+        // One error line names the streams of the refused broadcast.
+        let mut streams: Vec<&str> = broadcast.stored.iter().map(|m| m.stream.as_str()).collect();
+        streams.dedup();
+        let context = format!("broadcast to {streams:?} not stored");
+        let pending = state.storage.append(broadcast.stored).map_err(|e| ApiError::unavailable(&e, &context))?;
+        pending.durable().await.map_err(|e| ApiError::unavailable(&e, &context))?;
     }
     deliver_transient(&state, broadcast.transient);
     let m = metrics::get();

@@ -20,7 +20,7 @@ use crate::cursor;
 use crate::hub::{Subscription, Transient};
 use crate::metrics::{self, GaugeGuard};
 use crate::offset::{Offset, Position};
-use crate::storage::{Chunk, Storage};
+use crate::storage::{Chunk, ReadError, Storage};
 use crate::streams::stream_from_path;
 use std::sync::Arc;
 
@@ -144,11 +144,21 @@ fn common(mut builder: HttpResponseBuilder) -> HttpResponseBuilder {
 /// blocking pool.
 async fn read_chunk(storage: &Storage, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ApiError> {
     if let Some(result) = storage.read_from_memory(stream, offset, max_bytes) {
-        return result.map_err(ApiError::from);
+        return result.map_err(|e| read_error(e, stream));
     }
-    let storage = storage.clone();
-    let stream = stream.to_string();
-    blocking(move || storage.read(&stream, offset, max_bytes)).await
+    let reader = storage.clone();
+    let name = stream.to_string();
+    match web::block(move || reader.read(&name, offset, max_bytes)).await {
+        Ok(result) => result.map_err(|e| read_error(e, stream)),
+        Err(_) => Err(ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
+    }
+}
+
+fn read_error(error: ReadError, stream: &str) -> ApiError {
+    match error {
+        ReadError::Storage(e) => ApiError::unavailable(&e, &format!("read of stream {stream:?} failed")),
+        gone => ApiError::from(gone),
+    }
 }
 
 async fn catch_up(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiError> {

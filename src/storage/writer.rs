@@ -156,12 +156,10 @@ impl State {
             Ok(store) if store.epoch == self.epoch => {
                 self.next_stream_id = self.next_stream_id.max(store.next_stream_id)
             }
-            Ok(_) => {
-                log::error!("storage: the reopened store has another epoch; staying read-only");
-                return;
-            }
-            Err(e) => {
-                log::error!("storage: reopened store refused: {e}");
+            refused => {
+                // Cannot happen for the same directory; keep serving reads, refuse writes.
+                log::error!("storage: the reopened store does not match ({:?}); staying read-only", refused.err());
+                self.slot.put(db);
                 return;
             }
         }

@@ -11,23 +11,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{temp_dir, Server};
+use common::{temp_dir, Rng, Server};
 use serde_json::{json, Value};
 
 const WRITERS: u64 = 4;
 const STREAMS: [&str; 2] = ["crash-a", "crash-b"];
-
-/// A tiny deterministic PRNG (xorshift), so a failing run can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 #[derive(Default)]
 struct Acked {

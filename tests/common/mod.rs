@@ -263,30 +263,6 @@ pub fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<Value> {
     range.map(|n| serde_json::json!({ "n": n })).collect()
 }
 
-/// Parses SSE text into (event, data) pairs; comments are returned as ("comment", text).
-pub fn parse_sse(text: &str) -> Vec<(String, String)> {
-    let mut events = Vec::new();
-    for block in text.split("\n\n").filter(|b| !b.is_empty()) {
-        let mut event = String::new();
-        let mut data = Vec::new();
-        for line in block.lines() {
-            if let Some(comment) = line.strip_prefix(':') {
-                events.push(("comment".to_string(), comment.trim().to_string()));
-            } else if let Some(e) = line.strip_prefix("event: ") {
-                event = e.to_string();
-            } else if let Some(d) = line.strip_prefix("data: ") {
-                data.push(d.to_string());
-            } else {
-                panic!("unexpected SSE line {line:?}");
-            }
-        }
-        if !event.is_empty() {
-            events.push((event, data.join("\n")));
-        }
-    }
-    events
-}
-
 /// An open SSE response, read event by event.
 pub struct SseClient {
     body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
@@ -371,5 +347,26 @@ impl SseClient {
                 other => panic!("unknown event {other}"),
             }
         }
+    }
+}
+
+/// A tiny deterministic PRNG (xorshift): garbage and random moments that a failing run can
+/// replay from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
     }
 }

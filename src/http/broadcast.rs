@@ -53,12 +53,12 @@ pub async fn handle(
 
     let stored = broadcast.stored.len();
     if stored > 0 {
-        // Hands the messages to the writer thread (no blocking here) and waits for the group
-        // flush that makes them durable.
-        // One error line names the streams of the refused broadcast.
+        // The log line of a failure names the streams (built before the messages move on).
         let mut streams: Vec<&str> = broadcast.stored.iter().map(|m| m.stream.as_str()).collect();
         streams.dedup();
         let context = format!("broadcast to {streams:?} not stored");
+        // Hands the messages to the writer thread (no blocking here) and waits for the group
+        // flush that makes them durable.
         let pending = state.storage.append(broadcast.stored).map_err(|e| ApiError::unavailable(&e, &context))?;
         pending.durable().await.map_err(|e| ApiError::unavailable(&e, &context))?;
     }

@@ -24,6 +24,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The broadcast bearer key, resolved once at start.
     broadcast_key: Option<Arc<str>>,
+    /// The JWT header, `x-` + `jwt.param`.
+    jwt_header: Arc<str>,
     /// Cancelled at shutdown: live responses end, waiting long-polls answer 204.
     pub shutdown: CancellationToken,
     live_readers: Arc<std::sync::atomic::AtomicU64>,
@@ -32,7 +34,8 @@ pub struct AppState {
 impl AppState {
     pub fn new(storage: Storage, config: Arc<Config>, shutdown: CancellationToken) -> AppState {
         let broadcast_key = config.effective_broadcast_key().map(Arc::from);
-        AppState { storage, config, broadcast_key, shutdown, live_readers: Arc::default() }
+        let jwt_header = Arc::from(format!("x-{}", config.jwt.param.to_ascii_lowercase()));
+        AppState { storage, config, broadcast_key, jwt_header, shutdown, live_readers: Arc::default() }
     }
 
     /// Takes one live-reader slot, or refuses with 503 when `ds.max_live_readers` are busy.
@@ -173,8 +176,10 @@ pub fn cors(config: &Config) -> actix_cors::Cors {
             .collect(),
     );
     let mut allowed_headers: Vec<String> = CORS_ALLOWED_HEADERS.iter().map(|h| h.to_string()).collect();
-    allowed_headers.push(format!("x-{}", config.jwt.param.to_ascii_lowercase()));
-    allowed_headers.dedup();
+    let jwt_header = format!("x-{}", config.jwt.param.to_ascii_lowercase());
+    if !allowed_headers.contains(&jwt_header) {
+        allowed_headers.push(jwt_header);
+    }
     actix_cors::Cors::default()
         .allowed_origin_fn(move |origin, _| origin_allowed(&origins, origin))
         .allowed_methods([Method::GET, Method::HEAD, Method::OPTIONS])
@@ -221,8 +226,7 @@ fn authorize(state: &AppState, req: &HttpRequest, query: &ds::Query, stream: &st
     let mut access = Access::Public;
     if !config.skip_client_auth() {
         if let Some(secret) = config.effective_jwt_secret() {
-            let header_name = format!("x-{}", config.jwt.param);
-            let token = header_value(req, &header_name).or_else(|| query.get(&config.jwt.param));
+            let token = header_value(req, &state.jwt_header).or_else(|| query.get(&config.jwt.param));
             match token {
                 Some(token) => {
                     let identity = auth::verify_jwt(secret, token)?;

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub flush_group_size: Histogram,
     pub storage_bytes: IntGauge,
     pub streams_loaded: IntGauge,
+    pub streams_total: IntGauge,
     pub hub_streams: IntGauge,
 }
 
@@ -92,6 +93,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
         storage_bytes: register(&r, IntGauge::new("ds_storage_bytes", "Size of the data directory on disk").unwrap()),
         streams_loaded: register(&r, IntGauge::new("ds_streams_loaded", "Streams held in memory").unwrap()),
+        streams_total: register(&r, IntGauge::new("ds_streams_num", "Streams ever written to the store").unwrap()),
         hub_streams: register(&r, IntGauge::new("ds_hub_streams", "Streams with live readers waiting").unwrap()),
         registry: r,
     }

@@ -40,6 +40,7 @@ async fn metrics_have_the_documented_names_and_pass_promtool() {
         "ds_flush_seconds_bucket",
         "ds_storage_bytes",
         "ds_streams_loaded",
+        "ds_streams_num 1",
         "ds_hub_streams 1",
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");

@@ -25,6 +25,7 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
     }
     let m = metrics::get();
     m.streams_loaded.set(state.storage.streams_loaded() as i64);
+    m.streams_total.set(state.storage.streams_created() as i64);
     m.hub_streams.set(state.storage.hub().streams_watched() as i64);
     let storage = state.storage.clone();
     let size = web::block(move || storage.size_on_disk()).await.unwrap_or(0);

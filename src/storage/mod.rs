@@ -117,6 +117,7 @@ struct Inner {
     hub: Hub,
     retention: Retention,
     cache: Arc<StreamCache>,
+    streams_created: Arc<std::sync::atomic::AtomicU64>,
     chunks: chunks::ChunkCache,
     writer: Mutex<Option<writer::Writer>>,
     trimmer: Mutex<Option<retention::Trimmer>>,
@@ -157,7 +158,9 @@ impl Storage {
         let failed = Arc::new(AtomicBool::new(false));
         let cache = Arc::new(StreamCache::default());
         let db_slot = Arc::new(db_slot);
+        let streams_created = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = writer::Writer::start(
+            streams_created.clone(),
             db_slot.clone(),
             state.epoch,
             cache.clone(),
@@ -175,6 +178,7 @@ impl Storage {
                 hub,
                 retention: options.retention,
                 cache,
+                streams_created,
                 chunks: chunks::ChunkCache::new(options.read_cache_bytes),
                 writer: Mutex::new(Some(writer)),
                 trimmer: Mutex::new(trimmer),
@@ -199,6 +203,11 @@ impl Storage {
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.get().ok().and_then(|db| db.size_on_disk().ok()).unwrap_or(0)
+    }
+
+    /// Streams ever written to this store.
+    pub fn streams_created(&self) -> u64 {
+        self.inner.streams_created.load(Ordering::Relaxed)
     }
 
     /// Streams loaded into memory since start.

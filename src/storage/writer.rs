@@ -49,6 +49,8 @@ pub(crate) struct Writer {
 
 /// What the writer thread owns.
 struct State {
+    /// Ids handed out so far, for the streams metric (`next_stream_id - 1` once applied).
+    streams_created: Arc<std::sync::atomic::AtomicU64>,
     slot: Arc<DbSlot>,
     epoch: Epoch,
     cache: Arc<StreamCache>,
@@ -62,7 +64,9 @@ struct State {
 }
 
 impl Writer {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
+        streams_created: Arc<std::sync::atomic::AtomicU64>,
         slot: Arc<DbSlot>,
         epoch: Epoch,
         cache: Arc<StreamCache>,
@@ -71,7 +75,9 @@ impl Writer {
         next_stream_id: u64,
         fsync: bool,
     ) -> Writer {
-        let state = State { slot, epoch, cache, hub, failed, next_stream_id, fsync, last_recovery: None };
+        streams_created.store(next_stream_id - 1, Ordering::Relaxed);
+        let state =
+            State { streams_created, slot, epoch, cache, hub, failed, next_stream_id, fsync, last_recovery: None };
         let (sender, receiver) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("ds-writer".into())
@@ -242,6 +248,9 @@ impl State {
             self.forget(&created);
             log::error!("append failed: {e}");
             return Err(e.into());
+        }
+        if !created.is_empty() {
+            self.streams_created.store(self.next_stream_id - 1, Ordering::Relaxed);
         }
         Ok(touched
             .into_iter()

@@ -126,19 +126,14 @@ struct Inner {
     failed: Arc<AtomicBool>,
 }
 
-/// An append on its way to disk.
-pub enum PendingAppend {
-    /// Answered by the writer thread after the group's flush (right after the apply when
-    /// `storage.fsync` is off).
-    Waiting(tokio::sync::oneshot::Receiver<Result<(), StorageError>>),
-}
+/// An append on its way to disk, answered by the writer thread after the group's flush (right
+/// after the apply when `storage.fsync` is off).
+pub struct PendingAppend(tokio::sync::oneshot::Receiver<Result<(), StorageError>>);
 
 impl PendingAppend {
     /// Resolves once the messages are durable (or, with `storage.fsync = false`, applied).
     pub async fn durable(self) -> Result<(), StorageError> {
-        match self {
-            PendingAppend::Waiting(receiver) => receiver.await.unwrap_or(Err(StorageError::Closed)),
-        }
+        self.0.await.unwrap_or(Err(StorageError::Closed))
     }
 }
 
@@ -220,7 +215,7 @@ impl Storage {
     pub fn append(&self, messages: Vec<NewMessage>) -> Result<PendingAppend, StorageError> {
         let writer = self.inner.writer.lock().expect("writer lock");
         let writer = writer.as_ref().ok_or(StorageError::Closed)?;
-        writer.submit(messages).map(PendingAppend::Waiting)
+        writer.submit(messages).map(PendingAppend)
     }
 
     /// The durable tail of a stream (an unknown stream is empty: position 0).

@@ -1,13 +1,17 @@
 //! Storage layout history: one upgrade step per layout change.
 //!
-//! This file is compiled into the server (`src/storage/migrate.rs` includes it). A step
-//! upgrades a store from layout `from` to `from + 1` and must record the new version in the
-//! same atomic batch as its last change, so a crash mid-migration leaves either the old layout
-//! or the new one, never a mix marked as done. See `README.md` beside this file for what each
-//! layout looks like.
+//! This directory is compiled into the server (`src/storage/migrate.rs` includes it). A step
+//! upgrades a store from layout `from` to `from + 1`. It must be safe to interrupt at any
+//! point: either it makes all its changes and records the new version in one atomic batch, or
+//! it works in atomic chunks that each leave the store a valid mix (so running the step again
+//! finishes the job) and records the new version last. Each step carries its own copy of the
+//! encodings it converts between, because the server's current ones move on with later
+//! layouts. See `README.md` beside this file for what each layout looks like.
+
+mod v1_to_v2;
 
 /// The layout this build reads and writes.
-pub const CURRENT_LAYOUT: u32 = 1;
+pub const CURRENT_LAYOUT: u32 = 2;
 
 /// Reports progress of a long step (one line each).
 pub type Progress<'a> = &'a dyn Fn(&str);
@@ -19,5 +23,9 @@ pub struct Step {
     pub run: fn(&sled::Db, Progress) -> sled::Result<()>,
 }
 
-/// Steps in order; `STEPS[i].from == i + 1`. Layout 1 is the first layout, so none yet.
-pub const STEPS: &[Step] = &[];
+/// Steps in order; `STEPS[i].from == i + 1`.
+pub const STEPS: &[Step] = &[Step {
+    from: 1,
+    description: "one log record per group of messages instead of one key per message",
+    run: v1_to_v2::run,
+}];

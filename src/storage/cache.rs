@@ -66,8 +66,13 @@ impl StreamCache {
             Some(bytes) => StreamRecord::decode(&bytes).ok_or_else(|| corrupt("stream record"))?,
             None => StreamRecord::new(),
         };
-        let last_timestamp = match db.get(keys::log_key(id, record.last_seq))? {
-            Some(value) => keys::decode_log_value(&value).map_or(0, |(ts, _)| ts),
+        // The newest record holds the newest timestamp (none left if retention trimmed all).
+        let last_timestamp = match db.range(keys::record_key(id, 0)..=keys::record_key(id, record.last_seq)).next_back()
+        {
+            Some(item) => {
+                let (key, value) = item?;
+                keys::LogRecord::parse(&key, &value).ok_or_else(|| corrupt("log record"))?.timestamp_ms
+            }
             None => 0,
         };
         let name: Arc<str> = Arc::from(stream);

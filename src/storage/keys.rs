@@ -1,4 +1,4 @@
-//! Key and value encodings of storage layout 1 (see `migrations/README.md`).
+//! Key and value encodings of storage layout 2 (see `migrations/README.md`).
 //!
 //! Everything lives in sled's default tree, split by a one-byte prefix, so one `sled::Batch`
 //! (atomic within one tree) can create streams, append messages and move tails together.
@@ -6,7 +6,7 @@
 
 pub const NAME: u8 = b'N';
 pub const STREAM: u8 = b'S';
-pub const LOG: u8 = b'L';
+pub const RECORD: u8 = b'R';
 
 pub const META_LAYOUT: &[u8] = b"Mlayout";
 pub const META_EPOCH: &[u8] = b"Mepoch";
@@ -28,16 +28,16 @@ pub fn stream_key(id: u64) -> [u8; 9] {
     key
 }
 
-/// `L ‖ id ‖ seq` → timestamp (ms, u64) ‖ message JSON.
-pub fn log_key(id: u64, seq: u64) -> [u8; 17] {
+/// `R ‖ id ‖ first seq` → a [`LogRecord`]: one or more consecutive messages of the stream.
+pub fn record_key(id: u64, first_seq: u64) -> [u8; 17] {
     let mut key = [0u8; 17];
-    key[0] = LOG;
+    key[0] = RECORD;
     key[1..9].copy_from_slice(&id.to_be_bytes());
-    key[9..].copy_from_slice(&seq.to_be_bytes());
+    key[9..].copy_from_slice(&first_seq.to_be_bytes());
     key
 }
 
-pub fn log_key_seq(key: &[u8]) -> Option<u64> {
+pub fn record_key_seq(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(9..17)?.try_into().ok()?))
 }
 
@@ -84,16 +84,115 @@ impl StreamRecord {
     }
 }
 
-/// Splits a log value into its timestamp and message bytes.
-pub fn decode_log_value(value: &[u8]) -> Option<(u64, &[u8])> {
-    Some((decode_u64(value.get(..8)?)?, value.get(8..)?))
+/// Size of the fixed part of a record value: timestamp (u64) and message count (u32).
+const RECORD_HEADER: usize = 12;
+
+/// A stored run of consecutive messages of one stream, written by one group commit.
+///
+/// Value layout: `timestamp ms (u64) ‖ count (u32) ‖ end offset of each message in the body
+/// (u32 × count) ‖ body`, where the body is the messages' JSON joined by `,`. Storing a run as
+/// one value costs sled one key per group instead of one per message (its per-key copy-on-write
+/// dominated batched ingest), and any slice of consecutive messages is one contiguous piece of
+/// the body, ready to be copied into a JSON array as is.
+#[derive(Debug, Clone, Copy)]
+pub struct LogRecord<'a> {
+    pub first_seq: u64,
+    pub timestamp_ms: u64,
+    count: usize,
+    ends: &'a [u8],
+    body: &'a [u8],
 }
 
-pub fn encode_log_value(timestamp_ms: u64, message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + message.len());
-    out.extend_from_slice(&timestamp_ms.to_be_bytes());
-    out.extend_from_slice(message);
-    out
+impl<'a> LogRecord<'a> {
+    /// Reads a record stored under `key`; `None` if key or value are malformed.
+    pub fn parse(key: &[u8], value: &'a [u8]) -> Option<LogRecord<'a>> {
+        let first_seq = record_key_seq(key)?;
+        let timestamp_ms = decode_u64(value.get(..8)?)?;
+        let count = u32::from_be_bytes(value.get(8..RECORD_HEADER)?.try_into().ok()?) as usize;
+        let body_start = RECORD_HEADER.checked_add(count.checked_mul(4)?)?;
+        let ends = value.get(RECORD_HEADER..body_start)?;
+        let body = value.get(body_start..)?;
+        let record = LogRecord { first_seq, timestamp_ms, count, ends, body };
+        (count > 0 && record.end(count - 1) == body.len()).then_some(record)
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.count as u64 - 1
+    }
+
+    /// End (exclusive) of message `i` in the body.
+    fn end(&self, i: usize) -> usize {
+        let bytes = &self.ends[i * 4..i * 4 + 4];
+        u32::from_be_bytes(bytes.try_into().expect("4 bytes")) as usize
+    }
+
+    /// Start of message `i` in the body (just after the comma that ends message `i - 1`).
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.end(i - 1) + 1
+        }
+    }
+
+    /// Length of message `i` in bytes.
+    pub fn message_len(&self, i: usize) -> usize {
+        self.end(i).saturating_sub(self.start(i))
+    }
+
+    /// Messages `from..to` (indexes into this record) joined by commas; `None` if the stored
+    /// offsets are inconsistent.
+    pub fn messages(&self, from: usize, to: usize) -> Option<&'a [u8]> {
+        if from >= to || to > self.count {
+            return Some(&[]);
+        }
+        self.body.get(self.start(from)..self.end(to - 1))
+    }
+}
+
+/// Builds one record value; see [`LogRecord`].
+pub struct RecordBuilder {
+    timestamp_ms: u64,
+    ends: Vec<u32>,
+    body: Vec<u8>,
+}
+
+impl RecordBuilder {
+    pub fn new(timestamp_ms: u64) -> RecordBuilder {
+        RecordBuilder { timestamp_ms, ends: Vec::new(), body: Vec::new() }
+    }
+
+    pub fn push(&mut self, message: &[u8]) {
+        if !self.ends.is_empty() {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(message);
+        self.ends.push(self.body.len() as u32);
+    }
+
+    /// Bytes the value would take.
+    pub fn len(&self) -> usize {
+        RECORD_HEADER + 4 * self.ends.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
+        out.extend_from_slice(&(self.ends.len() as u32).to_be_bytes());
+        for end in &self.ends {
+            out.extend_from_slice(&end.to_be_bytes());
+        }
+        out.extend_from_slice(&self.body);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -101,12 +200,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_keys_sort_by_stream_then_seq() {
-        let keys = [log_key(1, 1), log_key(1, 2), log_key(1, 256), log_key(2, 0), log_key(256, 1)];
+    fn record_keys_sort_by_stream_then_seq() {
+        let keys = [record_key(1, 1), record_key(1, 2), record_key(1, 256), record_key(2, 0), record_key(256, 1)];
         let mut sorted = keys;
         sorted.sort();
         assert_eq!(keys, sorted);
-        assert_eq!(log_key_seq(&log_key(9, 300)), Some(300));
+        assert_eq!(record_key_seq(&record_key(9, 300)), Some(300));
+    }
+
+    #[test]
+    fn records_round_trip_and_slice_at_message_boundaries() {
+        let mut builder = RecordBuilder::new(77);
+        for message in [&b"{\"a\":1}"[..], b"\"x,y\"", b"[]"] {
+            builder.push(message);
+        }
+        let value = builder.finish();
+        let key = record_key(3, 10);
+        let record = LogRecord::parse(&key, &value).unwrap();
+        assert_eq!((record.first_seq, record.last_seq(), record.timestamp_ms, record.count()), (10, 12, 77, 3));
+        assert_eq!(record.messages(0, 3), Some(&b"{\"a\":1},\"x,y\",[]"[..]));
+        assert_eq!(record.messages(1, 2), Some(&b"\"x,y\""[..]));
+        assert_eq!(record.messages(2, 3), Some(&b"[]"[..]));
+        assert_eq!(record.messages(2, 2), Some(&b""[..]));
+        assert_eq!(record.message_len(1), 5);
+    }
+
+    #[test]
+    fn malformed_records_are_refused_not_panicked_on() {
+        let key = record_key(1, 1);
+        let mut builder = RecordBuilder::new(1);
+        builder.push(b"123");
+        let value = builder.finish();
+        for cut in 0..value.len() {
+            assert!(LogRecord::parse(&key, &value[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut huge_count = value.clone();
+        huge_count[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(LogRecord::parse(&key, &huge_count).is_none());
+        assert!(LogRecord::parse(&key[..5], &value).is_none());
     }
 
     #[test]

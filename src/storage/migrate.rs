@@ -89,26 +89,27 @@ fn initialise(db: &sled::Db, layout: u32) -> Result<u32, MigrateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::keys::StreamRecord;
 
-    /// A stand-in for a real future step (layout 1 -> 2): copies every message key under a new
+    /// A stand-in for a future step (layout 2 -> 3): copies every record key under a new
     /// prefix and records the new version in the same batch.
     fn copy_log_step(db: &sled::Db, progress: migrations::Progress) -> sled::Result<()> {
         let mut batch = sled::Batch::default();
         let mut copied = 0;
-        for item in db.scan_prefix(b"L") {
+        for item in db.scan_prefix([keys::RECORD]) {
             let (key, value) = item?;
             let mut new_key = key.to_vec();
             new_key[0] = b'X';
             batch.insert(new_key, value);
             copied += 1;
         }
-        progress(&format!("copied {copied} messages"));
-        batch.insert(keys::META_LAYOUT, &2u32.to_be_bytes()[..]);
+        progress(&format!("copied {copied} records"));
+        batch.insert(keys::META_LAYOUT, &3u32.to_be_bytes()[..]);
         db.apply_batch(batch)
     }
 
-    const STEPS_TO_2: &[migrations::Step] =
-        &[migrations::Step { from: 1, description: "test step", run: copy_log_step }];
+    const STEPS_TO_3: &[migrations::Step] =
+        &[migrations::Step { from: 2, description: "test step", run: copy_log_step }];
 
     fn temp_db() -> (tempfile::TempDir, sled::Db) {
         let dir = tempfile::tempdir().unwrap();
@@ -120,16 +121,16 @@ mod tests {
     fn an_older_layout_is_upgraded_step_by_step_keeping_data() {
         let (_dir, db) = temp_db();
         prepare(&db).unwrap();
-        db.insert(keys::log_key(1, 1), &b"message"[..]).unwrap();
+        db.insert(keys::record_key(1, 1), &b"record"[..]).unwrap();
         let epoch = db.get(keys::META_EPOCH).unwrap();
 
-        upgrade(&db, 2, STEPS_TO_2).unwrap();
-        assert_eq!(read_layout(&db).unwrap(), Some(2));
-        assert_eq!(db.get(keys::log_key(1, 1)).unwrap().as_deref(), Some(&b"message"[..]));
+        upgrade(&db, 3, STEPS_TO_3).unwrap();
+        assert_eq!(read_layout(&db).unwrap(), Some(3));
+        assert_eq!(db.get(keys::record_key(1, 1)).unwrap().as_deref(), Some(&b"record"[..]));
         assert_eq!(db.scan_prefix(b"X").count(), 1);
         assert_eq!(db.get(keys::META_EPOCH).unwrap(), epoch, "the epoch survives upgrades");
         // Already at the target: nothing runs again.
-        upgrade(&db, 2, STEPS_TO_2).unwrap();
+        upgrade(&db, 3, STEPS_TO_3).unwrap();
         assert_eq!(db.scan_prefix(b"X").count(), 1);
     }
 
@@ -137,18 +138,87 @@ mod tests {
     fn newer_layouts_missing_steps_and_foreign_data_are_refused() {
         let (_dir, db) = temp_db();
         prepare(&db).unwrap();
-        let too_new = upgrade(&db, 0, &[]).unwrap_err();
+        let too_new = upgrade(&db, 1, &[]).unwrap_err();
         assert!(too_new.to_string().contains("newer anycable-ds"), "{too_new}");
-        assert!(matches!(upgrade(&db, 3, STEPS_TO_2), Err(MigrateError::MissingStep { from: 2 })));
+        assert!(matches!(upgrade(&db, 4, STEPS_TO_3), Err(MigrateError::MissingStep { from: 3 })));
 
         let forgetful: &[migrations::Step] =
-            &[migrations::Step { from: 1, description: "forgets", run: |_, _| Ok(()) }];
+            &[migrations::Step { from: 2, description: "forgets", run: |_, _| Ok(()) }];
         let (_dir2, db2) = temp_db();
         prepare(&db2).unwrap();
-        assert!(matches!(upgrade(&db2, 2, forgetful), Err(MigrateError::StepDidNotRecord { from: 1 })));
+        assert!(matches!(upgrade(&db2, 3, forgetful), Err(MigrateError::StepDidNotRecord { from: 2 })));
 
         let (_dir3, db3) = temp_db();
         db3.insert(b"something else", &b"x"[..]).unwrap();
         assert!(matches!(prepare(&db3), Err(MigrateError::Foreign)));
+    }
+
+    /// Writes a layout-1 store by hand: stream 1 with `messages` (timestamp = 1000 + seq).
+    fn layout_1_store(db: &sled::Db, messages: &[&str]) {
+        db.insert(keys::META_LAYOUT, &1u32.to_be_bytes()[..]).unwrap();
+        db.insert(keys::META_EPOCH, &b"abcdefghij"[..]).unwrap();
+        db.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(2)[..]).unwrap();
+        db.insert(keys::name_key("s"), &keys::encode_u64(1)[..]).unwrap();
+        let record = StreamRecord { last_seq: messages.len() as u64, ..StreamRecord::new() };
+        db.insert(keys::stream_key(1), record.encode()).unwrap();
+        for (i, message) in messages.iter().enumerate() {
+            let seq = i as u64 + 1;
+            let mut key = keys::record_key(1, seq);
+            key[0] = b'L';
+            let mut value = (1000 + seq).to_be_bytes().to_vec();
+            value.extend_from_slice(message.as_bytes());
+            db.insert(key, value).unwrap();
+        }
+    }
+
+    fn records(db: &sled::Db) -> Vec<(u64, u64, String)> {
+        db.scan_prefix([keys::RECORD])
+            .map(|item| {
+                let (key, value) = item.unwrap();
+                let record = keys::LogRecord::parse(&key, &value).unwrap();
+                let text = String::from_utf8(record.messages(0, record.count()).unwrap().to_vec()).unwrap();
+                (record.first_seq, record.timestamp_ms, text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layout_1_messages_become_one_message_records() {
+        let (_dir, db) = temp_db();
+        layout_1_store(&db, &["{\"a\":1}", "\"x,y\"", "12345678901234567890123"]);
+        let lines = std::cell::RefCell::new(Vec::new());
+        (migrations::STEPS[0].run)(&db, &|line| lines.borrow_mut().push(line.to_string())).unwrap();
+        assert_eq!(read_layout(&db).unwrap(), Some(2));
+        assert_eq!(
+            records(&db),
+            [
+                (1, 1001, "{\"a\":1}".to_string()),
+                (2, 1002, "\"x,y\"".to_string()),
+                (3, 1003, "12345678901234567890123".to_string())
+            ]
+        );
+        assert_eq!(db.scan_prefix(b"L").count(), 0, "no layout-1 key is left");
+        assert_eq!(lines.into_inner(), ["done: 3 messages converted"]);
+        assert!(prepare(&db).is_ok());
+    }
+
+    #[test]
+    fn an_interrupted_upgrade_finishes_on_the_next_start() {
+        let (_dir, db) = temp_db();
+        layout_1_store(&db, &["1", "2", "3"]);
+        // As if a crash came after the first chunk: message 1 converted, 2 and 3 not yet.
+        let mut batch = sled::Batch::default();
+        let mut v1_key = keys::record_key(1, 1);
+        v1_key[0] = b'L';
+        batch.remove(&v1_key[..]);
+        let mut record = keys::RecordBuilder::new(1001);
+        record.push(b"1");
+        batch.insert(&keys::record_key(1, 1)[..], record.finish());
+        db.apply_batch(batch).unwrap();
+
+        prepare(&db).unwrap();
+        assert_eq!(read_layout(&db).unwrap(), Some(2));
+        let texts: Vec<String> = records(&db).into_iter().map(|(_, _, text)| text).collect();
+        assert_eq!(texts, ["1", "2", "3"]);
     }
 }

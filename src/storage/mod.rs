@@ -298,34 +298,59 @@ impl Storage {
         let mut last = after;
         let mut first_timestamp_ms = 0;
         let mut full = false;
-        let range = keys::log_key(entry.id, after + 1)..=keys::log_key(entry.id, tail);
-        for item in self.inner.db.get()?.range(range) {
+        let db = self.inner.db.get()?;
+        // Start at the record that holds `after + 1`: the last one starting at or before it.
+        let holding_next = db.range(keys::record_key(entry.id, 0)..=keys::record_key(entry.id, after + 1)).next_back();
+        let first_key = match holding_next {
+            Some(item) => item.map_err(StorageError::from)?.0,
+            None => keys::record_key(entry.id, after + 1)[..].into(),
+        };
+        'records: for item in db.range(first_key..=sled::IVec::from(&keys::record_key(entry.id, tail)[..])) {
             let (key, value) = item.map_err(StorageError::from)?;
-            let seq = keys::log_key_seq(&key).ok_or_else(|| corrupt("log key"))?;
-            let (timestamp, json) = keys::decode_log_value(&value).ok_or_else(|| corrupt("log value"))?;
+            let record = keys::LogRecord::parse(&key, &value).ok_or_else(|| corrupt("log record"))?;
+            // Message indexes of this record within (after, tail].
+            let from = after.saturating_sub(record.first_seq - 1).min(record.count() as u64) as usize;
+            let to = (tail + 1).saturating_sub(record.first_seq).min(record.count() as u64) as usize;
+            if from >= to {
+                continue;
+            }
             if count == 0 {
-                let expired = timestamp < expired_before;
-                if must_start_at_next && (seq != after + 1 || expired) {
+                let expired = record.timestamp_ms < expired_before;
+                if must_start_at_next && (record.first_seq + from as u64 != after + 1 || expired) {
                     // The next message was trimmed (or is being trimmed): a gap.
                     return Err(ReadError::Gone);
                 }
                 if expired {
                     // Reading from the start: skip what age-based retention has not deleted yet.
-                    last = seq;
+                    last = record.first_seq + to as u64 - 1;
                     continue;
                 }
-                start = seq - 1;
-                first_timestamp_ms = timestamp;
-            } else if body.len() + json.len() + 1 > max_bytes {
-                full = true;
-                break;
+                start = record.first_seq + from as u64 - 1;
+                first_timestamp_ms = record.timestamp_ms;
             }
-            if count > 0 {
-                body.push(b',');
+            // Take as many messages as fit (always at least one per chunk), then copy them at once.
+            let mut end = from;
+            let mut size = body.len();
+            while end < to {
+                let added = record.message_len(end) + usize::from(count + end - from > 0);
+                if count + end - from > 0 && size + added > max_bytes {
+                    full = true;
+                    break;
+                }
+                size += added;
+                end += 1;
             }
-            body.extend_from_slice(json);
-            count += 1;
-            last = seq;
+            if end > from {
+                if count > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(record.messages(from, end).ok_or_else(|| corrupt("log record"))?);
+                count += end - from;
+                last = record.first_seq + end as u64 - 1;
+            }
+            if full {
+                break 'records;
+            }
         }
         body.push(b']');
         if count == 0 {

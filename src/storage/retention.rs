@@ -55,7 +55,8 @@ impl Trimmer {
     }
 }
 
-/// Deletes every message outside the retention window of its stream; returns how many.
+/// Deletes every record whose messages are all outside the retention window of their stream;
+/// returns how many messages went.
 pub(crate) fn trim(db: &sled::Db, retention: Retention, now_ms: u64) -> Result<u64, StorageError> {
     let max_age_ms = retention.max_age.as_millis() as u64;
     let expired_before = if max_age_ms == 0 { 0 } else { now_ms.saturating_sub(max_age_ms) };
@@ -71,24 +72,29 @@ pub(crate) fn trim(db: &sled::Db, retention: Retention, now_ms: u64) -> Result<u
         };
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
-        for item in db.range(keys::log_key(id, 0)..=keys::log_key(id, u64::MAX)) {
+        for item in db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)) {
             let (key, value) = item?;
-            let seq = keys::log_key_seq(&key).unwrap_or(u64::MAX);
-            let timestamp = keys::decode_log_value(&value).map_or(u64::MAX, |(ts, _)| ts);
-            if seq >= keep_from && timestamp >= expired_before {
+            // A record goes as a whole: when it is expired by age (one timestamp for all its
+            // messages) or when all its messages fall before the count window. Reads hide the
+            // part of a straddling record that is outside the window.
+            let Some(record) = keys::LogRecord::parse(&key, &value) else {
+                // Never delete what cannot be read; reads of it report the corruption.
+                log::error!("retention: corrupt log record of stream id {id}, skipping the stream");
+                break;
+            };
+            if record.last_seq() >= keep_from && record.timestamp_ms >= expired_before {
                 break;
             }
+            removed += record.count() as u64;
             batch.remove(key);
             in_batch += 1;
             if in_batch == BATCH_DELETES {
                 db.apply_batch(std::mem::take(&mut batch))?;
-                removed += in_batch as u64;
                 in_batch = 0;
             }
         }
         if in_batch > 0 {
             db.apply_batch(batch)?;
-            removed += in_batch as u64;
         }
     }
     Ok(removed)

@@ -35,6 +35,54 @@ use crate::offset::Epoch;
 /// Most requests taken into one group (bounds the batch size under a burst).
 const MAX_GROUP_REQUESTS: usize = 512;
 
+/// A log record is closed once it holds this many bytes: big enough that a batch of small
+/// messages is one sled value, small enough that sled keeps it inline in its leaf nodes.
+const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// The messages one group appends to one stream, cut into log records.
+struct Run {
+    entry: Arc<StreamEntry>,
+    /// Timestamp of this group's messages: never older than the stream's newest (see
+    /// `StreamEntry::last_timestamp_ms`).
+    timestamp_ms: u64,
+    last_seq: u64,
+    /// Sequence number of the first message in `record`.
+    record_first: u64,
+    record: keys::RecordBuilder,
+}
+
+impl Run {
+    fn new(entry: Arc<StreamEntry>, now: u64) -> Run {
+        let timestamp_ms = entry.last_timestamp_ms.load(Ordering::Acquire).max(now);
+        let last_seq = entry.allocated.load(Ordering::Acquire);
+        Run {
+            entry,
+            timestamp_ms,
+            last_seq,
+            record_first: last_seq + 1,
+            record: keys::RecordBuilder::new(timestamp_ms),
+        }
+    }
+
+    fn push(&mut self, json: &[u8], batch: &mut sled::Batch) {
+        if !self.record.is_empty() && self.record.len() + json.len() + 5 > MAX_RECORD_BYTES {
+            self.close(batch);
+        }
+        self.record.push(json);
+        self.last_seq += 1;
+    }
+
+    /// Adds the open record to `batch` and starts the next one.
+    fn close(&mut self, batch: &mut sled::Batch) {
+        if self.record.is_empty() {
+            return;
+        }
+        let record = std::mem::replace(&mut self.record, keys::RecordBuilder::new(self.timestamp_ms));
+        batch.insert(&keys::record_key(self.entry.id, self.record_first)[..], record.finish());
+        self.record_first = self.last_seq + 1;
+    }
+}
+
 pub(crate) type Done = oneshot::Sender<Result<(), StorageError>>;
 
 struct Request {
@@ -204,13 +252,16 @@ impl State {
     }
 
     /// Applies a group of requests as one batch; returns each touched stream's new last seq.
+    ///
+    /// Each stream's messages in the group become one log record (more if they exceed
+    /// [`MAX_RECORD_BYTES`]), so sled sees one key per stream per group, not one per message.
     fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Vec<(Arc<StreamEntry>, u64)>, StorageError> {
         let now = now_ms();
         let mut batch = sled::Batch::default();
         let mut created: Vec<Arc<str>> = Vec::new();
-        // (entry, last seq, last timestamp) per stream touched; a linear search is fine for
-        // the few streams a group usually names, and an index keeps big fan-in groups linear.
-        let mut touched: Vec<(Arc<StreamEntry>, u64, u64)> = Vec::new();
+        // One open run per stream touched; a linear scan would do for the few streams a group
+        // usually names, the index keeps big fan-in groups linear.
+        let mut runs: Vec<Run> = Vec::new();
         let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for message in group.iter().flat_map(|r| &r.messages) {
             let i = match index.get(message.stream.as_str()) {
@@ -224,21 +275,17 @@ impl State {
                             return Err(e);
                         }
                     };
-                    let (seq, ts) =
-                        (entry.allocated.load(Ordering::Acquire), entry.last_timestamp_ms.load(Ordering::Acquire));
-                    touched.push((entry, seq, ts));
-                    index.insert(&message.stream, touched.len() - 1);
-                    touched.len() - 1
+                    runs.push(Run::new(entry, now));
+                    index.insert(&message.stream, runs.len() - 1);
+                    runs.len() - 1
                 }
             };
-            let (entry, seq, ts) = &mut touched[i];
-            *seq += 1;
-            *ts = (*ts).max(now);
-            batch.insert(&keys::log_key(entry.id, *seq)[..], keys::encode_log_value(*ts, &message.json));
+            runs[i].push(&message.json, &mut batch);
         }
-        for (entry, seq, _) in &touched {
-            let record = StreamRecord { last_seq: *seq, ..StreamRecord::new() };
-            batch.insert(&keys::stream_key(entry.id)[..], record.encode());
+        for run in &mut runs {
+            run.close(&mut batch);
+            let record = StreamRecord { last_seq: run.last_seq, ..StreamRecord::new() };
+            batch.insert(&keys::stream_key(run.entry.id)[..], record.encode());
         }
         if !created.is_empty() {
             batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
@@ -252,12 +299,12 @@ impl State {
         if !created.is_empty() {
             self.streams_created.store(self.next_stream_id - 1, Ordering::Relaxed);
         }
-        Ok(touched
+        Ok(runs
             .into_iter()
-            .map(|(entry, seq, ts)| {
-                entry.allocated.store(seq, Ordering::Release);
-                entry.last_timestamp_ms.store(ts, Ordering::Release);
-                (entry, seq)
+            .map(|run| {
+                run.entry.allocated.store(run.last_seq, Ordering::Release);
+                run.entry.last_timestamp_ms.store(run.timestamp_ms, Ordering::Release);
+                (run.entry, run.last_seq)
             })
             .collect())
     }

@@ -142,6 +142,15 @@ impl Server {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Waits until the server's log contains `text` (it is read on another thread).
+    pub fn wait_for_log(&self, text: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.logs().contains(text) {
+            assert!(Instant::now() < deadline, "no {text:?} in the log:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }

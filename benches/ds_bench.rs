@@ -63,7 +63,8 @@ fn parse_options() -> Options {
         seconds: 10,
         connections: 1000,
         streams: 10_000,
-        ours_bin: concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/anycable-ds").into(),
+        ours_bin: std::env::var("DS_OURS_BIN")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/anycable-ds").into()),
         peer_bin: std::env::var("DS_PEER_BIN").unwrap_or_else(|_| "durable-streams-server".into()),
         fsync: true,
         plot: None,
@@ -216,6 +217,16 @@ impl Server {
         kib / 1024.0
     }
 
+    /// CPU time (user + system) the server process has used so far, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.as_ref().unwrap().id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0 // USER_HZ is 100 on Linux
+    }
+
     fn read_url(&self, stream: &str) -> String {
         match self.kind {
             Kind::Ours => format!("{}/ds/{stream}", self.base),
@@ -328,6 +339,7 @@ async fn ingest(kind: Kind, options: &Options) -> Vec<Figure> {
     let sent = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(histogram()));
     let started = Instant::now();
+    let cpu_before = server.cpu_seconds();
     let mut tasks = Vec::new();
     for c in 0..options.conns {
         let (client, server, stop, sent, latencies) =
@@ -354,10 +366,13 @@ async fn ingest(kind: Kind, options: &Options) -> Vec<Figure> {
         task.await.unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let sent = sent.load(Ordering::Relaxed) as f64;
+    let cpu_per_message = (server.cpu_seconds() - cpu_before) / sent * 1e6;
     let h = latencies.lock().unwrap();
     let label = format!("ingest conns={} batch={}", options.conns, options.batch);
     vec![
-        figure(format!("{label} msgs/s"), sent.load(Ordering::Relaxed) as f64 / elapsed, "msg/s", true),
+        figure(format!("{label} msgs/s"), sent / elapsed, "msg/s", true),
+        figure(format!("{label} server CPU per msg"), cpu_per_message, "µs", false),
         figure(format!("{label} ack p50"), ms(h.value_at_quantile(0.5)), "ms", false),
         figure(format!("{label} ack p99"), ms(h.value_at_quantile(0.99)), "ms", false),
         figure(format!("{label} RSS"), server.rss_mib(), "MiB", false),

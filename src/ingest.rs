@@ -45,6 +45,31 @@ struct Meta {
 /// every element is valid, so a batch is accepted whole or refused whole.
 pub fn parse(body: &[u8]) -> Result<Broadcast, BadBroadcast> {
     let text = std::str::from_utf8(body).map_err(|_| BadBroadcast("body is not UTF-8".into()))?;
+    // One serde pass over the whole body into borrowed items. Only if that fails does the
+    // slower path below walk the body again, to say which element is wrong and how.
+    let items = match text.trim_start().as_bytes().first() {
+        Some(b'[') => serde_json::from_str::<Vec<Item>>(text).ok(),
+        Some(b'{') => serde_json::from_str::<Item>(text).ok().map(|item| vec![item]),
+        _ => None,
+    };
+    match items {
+        Some(items) if !items.is_empty() => {
+            let batch = items.len() > 1 || text.trim_start().starts_with('[');
+            let mut broadcast = Broadcast::default();
+            for (index, item) in items.into_iter().enumerate() {
+                add_item(item, &mut broadcast).map_err(|BadBroadcast(e)| match batch {
+                    true => BadBroadcast(format!("message {index}: {e}")),
+                    false => BadBroadcast(e),
+                })?;
+            }
+            Ok(broadcast)
+        }
+        _ => parse_slowly(text),
+    }
+}
+
+/// [`parse`] element by element, for the error message of a body that did not parse at once.
+fn parse_slowly(text: &str) -> Result<Broadcast, BadBroadcast> {
     let root: &RawValue = serde_json::from_str(text).map_err(|e| BadBroadcast(format!("malformed JSON: {e}")))?;
     let mut broadcast = Broadcast::default();
     match root.get().as_bytes().first() {
@@ -69,6 +94,10 @@ fn parse_item(raw: &RawValue, out: &mut Broadcast) -> Result<(), BadBroadcast> {
         return Err(BadBroadcast("must be an object with \"stream\" and \"data\"".into()));
     }
     let item: Item = serde_json::from_str(raw.get()).map_err(|e| BadBroadcast(format!("malformed message: {e}")))?;
+    add_item(item, out)
+}
+
+fn add_item(item: Item, out: &mut Broadcast) -> Result<(), BadBroadcast> {
     let stream = match item.stream {
         None => return Err(BadBroadcast("missing \"stream\"".into())),
         Some(raw) => {
@@ -108,34 +137,44 @@ fn message_json(data: &RawValue) -> String {
     // is the string itself.
     let inner: String = serde_json::from_str(text).expect("validated string");
     match serde_json::from_str::<&RawValue>(&inner) {
+        Ok(value) if value.get().len() == inner.len() && !has_whitespace(&inner) => inner,
         Ok(value) => compact(value.get()),
         Err(_) => compact(text),
     }
 }
 
-/// Removes insignificant whitespace from valid JSON text.
+fn has_whitespace(json: &str) -> bool {
+    json.bytes().any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+}
+
+/// Removes insignificant whitespace from valid JSON text. Works on bytes: every byte it looks
+/// at (quote, backslash, whitespace) is ASCII, and UTF-8 never uses ASCII bytes inside a
+/// multi-byte character, so the output is valid UTF-8 whenever the input is.
 pub fn compact(json: &str) -> String {
-    let mut out = String::with_capacity(json.len());
+    if !has_whitespace(json) {
+        return json.to_string();
+    }
+    let mut out = Vec::with_capacity(json.len());
     let mut in_string = false;
     let mut escaped = false;
-    for c in json.chars() {
+    for &b in json.as_bytes() {
         if in_string {
-            out.push(c);
+            out.push(b);
             if escaped {
                 escaped = false;
-            } else if c == '\\' {
+            } else if b == b'\\' {
                 escaped = true;
-            } else if c == '"' {
+            } else if b == b'"' {
                 in_string = false;
             }
-        } else if c == '"' {
+        } else if b == b'"' {
             in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
-            out.push(c);
+            out.push(b);
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            out.push(b);
         }
     }
-    out
+    String::from_utf8(out).expect("compacting keeps UTF-8 valid")
 }
 
 #[cfg(test)]
@@ -198,6 +237,24 @@ mod tests {
         for (body, expected) in cases {
             let err = parse(body.as_bytes()).expect_err(body).0;
             assert!(err.contains(expected), "{body}: {err}");
+            assert_eq!(parse_slowly(body).expect_err(body).0, err, "both paths give the same error");
+        }
+    }
+
+    #[test]
+    fn the_one_pass_parse_agrees_with_the_element_by_element_one() {
+        let bodies = [
+            r#"{"stream":"a","data":"{\"x\": [1, 2]}"}"#,
+            r#" [ {"stream":"a","data":"1"} , {"stream":"b","data":{"k" : "v w"},"extra":1} ] "#,
+            r#"[{"stream":"a","data":" 42 "},{"stream":"a","data":"\" spaced \""}]"#,
+            r#"{"stream":"a","data":"x","meta":{"transient":true}}"#,
+        ];
+        let flatten = |b: Broadcast| {
+            let all = b.stored.into_iter().map(|m| (m.stream, m.json, false));
+            all.chain(b.transient.into_iter().map(|m| (m.stream, m.json, true))).collect::<Vec<_>>()
+        };
+        for body in bodies {
+            assert_eq!(flatten(parse(body.as_bytes()).unwrap()), flatten(parse_slowly(body).unwrap()), "{body}");
         }
     }
 }

@@ -74,6 +74,29 @@ fn the_retention_task_deletes_what_reads_already_hide() {
 }
 
 #[test]
+fn sequence_numbers_survive_the_expiry_of_every_message_and_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention { max_messages: 0, max_age: Duration::from_millis(30) };
+    let storage = Storage::open(dir.path(), options(retention), Hub::new()).unwrap();
+    let batch = (1..=3).map(|n| message("s", &n.to_string())).collect();
+    futures_executor(storage.append(batch).unwrap().durable()).unwrap();
+    futures_executor(storage.append(vec![message("s", "4")]).unwrap().durable()).unwrap();
+    // Age is wall-clock time: wait until the messages are past it.
+    std::thread::sleep(Duration::from_millis(40));
+    assert_eq!(storage.read("s", Offset::Start, 1024).unwrap().count, 0);
+    let removed = storage.trim_now().unwrap();
+    assert!(removed <= 4, "the background pass may have taken some: {removed}");
+    storage.close().unwrap();
+    drop(storage);
+
+    let reopened = Storage::open(dir.path(), options(retention), Hub::new()).unwrap();
+    assert_eq!(reopened.tail("s").unwrap().seq, 4, "the tail outlives every record");
+    futures_executor(reopened.append(vec![message("s", "5")]).unwrap().durable()).unwrap();
+    let chunk = reopened.read("s", Offset::Start, 1024).unwrap();
+    assert_eq!((&chunk.body[..], chunk.next.seq), (&b"[5]"[..], 5));
+}
+
+#[test]
 fn a_data_directory_in_use_or_unwritable_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let first = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();

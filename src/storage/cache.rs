@@ -47,6 +47,23 @@ impl StreamEntry {
     }
 }
 
+/// A stream's last sequence number and newest timestamp as stored: the newest log record's,
+/// or the stream record's `last_seq` once retention has deleted every record.
+pub(crate) fn durable_tail(db: &sled::Db, id: u64) -> Result<(u64, u64), StorageError> {
+    let floor = match db.get(keys::stream_key(id))? {
+        Some(bytes) => StreamRecord::decode(&bytes).ok_or_else(|| corrupt("stream record"))?.last_seq,
+        None => 0,
+    };
+    match db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)).next_back() {
+        Some(item) => {
+            let (key, value) = item?;
+            let record = keys::LogRecord::parse(&key, &value).ok_or_else(|| corrupt("log record"))?;
+            Ok((record.last_seq().max(floor), record.timestamp_ms))
+        }
+        None => Ok((floor, 0)),
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct StreamCache {
     entries: RwLock<HashMap<Arc<str>, Arc<StreamEntry>>>,
@@ -62,21 +79,9 @@ impl StreamCache {
             return Ok(None);
         };
         let id = keys::decode_u64(&id).ok_or_else(|| corrupt("stream id"))?;
-        let record = match db.get(keys::stream_key(id))? {
-            Some(bytes) => StreamRecord::decode(&bytes).ok_or_else(|| corrupt("stream record"))?,
-            None => StreamRecord::new(),
-        };
-        // The newest record holds the newest timestamp (none left if retention trimmed all).
-        let last_timestamp = match db.range(keys::record_key(id, 0)..=keys::record_key(id, record.last_seq)).next_back()
-        {
-            Some(item) => {
-                let (key, value) = item?;
-                keys::LogRecord::parse(&key, &value).ok_or_else(|| corrupt("log record"))?.timestamp_ms
-            }
-            None => 0,
-        };
+        let (last_seq, last_timestamp) = durable_tail(db, id)?;
         let name: Arc<str> = Arc::from(stream);
-        let entry = Arc::new(StreamEntry::new(name.clone(), id, record.last_seq, last_timestamp));
+        let entry = Arc::new(StreamEntry::new(name.clone(), id, last_seq, last_timestamp));
         let mut entries = self.entries.write().expect("stream cache lock");
         Ok(Some(entries.entry(name).or_insert(entry).clone()))
     }

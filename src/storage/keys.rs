@@ -53,10 +53,14 @@ pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// Per-stream record. Kept even when every message has expired, so sequence numbers never
-/// repeat. `content_type` and `closed` are there for the DS write API (PUT/close) to come.
+/// Per-stream record, written when the stream is created. Appends do not touch it (so a
+/// one-record append is a single sled insert): the stream's tail is the newest log record's
+/// last seq. Retention raises `last_seq` before it deletes records, so the tail survives the
+/// deletion of every message and sequence numbers never repeat. `content_type` and `closed`
+/// are there for the DS write API (PUT/close) to come.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamRecord {
+    /// At most the stream's tail; equal to it once retention deleted every record.
     pub last_seq: u64,
     pub closed: bool,
     pub content_type: String,

@@ -62,14 +62,22 @@ pub(crate) fn trim(db: &sled::Db, retention: Retention, now_ms: u64) -> Result<u
     let expired_before = if max_age_ms == 0 { 0 } else { now_ms.saturating_sub(max_age_ms) };
     let mut removed = 0;
     for item in db.scan_prefix([keys::STREAM]) {
-        let (key, value) = item?;
-        let (Some(id), Some(record)) = (keys::stream_key_id(&key), StreamRecord::decode(&value)) else {
+        let (key, _) = item?;
+        let Some(id) = keys::stream_key_id(&key) else {
             continue;
         };
+        let (tail, newest_timestamp) = super::cache::durable_tail(db, id)?;
         let keep_from = match retention.max_messages {
             0 => 1,
-            limit => record.last_seq.saturating_sub(limit) + 1,
+            limit => tail.saturating_sub(limit) + 1,
         };
+        if newest_timestamp < expired_before && newest_timestamp > 0 {
+            // Every record is about to go, the newest too: first make the stream record carry
+            // the tail, so the next append after a restart does not reuse sequence numbers.
+            // Done before the deletes, so sled's crash recovery (a prefix of the log) can never
+            // keep the deletes without it.
+            raise_last_seq(db, &key, tail)?;
+        }
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
         for item in db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)) {
@@ -98,4 +106,15 @@ pub(crate) fn trim(db: &sled::Db, retention: Retention, now_ms: u64) -> Result<u
         }
     }
     Ok(removed)
+}
+
+/// Sets the stream record's `last_seq` to at least `tail`, atomically with respect to other
+/// writers of the record (the writer thread writes it when it creates the stream).
+fn raise_last_seq(db: &sled::Db, key: &[u8], tail: u64) -> Result<(), StorageError> {
+    db.update_and_fetch(key, |old| {
+        let mut record = old.and_then(StreamRecord::decode).unwrap_or_else(StreamRecord::new);
+        record.last_seq = record.last_seq.max(tail);
+        Some(record.encode())
+    })?;
+    Ok(())
 }

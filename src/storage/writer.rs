@@ -64,21 +64,21 @@ impl Run {
         }
     }
 
-    fn push(&mut self, json: &[u8], batch: &mut sled::Batch) {
+    fn push(&mut self, json: &[u8], records: &mut Vec<([u8; 17], Vec<u8>)>) {
         if !self.record.is_empty() && self.record.len() + json.len() + 5 > MAX_RECORD_BYTES {
-            self.close(batch);
+            self.close(records);
         }
         self.record.push(json);
         self.last_seq += 1;
     }
 
-    /// Adds the open record to `batch` and starts the next one.
-    fn close(&mut self, batch: &mut sled::Batch) {
+    /// Adds the open record to `records` (key, value) and starts the next one.
+    fn close(&mut self, records: &mut Vec<([u8; 17], Vec<u8>)>) {
         if self.record.is_empty() {
             return;
         }
         let record = std::mem::replace(&mut self.record, keys::RecordBuilder::new(self.timestamp_ms));
-        batch.insert(&keys::record_key(self.entry.id, self.record_first)[..], record.finish());
+        records.push((keys::record_key(self.entry.id, self.record_first), record.finish()));
         self.record_first = self.last_seq + 1;
     }
 }
@@ -221,12 +221,7 @@ impl State {
         // from the durable tail. Nothing past `visible` was ever shown, and what became durable
         // on its own is published now.
         let refreshed = self.cache.for_each(|entry| {
-            let last = db
-                .get(keys::stream_key(entry.id))
-                .ok()
-                .flatten()
-                .and_then(|bytes| StreamRecord::decode(&bytes))
-                .map_or(0, |record| record.last_seq);
+            let last = super::cache::durable_tail(&db, entry.id).map_or(0, |(last_seq, _)| last_seq);
             let last = last.max(entry.visible.load(Ordering::Acquire));
             entry.allocated.store(last, Ordering::Release);
             entry.publish(last, &self.hub);
@@ -257,8 +252,8 @@ impl State {
     /// [`MAX_RECORD_BYTES`]), so sled sees one key per stream per group, not one per message.
     fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Vec<(Arc<StreamEntry>, u64)>, StorageError> {
         let now = now_ms();
-        let mut batch = sled::Batch::default();
-        let mut created: Vec<Arc<str>> = Vec::new();
+        let mut records = Vec::new();
+        let mut created: Vec<(Arc<str>, u64)> = Vec::new();
         // One open run per stream touched; a linear scan would do for the few streams a group
         // usually names, the index keeps big fan-in groups linear.
         let mut runs: Vec<Run> = Vec::new();
@@ -269,7 +264,7 @@ impl State {
                 None => {
                     let entry = match self.cache.get_or_load(db, &message.stream) {
                         Ok(Some(entry)) => entry,
-                        Ok(None) => self.create(&message.stream, &mut batch, &mut created),
+                        Ok(None) => self.create(&message.stream, &mut created),
                         Err(e) => {
                             self.forget(&created);
                             return Err(e);
@@ -280,17 +275,31 @@ impl State {
                     runs.len() - 1
                 }
             };
-            runs[i].push(&message.json, &mut batch);
+            runs[i].push(&message.json, &mut records);
         }
         for run in &mut runs {
-            run.close(&mut batch);
-            let record = StreamRecord { last_seq: run.last_seq, ..StreamRecord::new() };
-            batch.insert(&keys::stream_key(run.entry.id)[..], record.encode());
+            run.close(&mut records);
         }
-        if !created.is_empty() {
-            batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
-        }
-        if let Err(e) = db.apply_batch(batch) {
+        let applied = if let ([(key, value)], true) = (&records[..], created.is_empty()) {
+            // One record of an existing stream: a plain insert. sled writes and syncs its log
+            // once per flush for it, twice for any batch (measured: ~120 vs ~180 µs per
+            // durable append), and being one key it is atomic by itself.
+            db.insert(key, &value[..]).map(drop)
+        } else {
+            let mut batch = sled::Batch::default();
+            for (key, value) in records {
+                batch.insert(&key[..], value);
+            }
+            for (name, id) in &created {
+                batch.insert(keys::name_key(name), &keys::encode_u64(*id)[..]);
+                batch.insert(&keys::stream_key(*id)[..], StreamRecord::new().encode());
+            }
+            if !created.is_empty() {
+                batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
+            }
+            db.apply_batch(batch)
+        };
+        if let Err(e) = applied {
             self.failed.store(true, Ordering::Release);
             self.forget(&created);
             log::error!("append failed: {e}");
@@ -309,20 +318,19 @@ impl State {
             .collect())
     }
 
-    /// Makes a new stream's entry and adds its name to `batch`.
-    fn create(&mut self, stream: &str, batch: &mut sled::Batch, created: &mut Vec<Arc<str>>) -> Arc<StreamEntry> {
+    /// Makes a new stream's entry; `apply` writes its name and stream record.
+    fn create(&mut self, stream: &str, created: &mut Vec<(Arc<str>, u64)>) -> Arc<StreamEntry> {
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        batch.insert(keys::name_key(stream), &keys::encode_u64(id)[..]);
         let entry = Arc::new(StreamEntry::new(Arc::from(stream), id, 0, 0));
         self.cache.insert(entry.clone());
-        created.push(entry.name.clone());
+        created.push((entry.name.clone(), id));
         entry
     }
 
     /// Drops the entries of streams whose creating batch was not applied.
-    fn forget(&self, created: &[Arc<str>]) {
-        for name in created {
+    fn forget(&self, created: &[(Arc<str>, u64)]) {
+        for (name, _) in created {
             self.cache.remove(name);
         }
     }

@@ -7,8 +7,9 @@
 //! empties the slot and reopens the store once a probe write shows the disk accepts data again.
 //! While the slot is empty, storage calls answer [`StorageError::Recovering`].
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use super::StorageError;
@@ -17,6 +18,8 @@ pub(crate) struct DbSlot {
     db: RwLock<Option<sled::Db>>,
     dir: PathBuf,
     cache_capacity: u64,
+    /// sled's log file, opened on first use, for [`DbSlot::sync_log`].
+    log_file: Mutex<Option<File>>,
 }
 
 /// Bytes written (and removed) to check that the disk takes data again.
@@ -25,7 +28,12 @@ const PROBE_BYTES: usize = 1024 * 1024;
 impl DbSlot {
     pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<(DbSlot, sled::Db), sled::Error> {
         let db = open_db(dir, cache_capacity)?;
-        let slot = DbSlot { db: RwLock::new(Some(db.clone())), dir: dir.to_path_buf(), cache_capacity };
+        let slot = DbSlot {
+            db: RwLock::new(Some(db.clone())),
+            dir: dir.to_path_buf(),
+            cache_capacity,
+            log_file: Mutex::new(None),
+        };
         Ok((slot, db))
     }
 
@@ -43,6 +51,7 @@ impl DbSlot {
         }
         log::warn!("storage: the disk accepts writes again, reopening {}", self.dir.display());
         drop(self.db.write().expect("db slot lock").take());
+        drop(self.log_file.lock().expect("log file lock").take());
         // Readers may still hold a clone for the operation they are in; sled's file lock is
         // released when the last one is gone.
         for _ in 0..250 {
@@ -56,6 +65,21 @@ impl DbSlot {
         }
         log::error!("storage: could not reopen {}; will retry", self.dir.display());
         None
+    }
+
+    /// `fdatasync` of sled's log file, after `Db::flush`.
+    ///
+    /// sled 0.34 makes its log durable with `sync_file_range` on Linux, which waits for the
+    /// data to reach the device but neither flushes a volatile device write cache nor the
+    /// file's metadata: a power cut could take back acknowledged writes. `fdatasync` does both
+    /// (for the file, whichever descriptor it is called on). See docs/DURABILITY.md.
+    pub(crate) fn sync_log(&self) -> std::io::Result<()> {
+        let mut file = self.log_file.lock().expect("log file lock");
+        if file.is_none() {
+            // sled 0.34 keeps its whole log in one file named `db` in its directory.
+            *file = Some(File::open(self.dir.join("db"))?);
+        }
+        file.as_ref().expect("opened above").sync_data()
     }
 
     /// Puts a (re)opened database in the slot.

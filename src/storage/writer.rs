@@ -237,7 +237,11 @@ impl State {
 
     fn flush(&self, db: &sled::Db, requests: usize) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
-        let result = db.flush().map(drop).map_err(|e| StorageError::Flush(e.to_string()));
+        let result = db
+            .flush()
+            .map(drop)
+            .map_err(|e| StorageError::Flush(e.to_string()))
+            .and_then(|()| self.slot.sync_log().map_err(|e| StorageError::Flush(e.to_string())));
         crate::metrics::observe_flush(started.elapsed(), requests);
         if let Err(e) = &result {
             self.failed.store(true, Ordering::Release);

@@ -94,6 +94,11 @@ impl Hub {
         }
     }
 
+    /// Whether anybody is subscribed to `stream` right now.
+    pub fn is_watched(&self, stream: &str) -> bool {
+        self.streams.lock().expect("hub lock").contains_key(stream)
+    }
+
     /// Number of streams somebody is waiting on.
     pub fn streams_watched(&self) -> usize {
         self.streams.lock().expect("hub lock").len()

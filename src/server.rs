@@ -26,6 +26,7 @@ pub fn storage_options(config: &Config) -> StorageOptions {
         cache_capacity: config.storage.cache_capacity,
         read_cache_bytes: usize::try_from(config.storage.read_cache_bytes).unwrap_or(usize::MAX),
         fsync: config.storage.fsync,
+        live_chunk_bytes: usize::try_from(config.ds.max_chunk_bytes).unwrap_or(usize::MAX),
         retention: Retention {
             max_messages: config.broker.history_limit,
             max_age: Duration::from_secs(config.broker.history_ttl),

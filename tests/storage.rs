@@ -8,7 +8,13 @@ use anycable_ds::offset::Offset;
 use anycable_ds::storage::{NewMessage, Retention, Storage, StorageOptions};
 
 fn options(retention: Retention) -> StorageOptions {
-    StorageOptions { cache_capacity: 8 * 1024 * 1024, fsync: true, retention, read_cache_bytes: 1024 * 1024 }
+    StorageOptions {
+        cache_capacity: 8 * 1024 * 1024,
+        fsync: true,
+        retention,
+        read_cache_bytes: 1024 * 1024,
+        live_chunk_bytes: 4 * 1024 * 1024,
+    }
 }
 
 fn message(stream: &str, json: &str) -> NewMessage {
@@ -38,6 +44,51 @@ async fn an_append_between_read_and_wait_wakes_the_reader() {
     let chunk = storage.read("s", Offset::At(chunk.next), 1024).unwrap();
     assert_eq!(&chunk.body[..], b"[1]");
     storage.close().unwrap();
+}
+
+/// The writer leaves each new batch of a watched stream in the chunk cache, so live readers
+/// answer from memory; what they get is exactly what a read from disk returns.
+#[tokio::test]
+async fn live_readers_find_the_new_batch_in_memory_exactly_as_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
+    storage.append(vec![message("s", "0")]).unwrap().durable().await.unwrap();
+    let before = storage.tail("s").unwrap();
+    assert!(storage.read_from_memory("w", Offset::At(before), 4 * 1024 * 1024).is_none(), "unknown stream");
+
+    let _watching = storage.hub().subscribe("s");
+    let batch = vec![message("s", r#"{"a":1}"#), message("s", "[2]"), message("s", r#""three""#)];
+    storage.append(batch).unwrap().durable().await.unwrap();
+    let live = storage.read_from_memory("s", Offset::At(before), 4 * 1024 * 1024).expect("in memory").unwrap();
+    assert_eq!(&live.body[..], br#"[{"a":1},[2],"three"]"#);
+
+    // Nobody watches stream "u": nothing is prepared for it.
+    storage.append(vec![message("u", "1")]).unwrap().durable().await.unwrap();
+    let u_start = anycable_ds::offset::Position { epoch: storage.epoch(), seq: 0 };
+    assert!(storage.read_from_memory("u", Offset::At(u_start), 4 * 1024 * 1024).is_none());
+    storage.close().unwrap();
+    drop(storage);
+
+    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
+    assert_eq!(reopened.read("s", Offset::At(before), 4 * 1024 * 1024).unwrap(), live);
+}
+
+/// At the chunk limit's edge, the batch prepared in memory is cut exactly as a read from disk.
+#[tokio::test]
+async fn a_live_chunk_at_the_byte_limit_matches_the_read_from_disk() {
+    for (max_bytes, expected) in [(7, "[12,34]"), (6, "[12]")] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StorageOptions { live_chunk_bytes: max_bytes, ..options(Retention::default()) };
+        let storage = Storage::open(dir.path(), options, Hub::new()).unwrap();
+        storage.append(vec![message("s", "0")]).unwrap().durable().await.unwrap();
+        let before = storage.tail("s").unwrap();
+        let _watching = storage.hub().subscribe("s");
+        storage.append(vec![message("s", "12"), message("s", "34")]).unwrap().durable().await.unwrap();
+        if let Some(live) = storage.read_from_memory("s", Offset::At(before), max_bytes) {
+            assert_eq!(&live.unwrap().body[..], expected.as_bytes(), "limit {max_bytes}");
+        }
+        assert_eq!(&storage.read("s", Offset::At(before), max_bytes).unwrap().body[..], expected.as_bytes());
+    }
 }
 
 #[test]
@@ -144,7 +195,11 @@ proptest::proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention { max_messages: limit, max_age: Duration::ZERO };
-        let storage = Storage::open(dir.path(), options(retention), Hub::new()).unwrap();
+        // Live readers read with `max_bytes` and watch the stream, so the writer prepares the
+        // chunk of each batch in memory: the reads below meet those too.
+        let options = StorageOptions { live_chunk_bytes: max_bytes, ..options(retention) };
+        let storage = Storage::open(dir.path(), options.clone(), Hub::new()).unwrap();
+        let _watching = storage.hub().subscribe("s");
         let mut written = Vec::new();
         for batch in &batches {
             let messages = batch.iter().map(|&pad| {
@@ -159,7 +214,7 @@ proptest::proptest! {
         let epoch = storage.epoch();
         let mut storage = Some(storage);
         for pass in ["before trim", "after trim and reopen"] {
-            let store = storage.take().unwrap_or_else(|| Storage::open(dir.path(), options(retention), Hub::new()).unwrap());
+            let store = storage.take().unwrap_or_else(|| Storage::open(dir.path(), options.clone(), Hub::new()).unwrap());
             let all = read_all(&store, "s", Offset::Start, max_bytes).unwrap();
             proptest::prop_assert_eq!(&all[..], &written[first_kept as usize - 1..], "{}", pass);
             for &at in &offsets {

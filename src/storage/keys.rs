@@ -158,45 +158,30 @@ impl<'a> LogRecord<'a> {
     }
 }
 
-/// Builds one record value; see [`LogRecord`].
-pub struct RecordBuilder {
-    timestamp_ms: u64,
-    ends: Vec<u32>,
-    body: Vec<u8>,
+/// Bytes a record of `count` messages totalling `message_bytes` takes; see [`LogRecord`].
+pub fn record_len(count: usize, message_bytes: usize) -> usize {
+    RECORD_HEADER + 4 * count + message_bytes + count.saturating_sub(1)
 }
 
-impl RecordBuilder {
-    pub fn new(timestamp_ms: u64) -> RecordBuilder {
-        RecordBuilder { timestamp_ms, ends: Vec::new(), body: Vec::new() }
+/// Encodes one record value (see [`LogRecord`]) in a single exact-size allocation.
+pub fn encode_record<M: AsRef<[u8]>>(timestamp_ms: u64, messages: &[M]) -> Vec<u8> {
+    let message_bytes = messages.iter().map(|m| m.as_ref().len()).sum();
+    let mut out = Vec::with_capacity(record_len(messages.len(), message_bytes));
+    out.extend_from_slice(&timestamp_ms.to_be_bytes());
+    out.extend_from_slice(&(messages.len() as u32).to_be_bytes());
+    let mut end = 0;
+    for (i, message) in messages.iter().enumerate() {
+        end += message.as_ref().len() + usize::from(i > 0);
+        out.extend_from_slice(&(end as u32).to_be_bytes());
     }
-
-    pub fn push(&mut self, message: &[u8]) {
-        if !self.ends.is_empty() {
-            self.body.push(b',');
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        self.body.extend_from_slice(message);
-        self.ends.push(self.body.len() as u32);
+        out.extend_from_slice(message.as_ref());
     }
-
-    /// Bytes the value would take.
-    pub fn len(&self) -> usize {
-        RECORD_HEADER + 4 * self.ends.len() + self.body.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    pub fn finish(self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.len());
-        out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
-        out.extend_from_slice(&(self.ends.len() as u32).to_be_bytes());
-        for end in &self.ends {
-            out.extend_from_slice(&end.to_be_bytes());
-        }
-        out.extend_from_slice(&self.body);
-        out
-    }
+    debug_assert_eq!(out.len(), out.capacity());
+    out
 }
 
 #[cfg(test)]
@@ -214,11 +199,8 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_slice_at_message_boundaries() {
-        let mut builder = RecordBuilder::new(77);
-        for message in [&b"{\"a\":1}"[..], b"\"x,y\"", b"[]"] {
-            builder.push(message);
-        }
-        let value = builder.finish();
+        let value = encode_record(77, &[&b"{\"a\":1}"[..], b"\"x,y\"", b"[]"]);
+        assert_eq!(value.len(), record_len(3, 7 + 5 + 2));
         let key = record_key(3, 10);
         let record = LogRecord::parse(&key, &value).unwrap();
         assert_eq!((record.first_seq, record.last_seq(), record.timestamp_ms, record.count()), (10, 12, 77, 3));
@@ -232,9 +214,7 @@ mod tests {
     #[test]
     fn malformed_records_are_refused_not_panicked_on() {
         let key = record_key(1, 1);
-        let mut builder = RecordBuilder::new(1);
-        builder.push(b"123");
-        let value = builder.finish();
+        let value = encode_record(1, &[b"123"]);
         for cut in 0..value.len() {
             assert!(LogRecord::parse(&key, &value[..cut]).is_none(), "cut at {cut}");
         }

@@ -211,9 +211,7 @@ mod tests {
         let mut v1_key = keys::record_key(1, 1);
         v1_key[0] = b'L';
         batch.remove(&v1_key[..]);
-        let mut record = keys::RecordBuilder::new(1001);
-        record.push(b"1");
-        batch.insert(&keys::record_key(1, 1)[..], record.finish());
+        batch.insert(&keys::record_key(1, 1)[..], keys::encode_record(1001, &[b"1"]));
         db.apply_batch(batch).unwrap();
 
         prepare(&db).unwrap();

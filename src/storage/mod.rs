@@ -82,6 +82,9 @@ pub struct StorageOptions {
     pub retention: Retention,
     /// Byte budget of the cache of recently read chunks (0 disables it).
     pub read_cache_bytes: usize,
+    /// The chunk limit live readers read with (`ds.max_chunk_bytes`): the writer puts each
+    /// new batch of a watched stream in the chunk cache under it, see [`writer`].
+    pub live_chunk_bytes: usize,
 }
 
 /// A message ready to append: its stream and its compact JSON text.
@@ -118,7 +121,7 @@ struct Inner {
     retention: Retention,
     cache: Arc<StreamCache>,
     streams_created: Arc<std::sync::atomic::AtomicU64>,
-    chunks: chunks::ChunkCache,
+    chunks: Arc<chunks::ChunkCache>,
     writer: Mutex<Option<writer::Writer>>,
     trimmer: Mutex<Option<retention::Trimmer>>,
     /// Set by the first failed write or flush. sled 0.34 keeps an I/O error for good, so the
@@ -154,6 +157,12 @@ impl Storage {
         let cache = Arc::new(StreamCache::default());
         let db_slot = Arc::new(db_slot);
         let streams_created = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let chunks = Arc::new(chunks::ChunkCache::new(options.read_cache_bytes));
+        let live_chunks = writer::LiveChunks {
+            cache: chunks.clone(),
+            max_bytes: options.live_chunk_bytes,
+            max_messages: options.retention.max_messages,
+        };
         let writer = writer::Writer::start(
             streams_created.clone(),
             db_slot.clone(),
@@ -163,6 +172,7 @@ impl Storage {
             failed.clone(),
             state.next_stream_id,
             options.fsync,
+            live_chunks,
         );
         let trimmer = retention::Trimmer::start(db_slot.clone(), options.retention);
         drop(db);
@@ -174,7 +184,7 @@ impl Storage {
                 retention: options.retention,
                 cache,
                 streams_created,
-                chunks: chunks::ChunkCache::new(options.read_cache_bytes),
+                chunks,
                 writer: Mutex::new(Some(writer)),
                 trimmer: Mutex::new(trimmer),
                 failed,
@@ -328,12 +338,13 @@ impl Storage {
                 start = record.first_seq + from as u64 - 1;
                 first_timestamp_ms = record.timestamp_ms;
             }
-            // Take as many messages as fit (always at least one per chunk), then copy them at once.
+            // Take as many messages as fit with the closing bracket (always at least one per
+            // chunk), then copy them at once.
             let mut end = from;
             let mut size = body.len();
             while end < to {
                 let added = record.message_len(end) + usize::from(count + end - from > 0);
-                if count + end - from > 0 && size + added > max_bytes {
+                if count + end - from > 0 && size + added + 1 > max_bytes {
                     full = true;
                     break;
                 }

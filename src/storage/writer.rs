@@ -23,14 +23,16 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::cache::{StreamCache, StreamEntry};
+use super::chunks::{CachedChunk, ChunkCache};
 use super::keys::{self, StreamRecord};
 use super::slot::DbSlot;
-use super::{now_ms, NewMessage, StorageError};
+use super::{now_ms, Chunk, NewMessage, StorageError};
 use crate::hub::Hub;
-use crate::offset::Epoch;
+use crate::offset::{Epoch, Position};
 
 /// Most requests taken into one group (bounds the batch size under a burst).
 const MAX_GROUP_REQUESTS: usize = 512;
@@ -46,41 +48,54 @@ struct Run {
     /// `StreamEntry::last_timestamp_ms`).
     timestamp_ms: u64,
     last_seq: u64,
-    /// Sequence number of the first message in `record`.
-    record_first: u64,
-    record: keys::RecordBuilder,
+    /// Every message of the run, in order (reference-counted, not copied).
+    messages: Vec<Bytes>,
+    /// Index in `messages` of the open record's first message, and that record's JSON bytes.
+    record_start: usize,
+    record_bytes: usize,
 }
 
 impl Run {
     fn new(entry: Arc<StreamEntry>, now: u64) -> Run {
         let timestamp_ms = entry.last_timestamp_ms.load(Ordering::Acquire).max(now);
         let last_seq = entry.allocated.load(Ordering::Acquire);
-        Run {
-            entry,
-            timestamp_ms,
-            last_seq,
-            record_first: last_seq + 1,
-            record: keys::RecordBuilder::new(timestamp_ms),
-        }
+        Run { entry, timestamp_ms, last_seq, messages: Vec::new(), record_start: 0, record_bytes: 0 }
     }
 
-    fn push(&mut self, json: &[u8], records: &mut Vec<([u8; 17], Vec<u8>)>) {
-        if !self.record.is_empty() && self.record.len() + json.len() + 5 > MAX_RECORD_BYTES {
+    fn push(&mut self, json: &Bytes, records: &mut Vec<([u8; 17], Vec<u8>)>) {
+        let open = self.messages.len() - self.record_start;
+        if open > 0 && keys::record_len(open + 1, self.record_bytes + json.len()) > MAX_RECORD_BYTES {
             self.close(records);
         }
-        self.record.push(json);
+        self.messages.push(json.clone());
+        self.record_bytes += json.len();
         self.last_seq += 1;
     }
 
     /// Adds the open record to `records` (key, value) and starts the next one.
     fn close(&mut self, records: &mut Vec<([u8; 17], Vec<u8>)>) {
-        if self.record.is_empty() {
+        let open = &self.messages[self.record_start..];
+        if open.is_empty() {
             return;
         }
-        let record = std::mem::replace(&mut self.record, keys::RecordBuilder::new(self.timestamp_ms));
-        records.push((keys::record_key(self.entry.id, self.record_first), record.finish()));
-        self.record_first = self.last_seq + 1;
+        let first_seq = self.last_seq - open.len() as u64 + 1;
+        records.push((keys::record_key(self.entry.id, first_seq), keys::encode_record(self.timestamp_ms, open)));
+        self.record_start = self.messages.len();
+        self.record_bytes = 0;
     }
+}
+
+/// Where the writer leaves each new batch of a watched stream, ready for its live readers.
+///
+/// Live readers all wait at the stream's previous tail, and all read with the same chunk limit
+/// (`ds.max_chunk_bytes`). Putting the chunk they are about to read into the chunk cache before
+/// waking them lets every one of them, the first included, answer from memory: no trip to the
+/// blocking pool, no log scan, and no race of several readers missing the cache at once.
+pub(crate) struct LiveChunks {
+    pub(crate) cache: Arc<ChunkCache>,
+    pub(crate) max_bytes: usize,
+    /// Retention count limit (0: none). A batch larger than it starts outside the window.
+    pub(crate) max_messages: u64,
 }
 
 pub(crate) type Done = oneshot::Sender<Result<(), StorageError>>;
@@ -109,6 +124,7 @@ struct State {
     fsync: bool,
     /// When recovery was last tried (at most once per `RECOVERY_INTERVAL`).
     last_recovery: Option<std::time::Instant>,
+    live: LiveChunks,
 }
 
 impl Writer {
@@ -122,10 +138,21 @@ impl Writer {
         failed: Arc<AtomicBool>,
         next_stream_id: u64,
         fsync: bool,
+        live: LiveChunks,
     ) -> Writer {
         streams_created.store(next_stream_id - 1, Ordering::Relaxed);
-        let state =
-            State { streams_created, slot, epoch, cache, hub, failed, next_stream_id, fsync, last_recovery: None };
+        let state = State {
+            streams_created,
+            slot,
+            epoch,
+            cache,
+            hub,
+            failed,
+            next_stream_id,
+            fsync,
+            last_recovery: None,
+            live,
+        };
         let (sender, receiver) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("ds-writer".into())
@@ -186,13 +213,14 @@ impl State {
         }
         let db = self.slot.get()?;
         let started = std::time::Instant::now();
-        let published = self.apply(&db, group)?;
+        let runs = self.apply(&db, group)?;
         crate::metrics::get().append_seconds.observe(started.elapsed().as_secs_f64());
         if self.fsync {
             self.flush(&db, group.len())?;
         }
-        for (entry, seq) in published {
-            entry.publish(seq, &self.hub);
+        for run in runs {
+            self.prefill_live_chunk(&run);
+            run.entry.publish(run.last_seq, &self.hub);
         }
         Ok(())
     }
@@ -250,11 +278,11 @@ impl State {
         result
     }
 
-    /// Applies a group of requests as one batch; returns each touched stream's new last seq.
+    /// Applies a group of requests as one batch; returns what it appended to each stream.
     ///
     /// Each stream's messages in the group become one log record (more if they exceed
     /// [`MAX_RECORD_BYTES`]), so sled sees one key per stream per group, not one per message.
-    fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Vec<(Arc<StreamEntry>, u64)>, StorageError> {
+    fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Vec<Run>, StorageError> {
         let now = now_ms();
         let mut records = Vec::new();
         let mut created: Vec<(Arc<str>, u64)> = Vec::new();
@@ -312,14 +340,47 @@ impl State {
         if !created.is_empty() {
             self.streams_created.store(self.next_stream_id - 1, Ordering::Relaxed);
         }
-        Ok(runs
-            .into_iter()
-            .map(|run| {
-                run.entry.allocated.store(run.last_seq, Ordering::Release);
-                run.entry.last_timestamp_ms.store(run.timestamp_ms, Ordering::Release);
-                (run.entry, run.last_seq)
-            })
-            .collect())
+        for run in &runs {
+            run.entry.allocated.store(run.last_seq, Ordering::Release);
+            run.entry.last_timestamp_ms.store(run.timestamp_ms, Ordering::Release);
+        }
+        Ok(runs)
+    }
+
+    /// Caches the chunk that live readers of `run`'s stream will read next (see [`LiveChunks`]),
+    /// exactly as `Storage::scan` would build it; skipped when nobody watches the stream, or
+    /// when such a read would not return exactly this run.
+    fn prefill_live_chunk(&self, run: &Run) {
+        let count = run.messages.len();
+        let after = run.last_seq - count as u64;
+        let limit = self.live.max_messages;
+        let json_bytes: usize = run.messages.iter().map(Bytes::len).sum();
+        // `Storage::scan` always takes the first message, then stops before one that would
+        // take the body past the limit.
+        let fits = count == 1 || json_bytes + (count - 1) + 2 <= self.live.max_bytes;
+        let in_window = limit == 0 || count as u64 <= limit;
+        let readers_wait_at_after = run.entry.visible.load(Ordering::Acquire) == after;
+        if !fits || !in_window || !readers_wait_at_after || !self.hub.is_watched(&run.entry.name) {
+            return;
+        }
+        let mut body = Vec::with_capacity(json_bytes + count + 1);
+        body.push(b'[');
+        for (i, message) in run.messages.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(message);
+        }
+        body.push(b']');
+        let chunk = Chunk {
+            body: Bytes::from(body),
+            count,
+            start: Position { epoch: self.epoch, seq: after },
+            next: Position { epoch: self.epoch, seq: run.last_seq },
+            up_to_date: true,
+        };
+        let cached = CachedChunk { chunk, last: run.last_seq, first_timestamp_ms: run.timestamp_ms, full: false };
+        self.live.cache.put(run.entry.id, after, self.live.max_bytes, cached);
     }
 
     /// Makes a new stream's entry; `apply` writes its name and stream record.

@@ -63,8 +63,7 @@ fn parse_options() -> Options {
         seconds: 10,
         connections: 1000,
         streams: 10_000,
-        ours_bin: std::env::var("DS_OURS_BIN")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/anycable-ds").into()),
+        ours_bin: concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/anycable-ds").into(),
         peer_bin: std::env::var("DS_PEER_BIN").unwrap_or_else(|_| "durable-streams-server".into()),
         fsync: true,
         plot: None,

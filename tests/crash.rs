@@ -1,6 +1,7 @@
 //! Crash test: concurrent writers, SIGKILL at random moments, restart, check that every
-//! acknowledged message is there exactly once and in order, and that tokens saved before the
-//! crash still resume exactly after their message.
+//! acknowledged message is there exactly once and in order, that every broadcast request is
+//! there whole or not at all (acknowledged or not, one stream or two), and that tokens saved
+//! before the crash still resume exactly after their message.
 //!
 //! CI runs a few cycles; `ANYCABLE_DS_SOAK_CYCLES=200 cargo test --release --test crash` runs a
 //! long soak.
@@ -15,6 +16,17 @@ use common::{temp_dir, Rng, Server};
 use serde_json::{json, Value};
 
 const WRITERS: u64 = 4;
+/// Messages per request of writers 1 and 3 (writers 0 and 2 send one). Writer 3's requests
+/// alternate streams message by message, so they span both.
+const BATCH: u64 = 5;
+
+fn stream_of(writer: u64, request_start: u64, index: u64) -> &'static str {
+    if writer == 3 {
+        STREAMS[(index % 2) as usize]
+    } else {
+        STREAMS[(request_start % 2) as usize]
+    }
+}
 const STREAMS: [&str; 2] = ["crash-a", "crash-b"];
 
 #[derive(Default)]
@@ -45,17 +57,17 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
             saved.drain(2..saved.len() - 6);
         }
         let base = server.url("");
+        let starts = next_index.clone();
         let mut writers = Vec::new();
         for w in 0..WRITERS {
             let (acked, base, client) = (acked.clone(), base.clone(), server.client.clone());
             let start = next_index[w as usize];
-            let batch = (w % 2) as usize * 4 + 1; // writers 1 and 3 send batches of 5
+            let batch = if w % 2 == 1 { BATCH } else { 1 };
             writers.push(tokio::spawn(async move {
                 let mut i = start;
                 loop {
-                    let stream = STREAMS[(i % 2) as usize];
-                    let items: Vec<Value> = (i..i + batch as u64)
-                        .map(|k| json!({"stream": stream, "data": json!({"w": w, "i": k}).to_string()}))
+                    let items: Vec<Value> = (i..i + batch)
+                        .map(|k| json!({"stream": stream_of(w, i, k), "data": json!({"w": w, "i": k}).to_string()}))
                         .collect();
                     let body = if batch == 1 { items[0].to_string() } else { Value::Array(items).to_string() };
                     let sent =
@@ -63,14 +75,14 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
                     match sent {
                         Ok(response) if response.status() == 201 => {
                             let mut acked = acked.lock().unwrap();
-                            for k in i..i + batch as u64 {
-                                acked.messages.insert((stream.to_string(), w, k));
+                            for k in i..i + batch {
+                                acked.messages.insert((stream_of(w, i, k).to_string(), w, k));
                             }
                         }
                         Ok(response) => panic!("unexpected status {}", response.status()),
                         Err(_) => return i, // the server died under us: not acknowledged
                     }
-                    i += batch as u64;
+                    i += batch;
                 }
             }));
         }
@@ -94,6 +106,25 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_message() {
 
         server.restart();
         let acked_now = std::mem::take(&mut acked.lock().unwrap().messages);
+        // Every request of this cycle is there whole or not at all, even one that was never
+        // answered and even one that spans both streams.
+        let mut present: HashSet<(String, u64, u64)> = HashSet::new();
+        for stream in STREAMS {
+            let (messages, _, _) = server.read(stream, "-1").await;
+            present.extend(
+                messages.iter().map(|m| (stream.to_string(), m["w"].as_u64().unwrap(), m["i"].as_u64().unwrap())),
+            );
+        }
+        for (_, w, k) in present.iter().filter(|(_, w, k)| w % 2 == 1 && *k >= starts[*w as usize]) {
+            let request_start = starts[*w as usize] + (k - starts[*w as usize]) / BATCH * BATCH;
+            for member in request_start..request_start + BATCH {
+                let expected = (stream_of(*w, request_start, member).to_string(), *w, member);
+                assert!(
+                    present.contains(&expected),
+                    "cycle {cycle}: request {w}/{request_start} half stored (seed {seed})"
+                );
+            }
+        }
         for stream in STREAMS {
             let (messages, _, up_to_date) = server.read(stream, "-1").await;
             assert!(up_to_date, "one chunk holds the whole stream");

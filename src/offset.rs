@@ -54,7 +54,14 @@ pub struct Position {
 
 impl Position {
     pub fn token(&self) -> String {
-        format!("{}_{:0width$}", self.epoch, self.seq, width = SEQ_DIGITS)
+        self.to_string()
+    }
+}
+
+/// The position as its token (`<epoch>_<20-digit seq>`).
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}_{:0width$}", self.epoch, self.seq, width = SEQ_DIGITS)
     }
 }
 

@@ -2,17 +2,17 @@
 //!
 //! # Ordering and durability
 //!
-//! One writer thread ([`writer`]) allocates sequence numbers and applies one atomic
-//! `sled::Batch` per group of waiting broadcasts. The messages are then written but not yet
-//! durable, so readers must not see them: a reader that saw message 11 before a crash would
+//! One writer thread ([`writer`]) allocates sequence numbers and writes each group of waiting
+//! broadcasts to sled, one log record per stream (each request atomic, see [`writer`]). The
+//! messages are then written but not yet durable, so readers must not see them: a reader that saw message 11 before a crash would
 //! hold a token for a number that the restarted server hands out again. Each stream therefore
 //! has two tails:
 //!
 //! * `allocated`: the last sequence number written to sled (changed only by the writer);
 //! * `visible`: the last one that is durable; readers never read past it.
 //!
-//! The same thread then flushes sled once for the group, raises `visible` and wakes the hub. Because all numbers up to a stream's `allocated` were applied before that flush
-//! began, raising `visible` to the highest flushed number never exposes a gap (the visibility
+//! The same thread then flushes sled once for the group, raises `visible` and wakes the hub.
+//! Because all numbers up to a stream's `allocated` were applied before that flush began, raising `visible` to the highest flushed number never exposes a gap (the visibility
 //! race of PITFALLS.md cannot happen).
 //!
 //! Stream entries are loaded lazily (a restart reads no history), see [`cache`].

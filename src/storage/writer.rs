@@ -1,12 +1,14 @@
 //! The writer thread: the only code that appends to the log, and its group commit.
 //!
 //! Broadcast handlers hand their messages over a channel and await a oneshot. The thread takes
-//! every request that is waiting, allocates sequence numbers, applies **one** `sled::Batch` for
-//! the whole group (atomic: each request is stored whole or not at all, and so is the group),
-//! calls the blocking `Db::flush()` once (which makes every write applied before it durable),
-//! then publishes the new tails, wakes the hub and answers every request of the group. While it
-//! works, the next requests pile up in the channel and form the next group, so fsyncs per
-//! second stay bounded by the disk while throughput grows with concurrency.
+//! every request that is waiting, allocates sequence numbers, turns each stream's messages into
+//! a log record and writes the group with one `sled::Batch`, or with plain inserts when every
+//! request is a single key (either way each request is stored whole or not at all). It then
+//! calls the blocking `Db::flush()` once, which makes every write applied before it durable,
+//! and `fdatasync`s sled's file (see `slot.rs`); then it publishes the new tails, wakes the hub
+//! and answers every request of the group. While it works, the next requests pile up in the
+//! channel and form the next group, so syncs per second stay bounded by the disk while
+//! throughput grows with concurrency.
 //!
 //! Why this shape (all measured with `ds_bench ingest`, see docs/PERFORMANCE.md):
 //! - not `flush_async`: it deadlocks under concurrent callers in sled 0.34 (PITFALLS.md);

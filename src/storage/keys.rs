@@ -117,7 +117,9 @@ impl<'a> LogRecord<'a> {
         let ends = value.get(RECORD_HEADER..body_start)?;
         let body = value.get(body_start..)?;
         let record = LogRecord { first_seq, timestamp_ms, count, ends, body };
-        (count > 0 && record.end(count - 1) == body.len()).then_some(record)
+        // Sequence numbers start at 1 and never wrap; the last end closes the body.
+        let seqs_valid = first_seq > 0 && first_seq.checked_add(count as u64).is_some();
+        (count > 0 && seqs_valid && record.end(count - 1) == body.len()).then_some(record)
     }
 
     pub fn count(&self) -> usize {
@@ -222,6 +224,8 @@ mod tests {
         huge_count[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(LogRecord::parse(&key, &huge_count).is_none());
         assert!(LogRecord::parse(&key[..5], &value).is_none());
+        assert!(LogRecord::parse(&record_key(1, 0), &value).is_none(), "sequence numbers start at 1");
+        assert!(LogRecord::parse(&record_key(1, u64::MAX), &value).is_none(), "no wrap");
     }
 
     #[test]

@@ -145,6 +145,11 @@ impl<'a> LogRecord<'a> {
         }
     }
 
+    /// Bytes of the whole body (messages and the commas between them).
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
     /// Length of message `i` in bytes.
     pub fn message_len(&self, i: usize) -> usize {
         self.end(i).saturating_sub(self.start(i))

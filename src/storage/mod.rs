@@ -301,7 +301,7 @@ impl Storage {
         expired_before: u64,
         max_bytes: usize,
     ) -> Result<Chunk, ReadError> {
-        let mut body = Vec::with_capacity(256);
+        let mut body = Vec::new();
         body.push(b'[');
         let mut count = 0;
         let mut start = after;
@@ -337,6 +337,11 @@ impl Storage {
                 }
                 start = record.first_seq + from as u64 - 1;
                 first_timestamp_ms = record.timestamp_ms;
+                // Size the body once from this record's mean message size instead of letting
+                // a multi-megabyte chunk grow by doubling (each step copies it all again).
+                let per_message = record.body_len() / record.count() + 1;
+                let expected = (tail - start).saturating_mul(per_message as u64).saturating_add(2);
+                body.reserve(expected.min(max_bytes as u64) as usize);
             }
             // Take as many messages as fit with the closing bracket (always at least one per
             // chunk), then copy them at once.

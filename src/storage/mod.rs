@@ -158,11 +158,7 @@ impl Storage {
         let db_slot = Arc::new(db_slot);
         let streams_created = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let chunks = Arc::new(chunks::ChunkCache::new(options.read_cache_bytes));
-        let live_chunks = writer::LiveChunks {
-            cache: chunks.clone(),
-            max_bytes: options.live_chunk_bytes,
-            max_messages: options.retention.max_messages,
-        };
+        let live_chunks = writer::LiveChunks { cache: chunks.clone(), max_bytes: options.live_chunk_bytes };
         let writer = writer::Writer::start(
             streams_created.clone(),
             db_slot.clone(),

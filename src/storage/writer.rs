@@ -96,8 +96,6 @@ impl Run {
 pub(crate) struct LiveChunks {
     pub(crate) cache: Arc<ChunkCache>,
     pub(crate) max_bytes: usize,
-    /// Retention count limit (0: none). A batch larger than it starts outside the window.
-    pub(crate) max_messages: u64,
 }
 
 pub(crate) type Done = oneshot::Sender<Result<(), StorageError>>;
@@ -366,14 +364,14 @@ impl State {
     fn prefill_live_chunk(&self, run: &Run) {
         let count = run.messages.len();
         let after = run.last_seq - count as u64;
-        let limit = self.live.max_messages;
         let json_bytes: usize = run.messages.iter().map(Bytes::len).sum();
         // `Storage::scan` always takes the first message, then stops before one that would
         // take the body past the limit.
         let fits = count == 1 || json_bytes + (count - 1) + 2 <= self.live.max_bytes;
-        let in_window = limit == 0 || count as u64 <= limit;
+        // (A batch longer than the retention count limit needs no check: reads at `after` are
+        // then answered 410 before the cache is consulted.)
         let readers_wait_at_after = run.entry.visible.load(Ordering::Acquire) == after;
-        if !fits || !in_window || !readers_wait_at_after || !self.hub.is_watched(&run.entry.name) {
+        if !fits || !readers_wait_at_after || !self.hub.is_watched(&run.entry.name) {
             return;
         }
         let mut body = Vec::with_capacity(json_bytes + count + 1);

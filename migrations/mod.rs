@@ -9,9 +9,10 @@
 //! layouts. See `README.md` beside this file for what each layout looks like.
 
 mod v1_to_v2;
+mod v2_to_v3;
 
 /// The layout this build reads and writes.
-pub const CURRENT_LAYOUT: u32 = 2;
+pub const CURRENT_LAYOUT: u32 = 3;
 
 /// Reports progress of a long step (one line each).
 pub type Progress<'a> = &'a dyn Fn(&str);
@@ -24,8 +25,11 @@ pub struct Step {
 }
 
 /// Steps in order; `STEPS[i].from == i + 1`.
-pub const STEPS: &[Step] = &[Step {
-    from: 1,
-    description: "one log record per group of messages instead of one key per message",
-    run: v1_to_v2::run,
-}];
+pub const STEPS: &[Step] = &[
+    Step {
+        from: 1,
+        description: "one log record per group of messages instead of one key per message",
+        run: v1_to_v2::run,
+    },
+    Step { from: 2, description: "expired streams may be removed (store-wide sequence floor)", run: v2_to_v3::run },
+];

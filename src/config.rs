@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// Most open client connections; 0 derives it from the open-file limit. Beyond it new
     /// connections wait in the listen backlog.
     pub max_connections: u64,
+    /// Seconds a response may go without the client taking any of it before the connection
+    /// is closed (a client that stops reading holds no memory beyond this).
+    pub write_timeout: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +80,12 @@ pub struct DsConfig {
     /// Most long-poll and SSE readers at once (0 = bounded only by connections); beyond it
     /// live reads answer 503.
     pub max_live_readers: u64,
+    /// Most bytes of read responses held for clients that have not taken them yet (a buffer
+    /// shared by many responses counts once); beyond it reads answer 503.
+    pub max_unsent_bytes: u64,
+    /// Most bytes of transient (`meta.transient`) batches kept for live readers, all streams
+    /// together; beyond it new transient batches are dropped.
+    pub max_transient_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +108,10 @@ pub struct StorageConfig {
     pub cache_capacity: u64,
     /// Byte budget of the cache of recently read chunks (0 disables it).
     pub read_cache_bytes: u64,
+    /// Most stream entries kept in memory; entries idle for 30 s leave earlier.
+    pub max_streams_loaded: u64,
+    /// Most bytes of broadcasts waiting to be written; beyond it broadcasts answer 503.
+    pub max_queued_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -146,6 +159,7 @@ impl Default for ServerConfig {
             health_path: "/health".into(),
             workers: 0,
             max_connections: 0,
+            write_timeout: 30,
         }
     }
 }
@@ -158,7 +172,9 @@ impl Default for DsConfig {
             poll_interval: 10,
             sse_ttl: 60,
             max_chunk_bytes: 4 * 1024 * 1024,
-            max_live_readers: 0,
+            max_live_readers: 10_000,
+            max_unsent_bytes: 256 * 1024 * 1024,
+            max_transient_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -176,6 +192,8 @@ impl Default for StorageConfig {
             fsync: true,
             cache_capacity: 64 * 1024 * 1024,
             read_cache_bytes: 64 * 1024 * 1024,
+            max_streams_loaded: 100_000,
+            max_queued_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -247,6 +265,9 @@ pub struct Cli {
     /// Most open connections, 0 = from the open-file limit (server.max_connections) [default: 0]
     #[arg(long = "max_connections", env = "ANYCABLE_MAX_CONNECTIONS")]
     pub max_connections: Option<u64>,
+    /// Seconds a response may make no progress before its connection is closed (server.write_timeout) [default: 30]
+    #[arg(long = "write_timeout", env = "ANYCABLE_WRITE_TIMEOUT")]
+    pub write_timeout: Option<u64>,
 
     /// URL prefix of Durable Streams reads (ds.path) [default: /ds]
     #[arg(long = "ds_path", env = "ANYCABLE_DS_PATH")]
@@ -263,9 +284,15 @@ pub struct Cli {
     /// Maximum message bytes per read response (ds.max_chunk_bytes) [default: 4194304]
     #[arg(long = "ds_max_chunk_bytes", env = "ANYCABLE_DS_MAX_CHUNK_BYTES")]
     pub ds_max_chunk_bytes: Option<u64>,
-    /// Most live (long-poll + SSE) readers, 0 = no limit but connections (ds.max_live_readers) [default: 0]
+    /// Most live (long-poll + SSE) readers, 0 = no limit but connections (ds.max_live_readers) [default: 10000]
     #[arg(long = "ds_max_live_readers", env = "ANYCABLE_DS_MAX_LIVE_READERS")]
     pub ds_max_live_readers: Option<u64>,
+    /// Most bytes of read responses not yet taken by their clients (ds.max_unsent_bytes) [default: 268435456]
+    #[arg(long = "ds_max_unsent_bytes", env = "ANYCABLE_DS_MAX_UNSENT_BYTES")]
+    pub ds_max_unsent_bytes: Option<u64>,
+    /// Most bytes of transient batches kept for live readers (ds.max_transient_bytes) [default: 67108864]
+    #[arg(long = "ds_max_transient_bytes", env = "ANYCABLE_DS_MAX_TRANSIENT_BYTES")]
+    pub ds_max_transient_bytes: Option<u64>,
 
     /// Messages kept per stream, 0 = unlimited (broker.history_limit) [default: 100]
     #[arg(long = "history_limit", env = "ANYCABLE_HISTORY_LIMIT")]
@@ -286,6 +313,12 @@ pub struct Cli {
     /// Byte budget of the read chunk cache, 0 disables it (storage.read_cache_bytes) [default: 67108864]
     #[arg(long = "storage_read_cache_bytes", env = "ANYCABLE_STORAGE_READ_CACHE_BYTES")]
     pub storage_read_cache_bytes: Option<u64>,
+    /// Most stream entries in memory (storage.max_streams_loaded) [default: 100000]
+    #[arg(long = "storage_max_streams_loaded", env = "ANYCABLE_STORAGE_MAX_STREAMS_LOADED")]
+    pub storage_max_streams_loaded: Option<u64>,
+    /// Most bytes of broadcasts waiting to be written (storage.max_queued_bytes) [default: 67108864]
+    #[arg(long = "storage_max_queued_bytes", env = "ANYCABLE_STORAGE_MAX_QUEUED_BYTES")]
+    pub storage_max_queued_bytes: Option<u64>,
 
     /// Secret for signed stream names (streams.secret) [default: from secret]
     #[arg(long = "streams_secret", env = "ANYCABLE_STREAMS_SECRET", hide_env_values = true)]
@@ -343,18 +376,23 @@ impl Cli {
         push(&mut out, "server.health_path", &self.health_path);
         push(&mut out, "server.workers", &self.workers.map(|v| v as u64));
         push(&mut out, "server.max_connections", &self.max_connections);
+        push(&mut out, "server.write_timeout", &self.write_timeout);
         push(&mut out, "ds.path", &self.ds_path);
         push(&mut out, "ds.skip_auth", &self.ds_skip_auth);
         push(&mut out, "ds.poll_interval", &self.ds_poll_interval);
         push(&mut out, "ds.sse_ttl", &self.ds_sse_ttl);
         push(&mut out, "ds.max_chunk_bytes", &self.ds_max_chunk_bytes);
         push(&mut out, "ds.max_live_readers", &self.ds_max_live_readers);
+        push(&mut out, "ds.max_unsent_bytes", &self.ds_max_unsent_bytes);
+        push(&mut out, "ds.max_transient_bytes", &self.ds_max_transient_bytes);
         push(&mut out, "broker.history_limit", &self.history_limit);
         push(&mut out, "broker.history_ttl", &self.history_ttl);
         push(&mut out, "storage.data_dir", &path_str(&self.data_dir));
         push(&mut out, "storage.fsync", &self.storage_fsync);
         push(&mut out, "storage.cache_capacity", &self.storage_cache_capacity);
         push(&mut out, "storage.read_cache_bytes", &self.storage_read_cache_bytes);
+        push(&mut out, "storage.max_streams_loaded", &self.storage_max_streams_loaded);
+        push(&mut out, "storage.max_queued_bytes", &self.storage_max_queued_bytes);
         push(&mut out, "streams.secret", &self.streams_secret);
         push(&mut out, "streams.public", &self.public_streams);
         push(&mut out, "jwt.secret", &self.jwt_secret);

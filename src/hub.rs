@@ -8,7 +8,9 @@
 //!
 //! The one exception is transient broadcasts (`meta.transient`): they have no offset and are
 //! never stored, so the hub hands their bodies to whoever is subscribed at that moment, keeping
-//! the last few so a reader that was busy when two arrived still gets both.
+//! the last few so a reader that was busy when two arrived still gets both. What is kept is
+//! bounded per stream (count and bytes) and in total (`ds.max_transient_bytes`): a batch
+//! counts from the moment it is kept until the last holder drops it.
 //!
 //! Each stream's entry is a `tokio::sync::watch` sender holding the last published tail. Unlike
 //! `Notify::notify_waiters`, a watch channel remembers that a change happened while nobody was
@@ -28,12 +30,28 @@ use tokio::sync::watch;
 
 /// Transient batches a stream keeps for subscribers that have not looked yet.
 const TRANSIENT_KEPT: usize = 16;
+/// Bytes of transient batches one stream keeps (the newest batch is always kept).
+const TRANSIENT_STREAM_BYTES: usize = 1024 * 1024;
 
 /// Messages delivered live only: a JSON array, in one body.
 #[derive(Debug)]
 pub struct Transient {
     pub id: u64,
     pub body: Bytes,
+    budget: Arc<TransientBudget>,
+}
+
+impl Drop for Transient {
+    fn drop(&mut self) {
+        self.budget.bytes.fetch_sub(self.body.len(), std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Bytes of transient batches alive, all streams together.
+#[derive(Debug, Default)]
+struct TransientBudget {
+    bytes: std::sync::atomic::AtomicUsize,
+    max: usize,
 }
 
 /// What a stream's watch channel carries.
@@ -43,15 +61,32 @@ struct StreamState {
     transient: std::collections::VecDeque<Arc<Transient>>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Hub {
     streams: Arc<Mutex<HashMap<Arc<str>, watch::Sender<StreamState>>>>,
     transient_ids: Arc<std::sync::atomic::AtomicU64>,
+    transient_budget: Arc<TransientBudget>,
+}
+
+impl Default for Hub {
+    fn default() -> Hub {
+        Hub::new(64 * 1024 * 1024)
+    }
 }
 
 impl Hub {
-    pub fn new() -> Hub {
-        Hub::default()
+    /// A hub that keeps at most `max_transient_bytes` of transient batches.
+    pub fn new(max_transient_bytes: usize) -> Hub {
+        Hub {
+            streams: Arc::default(),
+            transient_ids: Arc::default(),
+            transient_budget: Arc::new(TransientBudget { bytes: Default::default(), max: max_transient_bytes }),
+        }
+    }
+
+    /// Bytes of transient batches alive now.
+    pub fn transient_bytes(&self) -> usize {
+        self.transient_budget.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts watching `stream`. Every [`Hub::wake`] for it after this call resolves the
@@ -80,18 +115,30 @@ impl Hub {
     }
 
     /// Hands a transient batch (a JSON array body) to the stream's current subscribers; without
-    /// subscribers it is dropped, as transient messages are.
+    /// subscribers it is dropped, as transient messages are, and so it is when the hub already
+    /// keeps `max_transient_bytes` of them (counted in `ds_transient_dropped_total`).
     pub fn push_transient(&self, stream: &str, body: Bytes) {
+        use std::sync::atomic::Ordering;
         let streams = self.streams.lock().expect("hub lock");
-        if let Some(sender) = streams.get(stream) {
-            let id = self.transient_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            sender.send_modify(|state| {
-                if state.transient.len() == TRANSIENT_KEPT {
-                    state.transient.pop_front();
-                }
-                state.transient.push_back(Arc::new(Transient { id, body }));
-            });
+        let Some(sender) = streams.get(stream) else { return };
+        let budget = &self.transient_budget;
+        let len = body.len();
+        if budget.bytes.fetch_add(len, Ordering::AcqRel) + len > budget.max {
+            budget.bytes.fetch_sub(len, Ordering::AcqRel);
+            crate::metrics::get().transient_dropped.inc();
+            return;
         }
+        let id = self.transient_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let batch = Arc::new(Transient { id, body, budget: budget.clone() });
+        sender.send_modify(|state| {
+            state.transient.push_back(batch);
+            let mut kept: usize = state.transient.iter().map(|t| t.body.len()).sum();
+            while state.transient.len() > TRANSIENT_KEPT || (state.transient.len() > 1 && kept > TRANSIENT_STREAM_BYTES)
+            {
+                let Some(oldest) = state.transient.pop_front() else { break };
+                kept -= oldest.body.len();
+            }
+        });
     }
 
     /// Whether anybody is subscribed to `stream` right now.
@@ -162,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn wake_reaches_subscribers_of_that_stream_only() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let mut a = hub.subscribe("a");
         let mut b = hub.subscribe("b");
         hub.wake("a", 1);
@@ -172,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wake_before_waiting_is_not_lost() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let mut sub = hub.subscribe("s");
         hub.wake("s", 7);
         tokio::time::timeout(Duration::from_secs(1), sub.changed()).await.expect("woken");
@@ -180,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn transient_batches_reach_current_subscribers_once() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         hub.push_transient("s", Bytes::from_static(b"[0]")); // nobody listening: dropped
         let mut sub = hub.subscribe("s");
         hub.push_transient("s", Bytes::from_static(b"[1]"));
@@ -194,8 +241,28 @@ mod tests {
     }
 
     #[test]
+    fn transient_batches_are_bounded_per_stream_and_in_total() {
+        let hub = Hub::new(3000);
+        let mut a = hub.subscribe("a");
+        let _b = hub.subscribe("b");
+        for i in 0..20u8 {
+            hub.push_transient("a", Bytes::from(vec![i; 100]));
+        }
+        assert_eq!(hub.transient_bytes(), 16 * 100, "16 batches kept per stream");
+        hub.push_transient("b", Bytes::from(vec![0; 1400]));
+        assert_eq!(hub.transient_bytes(), 3000);
+        hub.push_transient("b", Bytes::from(vec![1; 1]));
+        assert_eq!(hub.transient_bytes(), 3000, "over the total: dropped");
+        let taken = a.take_transient();
+        assert_eq!(taken.first().map(|t| t.body[0]), Some(4), "the oldest went first");
+        drop(taken);
+        drop(a);
+        assert_eq!(hub.transient_bytes(), 1400, "dropped with the last subscriber of the stream");
+    }
+
+    #[test]
     fn entries_go_away_with_their_last_subscriber() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let a = hub.subscribe("s");
         let b = hub.subscribe("s");
         assert_eq!((hub.streams_watched(), hub.subscribers()), (1, 2));

@@ -27,6 +27,17 @@ pub struct Metrics {
     pub streams_loaded: IntGauge,
     pub streams_total: IntGauge,
     pub hub_streams: IntGauge,
+    pub streams_evicted: IntCounter,
+    pub streams_removed: IntCounter,
+    pub writer_queue_bytes: IntGauge,
+    pub writer_queue_refused: IntCounter,
+    pub read_cache_bytes: IntGauge,
+    pub unsent_bytes: IntGauge,
+    pub unsent_refused: IntCounter,
+    pub transient_bytes: IntGauge,
+    pub transient_dropped: IntCounter,
+    pub live_readers_refused: IntCounter,
+    pub stalled_disconnects: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -95,6 +106,58 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         streams_loaded: register(&r, IntGauge::new("ds_streams_loaded", "Streams held in memory").unwrap()),
         streams_total: register(&r, IntGauge::new("ds_streams_num", "Streams ever written to the store").unwrap()),
         hub_streams: register(&r, IntGauge::new("ds_hub_streams", "Streams with live readers waiting").unwrap()),
+        streams_evicted: register(
+            &r,
+            IntCounter::new("ds_streams_evicted_total", "Idle stream entries dropped from memory").unwrap(),
+        ),
+        streams_removed: register(
+            &r,
+            IntCounter::new("ds_streams_removed_total", "Streams removed from disk once all their messages expired")
+                .unwrap(),
+        ),
+        writer_queue_bytes: register(
+            &r,
+            IntGauge::new("ds_writer_queue_bytes", "Bytes of broadcasts waiting to be written").unwrap(),
+        ),
+        writer_queue_refused: register(
+            &r,
+            IntCounter::new("ds_writer_queue_refused_total", "Broadcasts refused because the writer queue was full")
+                .unwrap(),
+        ),
+        read_cache_bytes: register(
+            &r,
+            IntGauge::new("ds_read_cache_bytes", "Bytes held by the read chunk cache, overhead included").unwrap(),
+        ),
+        unsent_bytes: register(
+            &r,
+            IntGauge::new("ds_unsent_bytes", "Bytes of read responses not yet taken by their clients").unwrap(),
+        ),
+        unsent_refused: register(
+            &r,
+            IntCounter::new("ds_unsent_refused_total", "Reads refused because ds.max_unsent_bytes was reached")
+                .unwrap(),
+        ),
+        transient_bytes: register(
+            &r,
+            IntGauge::new("ds_transient_bytes", "Bytes of transient batches kept for live readers").unwrap(),
+        ),
+        transient_dropped: register(
+            &r,
+            IntCounter::new("ds_transient_dropped_total", "Transient batches dropped by ds.max_transient_bytes")
+                .unwrap(),
+        ),
+        live_readers_refused: register(
+            &r,
+            IntCounter::new("ds_live_readers_refused_total", "Live reads refused by ds.max_live_readers").unwrap(),
+        ),
+        stalled_disconnects: register(
+            &r,
+            IntCounterVec::new(
+                Opts::new("ds_stalled_disconnects_total", "Connections closed because their client stopped reading"),
+                &["reason"],
+            )
+            .unwrap(),
+        ),
         registry: r,
     }
 });

@@ -27,6 +27,8 @@ pub fn storage_options(config: &Config) -> StorageOptions {
         read_cache_bytes: usize::try_from(config.storage.read_cache_bytes).unwrap_or(usize::MAX),
         fsync: config.storage.fsync,
         live_chunk_bytes: usize::try_from(config.ds.max_chunk_bytes).unwrap_or(usize::MAX),
+        max_streams_loaded: usize::try_from(config.storage.max_streams_loaded).unwrap_or(usize::MAX),
+        max_queued_bytes: usize::try_from(config.storage.max_queued_bytes).unwrap_or(usize::MAX),
         retention: Retention {
             max_messages: config.broker.history_limit,
             max_age: Duration::from_secs(config.broker.history_ttl),
@@ -37,18 +39,34 @@ pub fn storage_options(config: &Config) -> StorageOptions {
 /// Runs the server until a signal stops it. Must run inside an actix system.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
-    let storage = Storage::open(&config.storage.data_dir, storage_options(&config), Hub::new())?;
+    let storage = Storage::open(
+        &config.storage.data_dir,
+        storage_options(&config),
+        Hub::new(usize::try_from(config.ds.max_transient_bytes).unwrap_or(usize::MAX)),
+    )?;
     let shutdown = CancellationToken::new();
     let state = AppState::new(storage.clone(), config.clone(), shutdown.clone());
 
+    http::watchdog::start(Duration::from_secs(config.server.write_timeout));
+    http::body::init(usize::try_from(config.ds.max_unsent_bytes).unwrap_or(usize::MAX));
     let app_config = config.clone();
-    let mut server =
-        HttpServer::new(move || App::new().wrap(http::cors(&app_config)).configure(http::configure(state.clone())))
-            // Notice clients that go away while an SSE or long-poll response is idle, so their
-            // waiters are freed at once (PITFALLS.md).
-            .h1_allow_half_closed(false)
-            .disable_signals()
-            .shutdown_timeout(5);
+    let mut server = HttpServer::new(move || {
+        App::new().wrap(http::cors(&app_config)).wrap(http::default_headers()).configure(http::configure(state.clone()))
+    })
+    // Notice clients that go away while an SSE or long-poll response is idle, so their
+    // waiters are freed at once (PITFALLS.md).
+    .h1_allow_half_closed(false)
+    // Each connection's socket, for the watchdog that closes connections whose client stopped
+    // reading (`http/watchdog.rs`).
+    .on_connect(|connection, data| {
+        if let Some(socket) =
+            connection.downcast_ref::<actix_web::rt::net::TcpStream>().and_then(http::watchdog::ConnSocket::of)
+        {
+            data.insert(socket);
+        }
+    })
+    .disable_signals()
+    .shutdown_timeout(5);
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

@@ -92,7 +92,8 @@ async fn a_full_disk_answers_503_acknowledges_nothing_more_and_loses_nothing() {
         return;
     };
     let data = mount.0.join("data").to_string_lossy().into_owned();
-    let mut server = Server::start(dir.path(), &["--data_dir", &data]);
+    // Fills the disk with more messages than the default count limit keeps, all checked after.
+    let mut server = Server::start(dir.path(), &["--data_dir", &data, "--history_limit", "0"]);
     let pad = "x".repeat(3000);
     let mut acknowledged = 0u64;
     let mut refused = None;

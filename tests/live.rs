@@ -271,7 +271,9 @@ async fn storm_of_writers_and_readers_sees_every_message_once() {
     const PER_WRITER: u64 = 60;
     const TOTAL: usize = (WRITERS * PER_WRITER) as usize;
     let dir = temp_dir();
-    let server = std::sync::Arc::new(Server::start(dir.path(), &["--ds_poll_interval", "1", "--ds_sse_ttl", "1"]));
+    // More messages than the default count limit; every one must stay readable for the check.
+    let args = ["--ds_poll_interval", "1", "--ds_sse_ttl", "1", "--history_limit", "0"];
+    let server = std::sync::Arc::new(Server::start(dir.path(), &args));
     let start = server.tail("storm").await;
 
     let mut readers = Vec::new();

@@ -14,6 +14,8 @@ fn options(retention: Retention) -> StorageOptions {
         retention,
         read_cache_bytes: 1024 * 1024,
         live_chunk_bytes: 4 * 1024 * 1024,
+        max_streams_loaded: 100_000,
+        max_queued_bytes: 64 * 1024 * 1024,
     }
 }
 
@@ -26,7 +28,7 @@ fn message(stream: &str, json: &str) -> NewMessage {
 #[tokio::test]
 async fn an_append_between_read_and_wait_wakes_the_reader() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
+    let storage = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
     let mut subscription = storage.hub().subscribe("s");
     let chunk = storage.read("s", Offset::Start, 1024).unwrap();
     assert_eq!(chunk.count, 0);
@@ -51,7 +53,7 @@ async fn an_append_between_read_and_wait_wakes_the_reader() {
 #[tokio::test]
 async fn live_readers_find_the_new_batch_in_memory_exactly_as_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
+    let storage = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
     storage.append(vec![message("s", "0")]).unwrap().durable().await.unwrap();
     let before = storage.tail("s").unwrap();
     assert!(storage.read_from_memory("w", Offset::At(before), 4 * 1024 * 1024).is_none(), "unknown stream");
@@ -69,7 +71,7 @@ async fn live_readers_find_the_new_batch_in_memory_exactly_as_on_disk() {
     storage.close().unwrap();
     drop(storage);
 
-    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
+    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
     assert_eq!(reopened.read("s", Offset::At(before), 4 * 1024 * 1024).unwrap(), live);
 }
 
@@ -79,7 +81,7 @@ async fn a_live_chunk_at_the_byte_limit_matches_the_read_from_disk() {
     for (max_bytes, expected) in [(7, "[12,34]"), (6, "[12]")] {
         let dir = tempfile::tempdir().unwrap();
         let options = StorageOptions { live_chunk_bytes: max_bytes, ..options(Retention::default()) };
-        let storage = Storage::open(dir.path(), options, Hub::new()).unwrap();
+        let storage = Storage::open(dir.path(), options, Hub::default()).unwrap();
         storage.append(vec![message("s", "0")]).unwrap().durable().await.unwrap();
         let before = storage.tail("s").unwrap();
         let _watching = storage.hub().subscribe("s");
@@ -94,7 +96,7 @@ async fn a_live_chunk_at_the_byte_limit_matches_the_read_from_disk() {
 #[test]
 fn batches_span_streams_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
+    let storage = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
     let pending = storage.append(vec![message("a", "1"), message("b", "2"), message("a", "3")]).unwrap();
     futures_executor(pending.durable()).unwrap();
     assert_eq!(&storage.read("a", Offset::Start, 1024).unwrap().body[..], b"[1,3]");
@@ -102,7 +104,7 @@ fn batches_span_streams_and_survive_reopen() {
     storage.close().unwrap();
     drop(storage);
 
-    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
+    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
     assert_eq!(&reopened.read("a", Offset::Start, 1024).unwrap().body[..], b"[1,3]");
     assert_eq!(reopened.tail("a").unwrap().seq, 2);
 }
@@ -111,7 +113,7 @@ fn batches_span_streams_and_survive_reopen() {
 fn the_retention_task_deletes_what_reads_already_hide() {
     let dir = tempfile::tempdir().unwrap();
     let retention = Retention { max_messages: 2, max_age: Duration::ZERO };
-    let storage = Storage::open(dir.path(), options(retention), Hub::new()).unwrap();
+    let storage = Storage::open(dir.path(), options(retention), Hub::default()).unwrap();
     for n in 1..=5 {
         futures_executor(storage.append(vec![message("s", &n.to_string())]).unwrap().durable()).unwrap();
     }
@@ -128,7 +130,7 @@ fn the_retention_task_deletes_what_reads_already_hide() {
 fn sequence_numbers_survive_the_expiry_of_every_message_and_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let retention = Retention { max_messages: 0, max_age: Duration::from_millis(30) };
-    let storage = Storage::open(dir.path(), options(retention), Hub::new()).unwrap();
+    let storage = Storage::open(dir.path(), options(retention), Hub::default()).unwrap();
     let batch = (1..=3).map(|n| message("s", &n.to_string())).collect();
     futures_executor(storage.append(batch).unwrap().durable()).unwrap();
     futures_executor(storage.append(vec![message("s", "4")]).unwrap().durable()).unwrap();
@@ -140,7 +142,7 @@ fn sequence_numbers_survive_the_expiry_of_every_message_and_a_reopen() {
     storage.close().unwrap();
     drop(storage);
 
-    let reopened = Storage::open(dir.path(), options(retention), Hub::new()).unwrap();
+    let reopened = Storage::open(dir.path(), options(retention), Hub::default()).unwrap();
     assert_eq!(reopened.tail("s").unwrap().seq, 4, "the tail outlives every record");
     futures_executor(reopened.append(vec![message("s", "5")]).unwrap().durable()).unwrap();
     let chunk = reopened.read("s", Offset::Start, 1024).unwrap();
@@ -150,8 +152,8 @@ fn sequence_numbers_survive_the_expiry_of_every_message_and_a_reopen() {
 #[test]
 fn a_data_directory_in_use_or_unwritable_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Storage::open(dir.path(), options(Retention::default()), Hub::new()).unwrap();
-    let second = Storage::open(dir.path(), options(Retention::default()), Hub::new());
+    let first = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
+    let second = Storage::open(dir.path(), options(Retention::default()), Hub::default());
     let error = second.err().expect("second open of the same directory fails").to_string();
     assert!(error.contains(&dir.path().display().to_string()), "{error}");
     drop(first);
@@ -198,7 +200,7 @@ proptest::proptest! {
         // Live readers read with `max_bytes` and watch the stream, so the writer prepares the
         // chunk of each batch in memory: the reads below meet those too.
         let options = StorageOptions { live_chunk_bytes: max_bytes, ..options(retention) };
-        let storage = Storage::open(dir.path(), options.clone(), Hub::new()).unwrap();
+        let storage = Storage::open(dir.path(), options.clone(), Hub::default()).unwrap();
         let _watching = storage.hub().subscribe("s");
         let mut written = Vec::new();
         for batch in &batches {
@@ -214,7 +216,7 @@ proptest::proptest! {
         let epoch = storage.epoch();
         let mut storage = Some(storage);
         for pass in ["before trim", "after trim and reopen"] {
-            let store = storage.take().unwrap_or_else(|| Storage::open(dir.path(), options.clone(), Hub::new()).unwrap());
+            let store = storage.take().unwrap_or_else(|| Storage::open(dir.path(), options.clone(), Hub::default()).unwrap());
             let all = read_all(&store, "s", Offset::Start, max_bytes).unwrap();
             proptest::prop_assert_eq!(&all[..], &written[first_kept as usize - 1..], "{}", pass);
             for &at in &offsets {

@@ -1,6 +1,6 @@
-//! A data directory written by the previous storage layout is upgraded at start-up without
-//! losing a message (issue 8). The fixture under `tests/fixtures/layout1/` was written by the
-//! layout-1 server; see the README there.
+//! Data directories written by earlier storage layouts are upgraded at start-up without losing
+//! a message. The fixtures under `tests/fixtures/layoutN/` were written by the last server of
+//! layout N; see the READMEs there. Both hold the same history.
 
 mod common;
 
@@ -11,7 +11,7 @@ use common::{header, temp_dir, Server};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::Value;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/layout1");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -50,18 +50,36 @@ async fn assert_fixture_history(server: &Server, expected: &Value) {
 }
 
 #[tokio::test]
-async fn a_store_at_the_previous_layout_is_upgraded_at_start_up_without_losing_a_message() {
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURE}/expected.json")).unwrap()).unwrap();
-    let dir = temp_dir();
-    let data = dir.path().join("data");
-    copy_dir(&Path::new(FIXTURE).join("store"), &data);
-
-    let mut server = Server::start(dir.path(), &["--data_dir", data.to_str().unwrap()]);
-    let logs = server.logs();
+async fn a_layout_1_store_is_upgraded_at_start_up_without_losing_a_message() {
+    let logs = upgrade_fixture("layout1").await;
     assert!(logs.contains("upgrading storage layout 1 -> 2"), "{logs}");
     assert!(logs.contains("done: 223 messages converted"), "{logs}");
-    server.wait_for_log("storage layout 2)", Duration::from_secs(5));
+    assert!(logs.contains("upgrading storage layout 2 -> 3"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_layout_2_store_is_upgraded_at_start_up_without_losing_a_message() {
+    let logs = upgrade_fixture("layout2").await;
+    assert!(!logs.contains("upgrading storage layout 1 -> 2"), "{logs}");
+    assert!(logs.contains("upgrading storage layout 2 -> 3"), "{logs}");
+}
+
+/// Starts today's server on a copy of `tests/fixtures/{name}`, checks that it serves the
+/// fixture's history exactly, continues its sequence numbers and upgrades only once; returns
+/// the log of the first start.
+async fn upgrade_fixture(name: &str) -> String {
+    let fixture = Path::new(FIXTURES).join(name);
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json")).unwrap()).unwrap();
+    let dir = temp_dir();
+    let data = dir.path().join("data");
+    copy_dir(&fixture.join("store"), &data);
+
+    // Retention off: the fixtures keep more than 100 messages per stream, written long ago.
+    let args = ["--data_dir", data.to_str().unwrap(), "--history_limit", "0", "--history_ttl", "0"];
+    let mut server = Server::start(dir.path(), &args);
+    server.wait_for_log(&format!("storage layout {})", anycable_ds::storage::CURRENT_LAYOUT), Duration::from_secs(5));
+    let first_logs = server.logs();
     assert_fixture_history(&server, &expected).await;
 
     // Appends continue the old sequence: the next message follows the last upgraded one.
@@ -73,15 +91,16 @@ async fn a_store_at_the_previous_layout_is_upgraded_at_start_up_without_losing_a
     assert_eq!(&next[..11], &old_tail[..11], "same epoch");
     assert!(next.ends_with("00000000000000000171"), "{next}");
 
-    // A second start finds layout 2 and upgrades nothing; everything is still there.
+    // A second start finds the current layout and upgrades nothing; everything is still there.
     assert!(server.terminate(Duration::from_secs(10)).success());
     server.restart();
     // (The harness keeps the log of both runs; an upgrade would print before "Listening on".)
     let logs = server.logs();
-    assert_eq!(logs.matches("messages converted").count(), 1, "{logs}");
+    assert_eq!(logs.matches("upgrading storage layout 2 -> 3").count(), 1, "{logs}");
     let (_, body, _) = read_raw(&server, "chat/1", old_tail).await;
     assert_eq!(body, r#"[{"n":171}]"#);
     let mut unchanged = expected.clone();
     unchanged.as_object_mut().unwrap().remove("chat/1");
     assert_fixture_history(&server, &unchanged).await;
+    first_logs
 }

@@ -16,6 +16,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
 use tokio::time::Instant;
 
+use super::body::{self, SlicedBody};
+use super::watchdog::{self, ConnSocket};
 use super::{authorize, blocking, Access, ApiError, AppState};
 use crate::cursor;
 use crate::hub::{Subscription, Transient};
@@ -66,6 +68,8 @@ struct Read {
     access: Access,
     cursor: Option<String>,
     max_bytes: usize,
+    /// The connection's socket, for the watchdog.
+    socket: Option<ConnSocket>,
 }
 
 pub async fn handle(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -107,17 +111,26 @@ async fn read(
     if head {
         let storage = state.storage.clone();
         let tail = blocking(move || storage.tail(&stream)).await?;
-        return Ok(common(HttpResponse::Ok())
+        return Ok(HttpResponse::Ok()
             .content_type("application/json")
             .insert_header(("Stream-Next-Offset", tail.token()))
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .finish());
     }
-    let raw_offset = query.get("offset");
+    // A browser's own EventSource resumes with the id of the last event it got, and keeps the
+    // URL (with its first offset) as it was: the header wins.
+    let last_event_id = match mode {
+        Mode::Sse => req.headers().get("last-event-id").map(|v| v.to_str().unwrap_or("\u{fffd}")),
+        _ => None,
+    };
+    let raw_offset = last_event_id.or(query.get("offset"));
     if mode != Mode::CatchUp && raw_offset.is_none() {
         return Err(ApiError::bad_request("offset is required for live reads (use -1, now or a token)"));
     }
-    let offset = Offset::parse(raw_offset).map_err(|_| ApiError::bad_request("invalid offset"))?;
+    let offset = Offset::parse(raw_offset).map_err(|_| match last_event_id {
+        Some(_) => ApiError::bad_request("invalid Last-Event-ID: not an offset of this server"),
+        None => ApiError::bad_request("invalid offset"),
+    })?;
     let read = Read {
         state: state.clone(),
         stream,
@@ -125,20 +138,13 @@ async fn read(
         access,
         cursor: query.get("cursor").map(str::to_string),
         max_bytes: usize::try_from(state.config.ds.max_chunk_bytes).unwrap_or(usize::MAX),
+        socket: req.conn_data::<ConnSocket>().copied(),
     };
     match mode {
         Mode::CatchUp => catch_up(req, read).await,
         Mode::LongPoll => long_poll(req, read).await,
         Mode::Sse => sse(read).await,
     }
-}
-
-/// Headers every read response carries (CORS ones come from the middleware).
-fn common(mut builder: HttpResponseBuilder) -> HttpResponseBuilder {
-    builder
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .insert_header(("Cross-Origin-Resource-Policy", "cross-origin"));
-    builder
 }
 
 /// Reads a chunk: from memory when possible (a cached chunk of a known stream), else on the
@@ -166,7 +172,7 @@ async fn catch_up(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiErro
     let chunk = read_chunk(&read.state.storage, &read.stream, read.offset, read.max_bytes).await?;
     if read.offset == Offset::Now {
         // The tail, never cached: it moves.
-        return Ok(common(HttpResponse::Ok())
+        return Ok(HttpResponse::Ok()
             .content_type("application/json")
             .insert_header(("Stream-Next-Offset", chunk.next.token()))
             .insert_header(("Stream-Up-To-Date", "true"))
@@ -174,36 +180,61 @@ async fn catch_up(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiErro
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .body(chunk.body));
     }
-    Ok(chunk_response(req, &read, chunk))
+    chunk_response(req, &read, chunk)
 }
 
 /// A 200 (or 304) for a chunk of messages, as catch-up and long-poll answer it.
-fn chunk_response(req: &HttpRequest, read: &Read, chunk: Chunk) -> HttpResponse {
+fn chunk_response(req: &HttpRequest, read: &Read, chunk: Chunk) -> Result<HttpResponse, ApiError> {
     // The body is fully determined by the range of messages it holds (messages never change),
     // so the range is a strong validator.
     let etag = format!("\"{}:{}\"", chunk.start.token(), chunk.next.token());
-    let cache_control = match read.access {
-        Access::Public => "public, max-age=60, stale-while-revalidate=300",
-        Access::Private => "private, max-age=60, stale-while-revalidate=300",
-    };
     let not_modified = req
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|candidate| candidate.trim() == etag || candidate.trim() == "*"));
-    let mut builder = common(if not_modified { HttpResponse::NotModified() } else { HttpResponse::Ok() });
+    let mut builder = if not_modified { HttpResponse::NotModified() } else { HttpResponse::Ok() };
     builder
         .insert_header(("Stream-Next-Offset", chunk.next.token()))
         .insert_header(("Stream-Cursor", cursor::next_cursor(read.cursor.as_deref())))
-        .insert_header((header::ETAG, etag))
-        .insert_header((header::CACHE_CONTROL, cache_control));
+        .insert_header((header::ETAG, etag));
+    cache_headers(&mut builder, read);
     if chunk.up_to_date {
         builder.insert_header(("Stream-Up-To-Date", "true"));
     }
     if not_modified {
-        builder.finish()
-    } else {
-        builder.content_type("application/json").body(chunk.body)
+        return Ok(builder.finish());
+    }
+    builder.content_type("application/json");
+    if chunk.body.len() <= body::SMALL {
+        return Ok(builder.body(chunk.body));
+    }
+    // Big enough to wait in this process for a slow client: sent in slices, counted against
+    // ds.max_unsent_bytes, and watched for a client that stops reading.
+    let share = body::share(&chunk.body).map_err(|_| unsent_budget_full())?;
+    let watch = watchdog::watch(read.socket, "read", None);
+    Ok(builder.body(SlicedBody::new(chunk.body, share, watch)))
+}
+
+fn unsent_budget_full() -> ApiError {
+    ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "server busy sending responses, retry later")
+}
+
+/// `Cache-Control` (and `Vary`) of a readable response. A read that needed credentials must
+/// never be answered from a cache to a later request with other credentials or none (a page
+/// that logged out, a token that expired): `no-store`, and a `Vary` naming the credential
+/// headers for any cache that keeps it anyway. Public reads stay cacheable, as the protocol
+/// intends.
+fn cache_headers(builder: &mut HttpResponseBuilder, read: &Read) {
+    match read.access {
+        Access::Public => {
+            builder.insert_header((header::CACHE_CONTROL, "public, max-age=60, stale-while-revalidate=300"));
+        }
+        Access::Private => {
+            builder
+                .insert_header((header::CACHE_CONTROL, "no-store"))
+                .insert_header((header::VARY, read.state.credential_headers()));
+        }
     }
 }
 
@@ -234,7 +265,7 @@ async fn long_poll(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiErr
             }
         }
     }
-    Ok(chunk_response(req, &read, chunk))
+    chunk_response(req, &read, chunk)
 }
 
 /// A long-poll answer that carries transient messages (after the stored ones, if any). Such a
@@ -249,7 +280,7 @@ fn with_transient(read: &Read, chunk: Chunk, transient: &[Arc<Transient>]) -> Ht
         body.put_slice(&batch.body[1..batch.body.len() - 1]);
     }
     body.put_u8(b']');
-    let mut builder = common(HttpResponse::Ok());
+    let mut builder = HttpResponse::Ok();
     builder
         .content_type("application/json")
         .insert_header(("Stream-Next-Offset", chunk.next.token()))
@@ -264,7 +295,7 @@ fn with_transient(read: &Read, chunk: Chunk, transient: &[Arc<Transient>]) -> Ht
 /// `204`: nothing new within `ds.poll_interval` (or the server is stopping); retry from the
 /// same position.
 fn poll_timeout(read: &Read, position: Position) -> HttpResponse {
-    common(HttpResponse::NoContent())
+    HttpResponse::NoContent()
         .insert_header(("Stream-Next-Offset", position.token()))
         .insert_header(("Stream-Up-To-Date", "true"))
         .insert_header(("Stream-Cursor", cursor::next_cursor(read.cursor.as_deref())))
@@ -281,27 +312,35 @@ async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
     // its proper status code.
     let first = read_chunk(&state.storage, &read.stream, read.offset, read.max_bytes).await?;
     let now = Instant::now();
+    let deadline = now + Duration::from_secs(state.config.ds.sse_ttl);
+    // The TTL is enforced from outside too: a client that stops reading stops actix from
+    // polling this body, and with it the deadline below.
+    let watch = watchdog::watch(read.socket, "sse", Some(deadline.into_std()));
     let sse = SseStream {
         cursor: cursor::next_cursor(read.cursor.as_deref()).parse().unwrap_or(0),
         storage: state.storage.clone(),
         shutdown: state.shutdown.clone(),
-        deadline: now + Duration::from_secs(state.config.ds.sse_ttl),
+        deadline,
         next_ping: now + SSE_PING_INTERVAL,
         position: first.next,
         pending: Some(first),
+        pieces: std::collections::VecDeque::new(),
+        share: None,
         sent_up_to_date: false,
+        more_backlog: false,
         ended: false,
         subscription,
         stream: read.stream,
         max_bytes: read.max_bytes,
         _open: GaugeGuard::new(&metrics::get().sse_clients),
         _slot: slot,
+        _watch: watch,
     };
     let body = stream::unfold(sse, |mut sse| async move {
-        let frame = sse.next_frame().await?;
-        Some((Ok::<_, actix_web::Error>(frame), sse))
+        let piece = sse.next_piece().await?;
+        Some((Ok::<_, actix_web::Error>(piece), sse))
     });
-    Ok(common(HttpResponse::Ok())
+    Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
@@ -319,7 +358,13 @@ struct SseStream {
     position: Position,
     /// A chunk read but not sent yet.
     pending: Option<Chunk>,
+    /// The rest of the frame being sent, in slices (see `body.rs`).
+    pieces: std::collections::VecDeque<Bytes>,
+    /// This response's share of the buffer `pieces` slice, if it is a big one.
+    share: Option<body::Share>,
     sent_up_to_date: bool,
+    /// The last chunk sent did not reach the tail: read the next one when it is taken.
+    more_backlog: bool,
     /// A read failed: end the response after what was already queued.
     ended: bool,
     cursor: u64,
@@ -328,29 +373,51 @@ struct SseStream {
     next_ping: Instant,
     _open: GaugeGuard,
     _slot: super::LiveSlot,
+    _watch: Option<watchdog::WatchGuard>,
 }
 
 impl SseStream {
-    /// The next bytes to send, or `None` to end the response.
+    /// The next bytes to send, or `None` to end the response. A frame is handed out in slices
+    /// and the next chunk is read only once the last slice is taken, so a reader that does
+    /// not read holds at most one chunk (shared with the cache and other readers).
+    async fn next_piece(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(piece) = self.pieces.pop_front() {
+                return Some(piece);
+            }
+            self.share = None;
+            let frame = self.next_frame().await?;
+            // Never an empty piece: in a chunked response it would read as the end.
+            if !frame.is_empty() {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// The next frame: returned whole when small, else queued in `pieces` (and returned empty).
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
             if self.ended {
                 return None;
+            }
+            if self.more_backlog {
+                self.more_backlog = false;
+                self.pending = self.read().await;
+                self.ended = self.pending.is_none();
+                continue;
             }
             if let Some(chunk) = self.pending.take() {
                 self.position = chunk.next;
                 if chunk.count > 0 || !self.sent_up_to_date {
                     if chunk.up_to_date {
                         self.sent_up_to_date = true;
-                    } else {
-                        // More backlog: read the next chunk right after sending this one.
-                        self.pending = self.read().await;
-                        self.ended = self.pending.is_none();
                     }
+                    // More backlog: read the next chunk once this one is taken.
+                    self.more_backlog = !chunk.up_to_date;
                     return Some(self.frame(&chunk));
                 }
             }
-            if self.shutdown.is_cancelled() {
+            if self.shutdown.is_cancelled() || Instant::now() >= self.deadline {
                 return None;
             }
             tokio::select! {
@@ -387,7 +454,7 @@ impl SseStream {
     fn transient_frame(&mut self, transient: &[Arc<Transient>]) -> Bytes {
         let mut out = BytesMut::new();
         for batch in transient {
-            out.put_slice(b"event: data\ndata: ");
+            self.put_data_head(&mut out, self.position);
             out.put_slice(&batch.body);
             out.put_slice(b"\n\n");
             let at_tail = self.pending.as_ref().is_none_or(|c| c.count == 0);
@@ -396,18 +463,47 @@ impl SseStream {
         out.freeze()
     }
 
-    /// `event: data` (if there are messages) followed by its `event: control`, as one write
-    /// built in one allocation: a broadcast to N readers makes N of these.
+    /// `event: data` (if there are messages) followed by its `event: control`. A small frame
+    /// is built in one buffer, as one write (a broadcast to N readers makes N of these); a big
+    /// one is queued as slices of the chunk, which stays shared.
     fn frame(&mut self, chunk: &Chunk) -> Bytes {
-        let mut out = BytesMut::with_capacity(chunk.body.len() + 160);
-        if chunk.count > 0 {
-            // Stored messages are compact JSON: the array holds no raw newline.
-            out.put_slice(b"event: data\ndata: ");
+        if chunk.count == 0 {
+            let mut out = BytesMut::with_capacity(160);
+            self.put_control(&mut out, chunk.next, chunk.up_to_date);
+            return out.freeze();
+        }
+        // Stored messages are compact JSON: the array holds no raw newline.
+        if chunk.body.len() <= body::SMALL {
+            let mut out = BytesMut::with_capacity(chunk.body.len() + 240);
+            self.put_data_head(&mut out, chunk.next);
             out.put_slice(&chunk.body);
             out.put_slice(b"\n\n");
+            self.put_control(&mut out, chunk.next, chunk.up_to_date);
+            return out.freeze();
         }
-        self.put_control(&mut out, chunk.next, chunk.up_to_date);
-        out.freeze()
+        // Over the unsent budget the response ends; the client reconnects from its offset.
+        match body::share(&chunk.body) {
+            Ok(share) => self.share = share,
+            Err(_) => {
+                self.ended = true;
+                return Bytes::new();
+            }
+        }
+        let mut head = BytesMut::with_capacity(80);
+        self.put_data_head(&mut head, chunk.next);
+        let mut tail = BytesMut::with_capacity(160);
+        tail.put_slice(b"\n\n");
+        self.put_control(&mut tail, chunk.next, chunk.up_to_date);
+        self.pieces.push_back(head.freeze());
+        self.pieces.extend(body::slices(&chunk.body));
+        self.pieces.push_back(tail.freeze());
+        Bytes::new()
+    }
+
+    /// The start of a data event whose messages end at `position`, up to its JSON. The `id`
+    /// lets a browser's own EventSource resume there (`Last-Event-ID`).
+    fn put_data_head(&self, out: &mut BytesMut, position: Position) {
+        write!(out, "event: data\nid:{position}\ndata:").expect("writing to memory cannot fail");
     }
 
     /// Appends one `event: control` for `position`. Written directly rather than through
@@ -418,7 +514,7 @@ impl SseStream {
         let up_to_date = if up_to_date { ",\"upToDate\":true" } else { "" };
         write!(
             out,
-            "event: control\ndata: {{\"streamCursor\":\"{}\",\"streamNextOffset\":\"{position}\"{up_to_date}}}\n\n",
+            "event: control\nid:{position}\ndata:{{\"streamCursor\":\"{}\",\"streamNextOffset\":\"{position}\"{up_to_date}}}\n\n",
             self.cursor
         )
         .expect("writing to memory cannot fail");

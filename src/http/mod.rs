@@ -1,9 +1,11 @@
 //! actix-web wiring: routes, shared state, CORS, and the one place where errors become
 //! status codes with a JSON body.
 
+pub mod body;
 mod broadcast;
 mod ds;
 mod ops;
+pub mod watchdog;
 
 use std::sync::Arc;
 
@@ -29,13 +31,29 @@ pub struct AppState {
     /// Cancelled at shutdown: live responses end, waiting long-polls answer 204.
     pub shutdown: CancellationToken,
     live_readers: Arc<std::sync::atomic::AtomicU64>,
+    /// The `Vary` value of credentialed reads: the request headers that carry credentials.
+    credential_headers: Arc<str>,
 }
 
 impl AppState {
     pub fn new(storage: Storage, config: Arc<Config>, shutdown: CancellationToken) -> AppState {
         let broadcast_key = config.effective_broadcast_key().map(Arc::from);
-        let jwt_header = Arc::from(format!("x-{}", config.jwt.param.to_ascii_lowercase()));
-        AppState { storage, config, broadcast_key, jwt_header, shutdown, live_readers: Arc::default() }
+        let jwt_header: Arc<str> = Arc::from(format!("x-{}", config.jwt.param.to_ascii_lowercase()));
+        let credential_headers = Arc::from(format!("X-Signed, {}", canonical_header_name(&jwt_header)));
+        AppState {
+            storage,
+            config,
+            broadcast_key,
+            jwt_header,
+            shutdown,
+            live_readers: Arc::default(),
+            credential_headers,
+        }
+    }
+
+    /// The headers a credentialed read depends on (its `Vary`).
+    pub fn credential_headers(&self) -> &str {
+        &self.credential_headers
     }
 
     /// Takes one live-reader slot, or refuses with 503 when `ds.max_live_readers` are busy.
@@ -45,6 +63,7 @@ impl AppState {
         let now = self.live_readers.fetch_add(1, Ordering::AcqRel) + 1;
         let slot = LiveSlot(self.live_readers.clone());
         if limit > 0 && now > limit {
+            crate::metrics::get().live_readers_refused.inc();
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many live readers, retry later"));
         }
         Ok(slot)
@@ -84,6 +103,12 @@ impl ApiError {
 
     /// Logs server-side failures (the client only learns the kind).
     fn unavailable(error: &StorageError, context: &str) -> ApiError {
+        if let StorageError::Busy = error {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many broadcasts waiting to be written, retry later",
+            );
+        }
         log::error!("{context}: {error}");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
     }
@@ -98,6 +123,10 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status);
         if let Some(allow) = self.allow {
             response.insert_header((header::ALLOW, allow));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Busy or recovering: a short pause is enough; clients back off on repeats.
+            response.insert_header((header::RETRY_AFTER, "1"));
         }
         response.json(serde_json::json!({ "error": self.message }))
     }
@@ -158,7 +187,8 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
 }
 
 /// Request headers a browser may send to DS endpoints.
-pub const CORS_ALLOWED_HEADERS: [&str; 5] = ["x-signed", "x-jid", "if-none-match", "content-type", "authorization"];
+pub const CORS_ALLOWED_HEADERS: [&str; 6] =
+    ["x-signed", "x-jid", "if-none-match", "last-event-id", "content-type", "authorization"];
 /// Response headers a browser client must be able to read.
 pub const CORS_EXPOSED_HEADERS: [&str; 5] =
     ["stream-next-offset", "stream-cursor", "stream-up-to-date", "stream-closed", "etag"];
@@ -248,6 +278,24 @@ fn authorize(state: &AppState, req: &HttpRequest, query: &ds::Query, stream: &st
         _ => return Err(AuthError::Unauthorized),
     }
     Ok(access)
+}
+
+/// `x-jid` → `X-Jid`, for headers we name in responses.
+fn canonical_header_name(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            let mut chars = part.chars();
+            chars.next().map_or_else(String::new, |first| first.to_ascii_uppercase().to_string() + chars.as_str())
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Headers on every response, errors included (spec §5).
+pub fn default_headers() -> actix_web::middleware::DefaultHeaders {
+    actix_web::middleware::DefaultHeaders::new()
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add(("Cross-Origin-Resource-Policy", "cross-origin"))
 }
 
 fn header_value<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {

@@ -27,6 +27,10 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
     m.streams_loaded.set(state.storage.streams_loaded() as i64);
     m.streams_total.set(state.storage.streams_created() as i64);
     m.hub_streams.set(state.storage.hub().streams_watched() as i64);
+    m.transient_bytes.set(state.storage.hub().transient_bytes() as i64);
+    m.writer_queue_bytes.set(state.storage.queued_bytes() as i64);
+    m.read_cache_bytes.set(state.storage.read_cache_bytes() as i64);
+    m.unsent_bytes.set(super::body::unsent_bytes() as i64);
     let storage = state.storage.clone();
     let size = web::block(move || storage.size_on_disk()).await.unwrap_or(0);
     m.storage_bytes.set(size as i64);

@@ -1,15 +1,20 @@
-//! The in-memory stream entries: loaded lazily, never evicted while the process runs.
+//! The in-memory stream entries: loaded lazily, evicted when idle.
 //!
 //! The writer inserts a new stream's entry *before* applying the batch that creates it, so a
 //! reader that loads the stream from sled concurrently always ends up sharing the writer's
 //! entry and never publishes a tail that is not durable yet.
+//!
+//! Eviction keeps that true: it runs on the writer thread only, between two groups, when every
+//! applied message is durable and published (`allocated == visible` for every entry). A
+//! stream loaded again after that reads a durable tail from sled; the next append to it loads
+//! (and inserts) the entry before it applies anything, exactly as for a stream never loaded.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::keys::{self, StreamRecord};
-use super::{corrupt, StorageError};
+use super::{corrupt, now_ms, StorageError};
 use crate::hub::Hub;
 
 /// In-memory state of one stream.
@@ -17,6 +22,8 @@ use crate::hub::Hub;
 pub(crate) struct StreamEntry {
     pub(crate) name: Arc<str>,
     pub(crate) id: u64,
+    /// Positions up to `base` are before this life of the stream (see `StreamRecord::base`).
+    pub(crate) base: u64,
     /// Last sequence number written to sled (changed only by the writer thread).
     pub(crate) allocated: AtomicU64,
     /// Last sequence number that is durable; readers never read past it.
@@ -25,16 +32,20 @@ pub(crate) struct StreamEntry {
     /// timestamps are monotonic even if the wall clock steps back, and age-based retention
     /// can stop at the first message young enough.
     pub(crate) last_timestamp_ms: AtomicU64,
+    /// When the entry was last looked up (for idle eviction).
+    last_used_ms: AtomicU64,
 }
 
 impl StreamEntry {
-    pub(crate) fn new(name: Arc<str>, id: u64, last_seq: u64, last_timestamp_ms: u64) -> StreamEntry {
+    pub(crate) fn new(name: Arc<str>, id: u64, tail: StoredTail) -> StreamEntry {
         StreamEntry {
             name,
             id,
-            allocated: AtomicU64::new(last_seq),
-            visible: AtomicU64::new(last_seq),
-            last_timestamp_ms: AtomicU64::new(last_timestamp_ms),
+            base: tail.base,
+            allocated: AtomicU64::new(tail.last_seq),
+            visible: AtomicU64::new(tail.last_seq),
+            last_timestamp_ms: AtomicU64::new(tail.newest_timestamp_ms),
+            last_used_ms: AtomicU64::new(now_ms()),
         }
     }
 
@@ -45,23 +56,38 @@ impl StreamEntry {
             hub.wake(&self.name, seq);
         }
     }
+
+    fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
 }
 
-/// A stream's last sequence number and newest timestamp as stored: the newest log record's,
-/// or the stream record's `last_seq` once retention has deleted every record.
-pub(crate) fn durable_tail(db: &sled::Db, id: u64) -> Result<(u64, u64), StorageError> {
-    let floor = match db.get(keys::stream_key(id))? {
-        Some(bytes) => StreamRecord::decode(&bytes).ok_or_else(|| corrupt("stream record"))?.last_seq,
-        None => 0,
+/// What sled holds about a stream's end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StoredTail {
+    /// The newest log record's last seq, or the stream record's `last_seq` once retention
+    /// deleted every record (whichever is larger).
+    pub(crate) last_seq: u64,
+    /// The newest record's timestamp (0 without records).
+    pub(crate) newest_timestamp_ms: u64,
+    pub(crate) base: u64,
+}
+
+/// A stream's tail as stored. Includes records applied but not flushed yet: callers that must
+/// only see durable data compare with the entry's `visible` tail (see `retention.rs`).
+pub(crate) fn stored_tail(db: &sled::Db, id: u64) -> Result<StoredTail, StorageError> {
+    let record = match db.get(keys::stream_key(id))? {
+        Some(bytes) => StreamRecord::decode(&bytes).ok_or_else(|| corrupt("stream record"))?,
+        None => StreamRecord::new(),
     };
-    match db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)).next_back() {
-        Some(item) => {
-            let (key, value) = item?;
-            let record = keys::LogRecord::parse(&key, &value).ok_or_else(|| corrupt("log record"))?;
-            Ok((record.last_seq().max(floor), record.timestamp_ms))
-        }
-        None => Ok((floor, 0)),
+    let mut tail = StoredTail { last_seq: record.last_seq, newest_timestamp_ms: 0, base: record.base };
+    if let Some(item) = db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)).next_back() {
+        let (key, value) = item?;
+        let newest = keys::LogRecord::parse(&key, &value).ok_or_else(|| corrupt("log record"))?;
+        tail.last_seq = tail.last_seq.max(newest.last_seq());
+        tail.newest_timestamp_ms = newest.timestamp_ms;
     }
+    Ok(tail)
 }
 
 #[derive(Default)]
@@ -70,24 +96,31 @@ pub(crate) struct StreamCache {
 }
 
 impl StreamCache {
-    /// The stream's entry: cached, or loaded from sled; `None` if the stream was never written.
+    /// The stream's entry: cached, or loaded from sled; `None` if the stream does not exist.
     pub(crate) fn get_or_load(&self, db: &sled::Db, stream: &str) -> Result<Option<Arc<StreamEntry>>, StorageError> {
-        if let Some(entry) = self.entries.read().expect("stream cache lock").get(stream) {
-            return Ok(Some(entry.clone()));
+        if let Some(entry) = self.get(stream) {
+            return Ok(Some(entry));
         }
         let Some(id) = db.get(keys::name_key(stream))? else {
             return Ok(None);
         };
         let id = keys::decode_u64(&id).ok_or_else(|| corrupt("stream id"))?;
-        let (last_seq, last_timestamp) = durable_tail(db, id)?;
+        let tail = stored_tail(db, id)?;
         let name: Arc<str> = Arc::from(stream);
-        let entry = Arc::new(StreamEntry::new(name.clone(), id, last_seq, last_timestamp));
+        let entry = Arc::new(StreamEntry::new(name.clone(), id, tail));
         let mut entries = self.entries.write().expect("stream cache lock");
         Ok(Some(entries.entry(name).or_insert(entry).clone()))
     }
 
     /// The stream's entry if it is in memory (never touches sled).
     pub(crate) fn get(&self, stream: &str) -> Option<Arc<StreamEntry>> {
+        let entry = self.entries.read().expect("stream cache lock").get(stream).cloned()?;
+        entry.touch();
+        Some(entry)
+    }
+
+    /// [`StreamCache::get`] without counting as a use (for background tasks).
+    pub(crate) fn peek(&self, stream: &str) -> Option<Arc<StreamEntry>> {
         self.entries.read().expect("stream cache lock").get(stream).cloned()
     }
 
@@ -111,7 +144,68 @@ impl StreamCache {
         self.entries.write().expect("stream cache lock").retain(|_, entry| keep(entry));
     }
 
+    /// Drops entries unused since `idle_before_ms`, then, while more than `max_entries`
+    /// remain, the least recently used ones; `pinned` entries always stay. Returns how many
+    /// went. Writer thread only (see the module docs).
+    pub(crate) fn evict(
+        &self,
+        idle_before_ms: u64,
+        max_entries: usize,
+        pinned: impl Fn(&StreamEntry) -> bool,
+    ) -> usize {
+        let mut entries = self.entries.write().expect("stream cache lock");
+        let before = entries.len();
+        entries.retain(|_, e| e.last_used_ms.load(Ordering::Relaxed) >= idle_before_ms || pinned(e));
+        if entries.len() > max_entries {
+            // Cut to 90% of the cap, so a full cache is not swept on every call.
+            let target = max_entries - max_entries / 10;
+            let mut by_age: Vec<(u64, Arc<str>)> = entries
+                .values()
+                .filter(|e| !pinned(e))
+                .map(|e| (e.last_used_ms.load(Ordering::Relaxed), e.name.clone()))
+                .collect();
+            by_age.sort_unstable_by_key(|(used, _)| *used);
+            let excess = entries.len().saturating_sub(target);
+            for (_, name) in by_age.into_iter().take(excess) {
+                entries.remove(&name);
+            }
+        }
+        let evicted = before - entries.len();
+        if evicted > 0 && entries.capacity() > 4 * entries.len().max(1024) {
+            entries.shrink_to_fit();
+        }
+        evicted
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.entries.read().expect("stream cache lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, id: u64) -> Arc<StreamEntry> {
+        Arc::new(StreamEntry::new(Arc::from(name), id, StoredTail::default()))
+    }
+
+    #[test]
+    fn idle_entries_go_then_the_least_recently_used_beyond_the_cap() {
+        let cache = StreamCache::default();
+        for i in 0..10 {
+            let e = entry(&format!("s{i}"), i);
+            e.last_used_ms.store(1000 + i, Ordering::Relaxed);
+            cache.insert(e);
+        }
+        // Idle before 1003: s0, s1, s2 go, except the pinned s1.
+        assert_eq!(cache.evict(1003, 100, |e| &*e.name == "s1"), 2);
+        assert_eq!(cache.len(), 8);
+        assert!(cache.get("s1").is_some() && cache.get("s0").is_none());
+        // s1 was just used (get touches it). Cap 5 cuts to 90% of it (5 - 0 = 5): the oldest go.
+        assert_eq!(cache.evict(0, 5, |_| false), 3);
+        let kept: Vec<bool> = ["s1", "s3", "s4", "s5", "s9"].iter().map(|s| cache.get(s).is_some()).collect();
+        assert_eq!(kept, [true, false, false, false, true]);
+        assert_eq!(cache.len(), 5);
     }
 }

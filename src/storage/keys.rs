@@ -11,6 +11,9 @@ pub const RECORD: u8 = b'R';
 pub const META_LAYOUT: &[u8] = b"Mlayout";
 pub const META_EPOCH: &[u8] = b"Mepoch";
 pub const META_NEXT_STREAM_ID: &[u8] = b"Mnext_stream_id";
+/// The store-wide sequence floor (u64): at least the tail of every stream ever removed. A
+/// stream created later starts above it, so no token is ever reused (layout 3).
+pub const META_SEQ_FLOOR: &[u8] = b"Mseq_floor";
 
 /// `N ‖ name` → stream id.
 pub fn name_key(name: &str) -> Vec<u8> {
@@ -41,10 +44,6 @@ pub fn record_key_seq(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(9..17)?.try_into().ok()?))
 }
 
-pub fn stream_key_id(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
-}
-
 pub fn encode_u64(value: u64) -> [u8; 8] {
     value.to_be_bytes()
 }
@@ -62,29 +61,53 @@ pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
 pub struct StreamRecord {
     /// At most the stream's tail; equal to it once retention deleted every record.
     pub last_seq: u64,
+    /// The store's sequence floor when this life of the stream began: its first message is
+    /// `base + 1`, and positions up to `base` are "before this life" (layout 3; 0 before).
+    pub base: u64,
     pub closed: bool,
     pub content_type: String,
 }
 
+/// Flag bits of [`StreamRecord`].
+const FLAG_CLOSED: u8 = 1;
+const FLAG_HAS_BASE: u8 = 2;
+
 impl StreamRecord {
     pub fn new() -> StreamRecord {
-        StreamRecord { last_seq: 0, closed: false, content_type: "application/json".into() }
+        StreamRecord::with_base(0)
     }
 
-    /// `last_seq (8) ‖ flags (1) ‖ content type (rest, UTF-8)`.
+    /// A new stream's record whose sequence numbers start after `base`.
+    pub fn with_base(base: u64) -> StreamRecord {
+        StreamRecord { last_seq: base, base, closed: false, content_type: "application/json".into() }
+    }
+
+    /// `last_seq (8) ‖ flags (1) ‖ [base (8), if flag bit 1] ‖ content type (rest, UTF-8)`.
+    /// A record without a base is byte for byte the layout-2 encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9 + self.content_type.len());
+        let mut out = Vec::with_capacity(17 + self.content_type.len());
         out.extend_from_slice(&self.last_seq.to_be_bytes());
-        out.push(u8::from(self.closed));
+        let mut flags = 0;
+        if self.closed {
+            flags |= FLAG_CLOSED;
+        }
+        if self.base > 0 {
+            flags |= FLAG_HAS_BASE;
+        }
+        out.push(flags);
+        if self.base > 0 {
+            out.extend_from_slice(&self.base.to_be_bytes());
+        }
         out.extend_from_slice(self.content_type.as_bytes());
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<StreamRecord> {
         let last_seq = decode_u64(bytes.get(..8)?)?;
-        let closed = *bytes.get(8)? & 1 == 1;
-        let content_type = std::str::from_utf8(bytes.get(9..)?).ok()?.to_string();
-        Some(StreamRecord { last_seq, closed, content_type })
+        let flags = *bytes.get(8)?;
+        let (base, rest) = if flags & FLAG_HAS_BASE != 0 { (decode_u64(bytes.get(9..17)?)?, 17) } else { (0, 9) };
+        let content_type = std::str::from_utf8(bytes.get(rest..)?).ok()?.to_string();
+        Some(StreamRecord { last_seq, base, closed: flags & FLAG_CLOSED != 0, content_type })
     }
 }
 
@@ -235,8 +258,13 @@ mod tests {
 
     #[test]
     fn stream_record_round_trips() {
-        let record = StreamRecord { last_seq: 42, closed: true, content_type: "application/json".into() };
-        assert_eq!(StreamRecord::decode(&record.encode()), Some(record));
+        let record = StreamRecord { last_seq: 42, base: 0, closed: true, content_type: "application/json".into() };
+        assert_eq!(StreamRecord::decode(&record.encode()), Some(record.clone()));
+        // Without a base, the layout-2 encoding: last seq, flags, content type.
+        assert_eq!(record.encode()[8..], b"\x01application/json"[..]);
+        let based = StreamRecord { last_seq: 50, base: 7, ..record };
+        assert_eq!(StreamRecord::decode(&based.encode()), Some(based.clone()));
+        assert_eq!(StreamRecord::decode(&based.encode()[..12]), None);
         assert_eq!(StreamRecord::decode(b"short"), None);
     }
 }

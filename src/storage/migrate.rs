@@ -28,6 +28,7 @@ pub enum MigrateError {
 pub(crate) struct StoreState {
     pub epoch: Epoch,
     pub next_stream_id: u64,
+    pub seq_floor: u64,
 }
 
 /// Initialises a new store, upgrades an old one, or refuses one this build cannot read.
@@ -39,7 +40,11 @@ pub(crate) fn prepare(db: &sled::Db) -> Result<StoreState, MigrateError> {
         Some(bytes) => keys::decode_u64(&bytes).ok_or(MigrateError::Corrupt("next stream id"))?,
         None => 1,
     };
-    Ok(StoreState { epoch, next_stream_id })
+    let seq_floor = match db.get(keys::META_SEQ_FLOOR)? {
+        Some(bytes) => keys::decode_u64(&bytes).ok_or(MigrateError::Corrupt("sequence floor"))?,
+        None => 0,
+    };
+    Ok(StoreState { epoch, next_stream_id, seq_floor })
 }
 
 /// Brings the store to layout `target` with `steps`, one durable step at a time.
@@ -91,7 +96,7 @@ mod tests {
     use super::*;
     use crate::storage::keys::StreamRecord;
 
-    /// A stand-in for a future step (layout 2 -> 3): copies every record key under a new
+    /// A stand-in for a future step (layout 3 -> 4): copies every record key under a new
     /// prefix and records the new version in the same batch.
     fn copy_log_step(db: &sled::Db, progress: migrations::Progress) -> sled::Result<()> {
         let mut batch = sled::Batch::default();
@@ -104,12 +109,12 @@ mod tests {
             copied += 1;
         }
         progress(&format!("copied {copied} records"));
-        batch.insert(keys::META_LAYOUT, &3u32.to_be_bytes()[..]);
+        batch.insert(keys::META_LAYOUT, &4u32.to_be_bytes()[..]);
         db.apply_batch(batch)
     }
 
-    const STEPS_TO_3: &[migrations::Step] =
-        &[migrations::Step { from: 2, description: "test step", run: copy_log_step }];
+    const STEPS_TO_4: &[migrations::Step] =
+        &[migrations::Step { from: 3, description: "test step", run: copy_log_step }];
 
     fn temp_db() -> (tempfile::TempDir, sled::Db) {
         let dir = tempfile::tempdir().unwrap();
@@ -124,13 +129,13 @@ mod tests {
         db.insert(keys::record_key(1, 1), &b"record"[..]).unwrap();
         let epoch = db.get(keys::META_EPOCH).unwrap();
 
-        upgrade(&db, 3, STEPS_TO_3).unwrap();
-        assert_eq!(read_layout(&db).unwrap(), Some(3));
+        upgrade(&db, 4, STEPS_TO_4).unwrap();
+        assert_eq!(read_layout(&db).unwrap(), Some(4));
         assert_eq!(db.get(keys::record_key(1, 1)).unwrap().as_deref(), Some(&b"record"[..]));
         assert_eq!(db.scan_prefix(b"X").count(), 1);
         assert_eq!(db.get(keys::META_EPOCH).unwrap(), epoch, "the epoch survives upgrades");
         // Already at the target: nothing runs again.
-        upgrade(&db, 3, STEPS_TO_3).unwrap();
+        upgrade(&db, 4, STEPS_TO_4).unwrap();
         assert_eq!(db.scan_prefix(b"X").count(), 1);
     }
 
@@ -140,13 +145,13 @@ mod tests {
         prepare(&db).unwrap();
         let too_new = upgrade(&db, 1, &[]).unwrap_err();
         assert!(too_new.to_string().contains("newer anycable-ds"), "{too_new}");
-        assert!(matches!(upgrade(&db, 4, STEPS_TO_3), Err(MigrateError::MissingStep { from: 3 })));
+        assert!(matches!(upgrade(&db, 5, STEPS_TO_4), Err(MigrateError::MissingStep { from: 4 })));
 
         let forgetful: &[migrations::Step] =
-            &[migrations::Step { from: 2, description: "forgets", run: |_, _| Ok(()) }];
+            &[migrations::Step { from: 3, description: "forgets", run: |_, _| Ok(()) }];
         let (_dir2, db2) = temp_db();
         prepare(&db2).unwrap();
-        assert!(matches!(upgrade(&db2, 3, forgetful), Err(MigrateError::StepDidNotRecord { from: 2 })));
+        assert!(matches!(upgrade(&db2, 4, forgetful), Err(MigrateError::StepDidNotRecord { from: 3 })));
 
         let (_dir3, db3) = temp_db();
         db3.insert(b"something else", &b"x"[..]).unwrap();
@@ -215,7 +220,7 @@ mod tests {
         db.apply_batch(batch).unwrap();
 
         prepare(&db).unwrap();
-        assert_eq!(read_layout(&db).unwrap(), Some(2));
+        assert_eq!(read_layout(&db).unwrap(), Some(CURRENT_LAYOUT));
         let texts: Vec<String> = records(&db).into_iter().map(|(_, _, text)| text).collect();
         assert_eq!(texts, ["1", "2", "3"]);
     }

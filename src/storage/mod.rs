@@ -26,7 +26,7 @@ mod slot;
 mod writer;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +50,9 @@ pub enum StorageError {
     Closed,
     #[error("storage is recovering from a failed write")]
     Recovering,
+    /// `storage.max_queued_bytes` of broadcasts are waiting for the writer.
+    #[error("too many broadcasts waiting to be written")]
+    Busy,
 }
 
 impl From<sled::Error> for StorageError {
@@ -85,6 +88,10 @@ pub struct StorageOptions {
     /// The chunk limit live readers read with (`ds.max_chunk_bytes`): the writer puts each
     /// new batch of a watched stream in the chunk cache under it, see [`writer`].
     pub live_chunk_bytes: usize,
+    /// Most stream entries kept in memory; idle ones leave earlier (see [`cache`]).
+    pub max_streams_loaded: usize,
+    /// Most bytes of broadcasts waiting for the writer; beyond it appends are refused.
+    pub max_queued_bytes: usize,
 }
 
 /// A message ready to append: its stream and its compact JSON text.
@@ -120,10 +127,15 @@ struct Inner {
     hub: Hub,
     retention: Retention,
     cache: Arc<StreamCache>,
+    /// The store's sequence floor (see `keys::META_SEQ_FLOOR`): tokens up to it are valid for
+    /// any stream, existing or removed.
+    seq_floor: Arc<AtomicU64>,
+    queue: Arc<writer::QueueBudget>,
     streams_created: Arc<std::sync::atomic::AtomicU64>,
     chunks: Arc<chunks::ChunkCache>,
     writer: Mutex<Option<writer::Writer>>,
     trimmer: Mutex<Option<retention::Trimmer>>,
+    trimmer_context: retention::Context,
     /// Set by the first failed write or flush. sled 0.34 keeps an I/O error for good, so the
     /// store stays unwritable until the process restarts; `/health` reports it.
     failed: Arc<AtomicBool>,
@@ -159,18 +171,24 @@ impl Storage {
         let streams_created = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let chunks = Arc::new(chunks::ChunkCache::new(options.read_cache_bytes));
         let live_chunks = writer::LiveChunks { cache: chunks.clone(), max_bytes: options.live_chunk_bytes };
-        let writer = writer::Writer::start(
-            streams_created.clone(),
-            db_slot.clone(),
-            state.epoch,
-            cache.clone(),
-            hub.clone(),
-            failed.clone(),
-            state.next_stream_id,
-            options.fsync,
-            live_chunks,
-        );
-        let trimmer = retention::Trimmer::start(db_slot.clone(), options.retention);
+        let seq_floor = Arc::new(AtomicU64::new(state.seq_floor));
+        let removals = writer::Removals::default();
+        let queue = Arc::new(writer::QueueBudget { bytes: Default::default(), max: options.max_queued_bytes.max(1) });
+        let shared = writer::Shared {
+            streams_created: streams_created.clone(),
+            slot: db_slot.clone(),
+            epoch: state.epoch,
+            cache: cache.clone(),
+            hub: hub.clone(),
+            failed: failed.clone(),
+            seq_floor: seq_floor.clone(),
+            removals: removals.clone(),
+            retention: options.retention,
+            max_streams_loaded: options.max_streams_loaded.max(1),
+        };
+        let writer = writer::Writer::start(shared, state.next_stream_id, options.fsync, live_chunks, queue.clone());
+        let context = retention::Context { retention: options.retention, cache: cache.clone(), removals };
+        let trimmer = retention::Trimmer::start(db_slot.clone(), context.clone());
         drop(db);
         Ok(Storage {
             inner: Arc::new(Inner {
@@ -179,6 +197,9 @@ impl Storage {
                 hub,
                 retention: options.retention,
                 cache,
+                seq_floor,
+                queue,
+                trimmer_context: context,
                 streams_created,
                 chunks,
                 writer: Mutex::new(Some(writer)),
@@ -211,9 +232,19 @@ impl Storage {
         self.inner.streams_created.load(Ordering::Relaxed)
     }
 
-    /// Streams loaded into memory since start.
+    /// Stream entries in memory now.
     pub fn streams_loaded(&self) -> usize {
         self.inner.cache.len()
+    }
+
+    /// Bytes of broadcasts waiting for the writer.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.queue.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the chunk cache holds, its per-entry overhead included.
+    pub fn read_cache_bytes(&self) -> usize {
+        self.inner.chunks.bytes()
     }
 
     /// Appends messages atomically (all or none, in order). Does not block: the writer thread
@@ -257,21 +288,26 @@ impl Storage {
         } else {
             Some(self.inner.cache.get(stream)?)
         };
-        let tail = entry.as_ref().map_or(0, |e| e.visible.load(Ordering::Acquire));
-        let window_start = self.window_start(tail);
+        let Some(entry) = entry else {
+            return Some(self.read_unknown(offset));
+        };
+        let tail = entry.visible.load(Ordering::Acquire);
+        // Positions up to the stream's base are before its current life: read from its start.
+        let window_start = self.window_start(tail).max(entry.base + 1);
         let (after, must_start_at_next) = match offset {
             Offset::Now => return Some(Ok(self.empty_chunk(tail))),
             Offset::Start => (window_start - 1, false),
             Offset::At(position) => {
-                if position.epoch != self.inner.epoch || position.seq > tail || position.seq + 1 < window_start {
+                let after = position.seq.max(entry.base);
+                if position.epoch != self.inner.epoch || after > tail || after + 1 < window_start {
                     return Some(Err(ReadError::Gone));
                 }
-                (position.seq, true)
+                (after, true)
             }
         };
-        let Some(entry) = entry.filter(|_| after < tail) else {
+        if after >= tail {
             return Some(Ok(self.empty_chunk(after)));
-        };
+        }
         let expired_before = self.expiry_cutoff_ms();
         if let Some(cached) = self.inner.chunks.get(entry.id, after, max_bytes) {
             let still_complete = cached.full || cached.last == tail;
@@ -284,7 +320,37 @@ impl Storage {
         if !may_block {
             return None;
         }
-        Some(self.scan(&entry, after, tail, must_start_at_next, expired_before, max_bytes))
+        // sled range scans are not snapshots: retention deleting records ahead of the scan
+        // shows up as a hole, which `scan` reports. Retention only deletes from the front, so
+        // a second scan starts after what it took and answers correctly (a gap, or the new
+        // start of the stream).
+        for _ in 0..SCAN_ATTEMPTS {
+            match self.scan(&entry, after, tail, must_start_at_next, expired_before, max_bytes) {
+                Err(ScanError::Torn) => continue,
+                Err(ScanError::Read(e)) => return Some(Err(e)),
+                Ok(chunk) => return Some(Ok(chunk)),
+            }
+        }
+        // The stream is being removed under us (its records vanish as we read them).
+        Some(if must_start_at_next { Err(ReadError::Gone) } else { Ok(self.empty_chunk(tail)) })
+    }
+
+    /// A read of a stream that does not exist (never written, or removed once all its
+    /// messages expired). Its tail is position 0; a token up to the store's sequence floor
+    /// may come from a removed stream, where it was at or before the tail: nothing came after
+    /// it that can still be read, so the reader stays where it is (and a new stream under the
+    /// name starts above the floor, see `writer.rs`).
+    fn read_unknown(&self, offset: Offset) -> Result<Chunk, ReadError> {
+        match offset {
+            Offset::Now | Offset::Start => Ok(self.empty_chunk(0)),
+            Offset::At(position)
+                if position.epoch == self.inner.epoch
+                    && position.seq <= self.inner.seq_floor.load(Ordering::Acquire) =>
+            {
+                Ok(self.empty_chunk(position.seq))
+            }
+            Offset::At(_) => Err(ReadError::Gone),
+        }
     }
 
     /// Reads the log of `entry` after `after` up to `tail`, and caches what it read.
@@ -296,7 +362,7 @@ impl Storage {
         must_start_at_next: bool,
         expired_before: u64,
         max_bytes: usize,
-    ) -> Result<Chunk, ReadError> {
+    ) -> Result<Chunk, ScanError> {
         let mut body = Vec::new();
         body.push(b'[');
         let mut count = 0;
@@ -320,24 +386,28 @@ impl Storage {
             if from >= to {
                 continue;
             }
+            let first_here = record.first_seq + from as u64;
             if count == 0 {
                 let expired = record.timestamp_ms < expired_before;
-                if must_start_at_next && (record.first_seq + from as u64 != after + 1 || expired) {
+                if must_start_at_next && (first_here != after + 1 || expired) {
                     // The next message was trimmed (or is being trimmed): a gap.
-                    return Err(ReadError::Gone);
+                    return Err(ScanError::Read(ReadError::Gone));
                 }
                 if expired {
                     // Reading from the start: skip what age-based retention has not deleted yet.
                     last = record.first_seq + to as u64 - 1;
                     continue;
                 }
-                start = record.first_seq + from as u64 - 1;
+                start = first_here - 1;
                 first_timestamp_ms = record.timestamp_ms;
                 // Size the body once from this record's mean message size instead of letting
                 // a multi-megabyte chunk grow by doubling (each step copies it all again).
                 let per_message = record.body_len() / record.count() + 1;
                 let expected = (tail - start).saturating_mul(per_message as u64).saturating_add(2);
                 body.reserve(expected.min(max_bytes as u64) as usize);
+            } else if first_here != last + 1 {
+                // A record between the last one and this one vanished during the scan.
+                return Err(ScanError::Torn);
             }
             // Take as many messages as fit with the closing bracket (always at least one per
             // chunk), then copy them at once.
@@ -366,8 +436,17 @@ impl Storage {
         }
         body.push(b']');
         if count == 0 {
-            // Everything from the start had expired.
-            return Ok(self.empty_chunk(last));
+            if must_start_at_next {
+                // Nothing left after a position before the tail: deleted (or being deleted).
+                return Err(ScanError::Read(ReadError::Gone));
+            }
+            // From the start, and every message has expired: the reader goes to the tail,
+            // never to a position before deleted messages.
+            return Ok(self.empty_chunk(tail));
+        }
+        if !full && last < tail {
+            // The scan ended early: records up to the tail vanished while it ran.
+            return Err(ScanError::Torn);
         }
         let chunk = Chunk {
             body: Bytes::from(body),
@@ -397,7 +476,7 @@ impl Storage {
 
     /// Runs one retention pass now (the background task does this periodically).
     pub fn trim_now(&self) -> Result<u64, StorageError> {
-        retention::trim(&self.inner.db.get()?, self.inner.retention, now_ms())
+        retention::trim(&self.inner.db.get()?, &self.inner.trimmer_context, now_ms())
     }
 
     fn position(&self, seq: u64) -> Position {
@@ -426,6 +505,22 @@ impl Storage {
 
     fn load(&self, stream: &str) -> Result<Option<Arc<cache::StreamEntry>>, StorageError> {
         self.inner.cache.get_or_load(&self.inner.db.get()?, stream)
+    }
+}
+
+/// Scans of one read before it gives up on a stream whose records keep vanishing.
+const SCAN_ATTEMPTS: usize = 4;
+
+/// Why one scan did not produce a chunk.
+enum ScanError {
+    /// Records vanished in the middle of the scan (retention ran concurrently): scan again.
+    Torn,
+    Read(ReadError),
+}
+
+impl From<StorageError> for ScanError {
+    fn from(e: StorageError) -> Self {
+        ScanError::Read(ReadError::Storage(e))
     }
 }
 

@@ -20,19 +20,19 @@
 //! Being the only writer also makes sequence allocation simple: no lock, and no visibility race
 //! between two appenders of one stream (PITFALLS.md).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::cache::{StreamCache, StreamEntry};
+use super::cache::{StoredTail, StreamCache, StreamEntry};
 use super::chunks::{CachedChunk, ChunkCache};
 use super::keys::{self, StreamRecord};
 use super::slot::DbSlot;
-use super::{now_ms, Chunk, NewMessage, StorageError};
+use super::{now_ms, Chunk, NewMessage, Retention, StorageError};
 use crate::hub::Hub;
 use crate::offset::{Epoch, Position};
 
@@ -102,72 +102,121 @@ pub(crate) type Done = oneshot::Sender<Result<(), StorageError>>;
 
 struct Request {
     messages: Vec<NewMessage>,
+    /// What the request counts against `max_queued_bytes` until the writer takes it.
+    bytes: usize,
     done: Done,
 }
 
 pub(crate) struct Writer {
     sender: mpsc::Sender<Request>,
     thread: JoinHandle<()>,
+    queue: Arc<QueueBudget>,
+}
+
+/// Bytes of broadcasts handed to the writer and not taken yet (`storage.max_queued_bytes`).
+pub(crate) struct QueueBudget {
+    pub(crate) bytes: AtomicUsize,
+    pub(crate) max: usize,
+}
+
+/// Streams the retention task found fully expired; the writer removes them (it is the only
+/// code that may, see [`State::remove_expired`]).
+pub(crate) type Removals = Arc<Mutex<Vec<(Arc<str>, u64)>>>;
+
+/// What the writer needs beyond the database: shared with `Storage`.
+pub(crate) struct Shared {
+    pub(crate) streams_created: Arc<AtomicU64>,
+    pub(crate) slot: Arc<DbSlot>,
+    pub(crate) epoch: Epoch,
+    pub(crate) cache: Arc<StreamCache>,
+    pub(crate) hub: Hub,
+    pub(crate) failed: Arc<AtomicBool>,
+    /// The store's sequence floor (see `keys::META_SEQ_FLOOR`); raised by the writer only.
+    pub(crate) seq_floor: Arc<AtomicU64>,
+    pub(crate) removals: Removals,
+    pub(crate) retention: Retention,
+    /// Most stream entries kept in memory (`storage.max_streams_loaded`).
+    pub(crate) max_streams_loaded: usize,
 }
 
 /// What the writer thread owns.
 struct State {
     /// Ids handed out so far, for the streams metric (`next_stream_id - 1` once applied).
-    streams_created: Arc<std::sync::atomic::AtomicU64>,
+    streams_created: Arc<AtomicU64>,
     slot: Arc<DbSlot>,
     epoch: Epoch,
     cache: Arc<StreamCache>,
     hub: Hub,
     failed: Arc<AtomicBool>,
+    seq_floor: Arc<AtomicU64>,
+    removals: Removals,
+    retention: Retention,
+    max_streams_loaded: usize,
+    /// When removals and eviction last ran (at most once per `MAINTENANCE_INTERVAL`).
+    last_maintenance: Instant,
     next_stream_id: u64,
     /// `storage.fsync`: flush before answering (off is unsafe: answer right after the apply).
     fsync: bool,
     /// When recovery was last tried (at most once per `RECOVERY_INTERVAL`).
     last_recovery: Option<std::time::Instant>,
     live: LiveChunks,
+    queue: Arc<QueueBudget>,
 }
 
 impl Writer {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
-        streams_created: Arc<std::sync::atomic::AtomicU64>,
-        slot: Arc<DbSlot>,
-        epoch: Epoch,
-        cache: Arc<StreamCache>,
-        hub: Hub,
-        failed: Arc<AtomicBool>,
+        shared: Shared,
         next_stream_id: u64,
         fsync: bool,
         live: LiveChunks,
+        queue: Arc<QueueBudget>,
     ) -> Writer {
-        streams_created.store(next_stream_id - 1, Ordering::Relaxed);
+        shared.streams_created.store(next_stream_id - 1, Ordering::Relaxed);
         let state = State {
-            streams_created,
-            slot,
-            epoch,
-            cache,
-            hub,
-            failed,
+            streams_created: shared.streams_created,
+            slot: shared.slot,
+            epoch: shared.epoch,
+            cache: shared.cache,
+            hub: shared.hub,
+            failed: shared.failed,
+            seq_floor: shared.seq_floor,
+            removals: shared.removals,
+            retention: shared.retention,
+            max_streams_loaded: shared.max_streams_loaded,
+            last_maintenance: Instant::now(),
             next_stream_id,
             fsync,
             last_recovery: None,
             live,
+            queue: queue.clone(),
         };
         let (sender, receiver) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("ds-writer".into())
             .spawn(move || run(state, receiver))
             .expect("spawn writer thread");
-        Writer { sender, thread }
+        Writer { sender, thread, queue }
     }
 
-    /// Queues messages for appending; the receiver answers once they are durable.
+    /// Queues messages for appending; the receiver answers once they are durable. Refused
+    /// with [`StorageError::Busy`] while `max_queued_bytes` are waiting for the writer.
     pub(crate) fn submit(
         &self,
         messages: Vec<NewMessage>,
     ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+        let bytes = messages.iter().map(|m| m.json.len() + m.stream.len()).sum::<usize>();
+        let queued = self.queue.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        // A request larger than the whole budget still goes through when nothing else waits.
+        if queued > self.queue.max && queued > bytes {
+            self.queue.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            crate::metrics::get().writer_queue_refused.inc();
+            return Err(StorageError::Busy);
+        }
         let (done, receiver) = oneshot::channel();
-        self.sender.send(Request { messages, done }).map_err(|_| StorageError::Closed)?;
+        self.sender.send(Request { messages, bytes, done }).map_err(|_| {
+            self.queue.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            StorageError::Closed
+        })?;
         Ok(receiver)
     }
 
@@ -188,25 +237,32 @@ fn each_request_in_one_key(group: &[Request], runs: usize, records: usize, creat
 }
 
 /// How often a failed store checks whether the disk takes writes again.
-const RECOVERY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the writer removes expired streams and evicts idle stream entries.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// A stream entry unused for this long leaves memory (unless somebody watches the stream).
+pub(crate) const STREAM_IDLE: Duration = Duration::from_secs(30);
 
 fn run(mut state: State, receiver: mpsc::Receiver<Request>) {
     loop {
-        let first = match receiver.recv_timeout(RECOVERY_INTERVAL) {
-            Ok(first) => first,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                state.recover_if_failed();
-                continue;
+        match receiver.recv_timeout(RECOVERY_INTERVAL) {
+            Ok(first) => {
+                let mut group = vec![first];
+                group.extend(receiver.try_iter().take(MAX_GROUP_REQUESTS - 1));
+                let taken: usize = group.iter().map(|r| r.bytes).sum();
+                state.queue.bytes.fetch_sub(taken, Ordering::AcqRel);
+                let result = state.commit(&group);
+                for request in group {
+                    // The client may have gone away meanwhile; what was stored stays stored.
+                    let _ = request.done.send(result.clone());
+                }
             }
+            Err(mpsc::RecvTimeoutError::Timeout) => state.recover_if_failed(),
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let mut group = vec![first];
-        group.extend(receiver.try_iter().take(MAX_GROUP_REQUESTS - 1));
-        let result = state.commit(&group);
-        for request in group {
-            // The client may have gone away meanwhile; what was stored stays stored.
-            let _ = request.done.send(result.clone());
         }
+        // Between groups every applied message is durable and published: the moment at which
+        // entries may be evicted and streams removed (see `cache.rs`).
+        state.maintain();
     }
 }
 
@@ -258,7 +314,7 @@ impl State {
         // from the durable tail. Nothing past `visible` was ever shown, and what became durable
         // on its own is published now.
         let refreshed = self.cache.for_each(|entry| {
-            let last = super::cache::durable_tail(&db, entry.id).map_or(0, |(last_seq, _)| last_seq);
+            let last = super::cache::stored_tail(&db, entry.id).map_or(0, |tail| tail.last_seq);
             let last = last.max(entry.visible.load(Ordering::Acquire));
             entry.allocated.store(last, Ordering::Release);
             entry.publish(last, &self.hub);
@@ -294,7 +350,7 @@ impl State {
     fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Vec<Run>, StorageError> {
         let now = now_ms();
         let mut records = Vec::new();
-        let mut created: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut created: Vec<(Arc<str>, u64, u64)> = Vec::new();
         // One open run per stream touched; a linear scan would do for the few streams a group
         // usually names, the index keeps big fan-in groups linear.
         let mut runs: Vec<Run> = Vec::new();
@@ -333,9 +389,9 @@ impl State {
             for (key, value) in records {
                 batch.insert(&key[..], value);
             }
-            for (name, id) in &created {
+            for (name, id, base) in &created {
                 batch.insert(keys::name_key(name), &keys::encode_u64(*id)[..]);
-                batch.insert(&keys::stream_key(*id)[..], StreamRecord::new().encode());
+                batch.insert(&keys::stream_key(*id)[..], StreamRecord::with_base(*base).encode());
             }
             if !created.is_empty() {
                 batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
@@ -394,21 +450,112 @@ impl State {
         self.live.cache.put(run.entry.id, after, self.live.max_bytes, cached);
     }
 
-    /// Makes a new stream's entry; `apply` writes its name and stream record.
-    fn create(&mut self, stream: &str, created: &mut Vec<(Arc<str>, u64)>) -> Arc<StreamEntry> {
+    /// Makes a new stream's entry; `apply` writes its name and stream record. Its numbers
+    /// start above the store's sequence floor, so a stream that existed before under this
+    /// name (and was removed) never hands out one of its old tokens again.
+    fn create(&mut self, stream: &str, created: &mut Vec<(Arc<str>, u64, u64)>) -> Arc<StreamEntry> {
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        let entry = Arc::new(StreamEntry::new(Arc::from(stream), id, 0, 0));
+        let base = self.seq_floor.load(Ordering::Acquire);
+        let tail = StoredTail { last_seq: base, newest_timestamp_ms: 0, base };
+        let entry = Arc::new(StreamEntry::new(Arc::from(stream), id, tail));
         self.cache.insert(entry.clone());
-        created.push((entry.name.clone(), id));
+        created.push((entry.name.clone(), id, base));
         entry
     }
 
     /// Drops the entries of streams whose creating batch was not applied.
-    fn forget(&self, created: &[(Arc<str>, u64)]) {
-        for (name, _) in created {
+    fn forget(&self, created: &[(Arc<str>, u64, u64)]) {
+        for (name, _, _) in created {
             self.cache.remove(name);
         }
+    }
+
+    /// Removes the streams retention found expired, and evicts idle stream entries; at most
+    /// once per [`MAINTENANCE_INTERVAL`].
+    fn maintain(&mut self) {
+        if self.last_maintenance.elapsed() < MAINTENANCE_INTERVAL || self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        self.last_maintenance = Instant::now();
+        let candidates = std::mem::take(&mut *self.removals.lock().expect("removals lock"));
+        if !candidates.is_empty() {
+            match self.slot.get().and_then(|db| self.remove_expired(&db, candidates)) {
+                Ok(0) => {}
+                Ok(n) => log::debug!("removed {n} expired stream(s)"),
+                Err(e) => log::error!("removing expired streams failed: {e}"),
+            }
+        }
+        let idle_before = now_ms().saturating_sub(STREAM_IDLE.as_millis() as u64);
+        let hub = &self.hub;
+        let evicted = self.cache.evict(idle_before, self.max_streams_loaded, |e| hub.is_watched(&e.name));
+        if evicted > 0 {
+            crate::metrics::get().streams_evicted.inc_by(evicted as u64);
+        }
+        if evicted >= 1000 {
+            release_freed_memory();
+        }
+    }
+
+    /// Removes streams whose every message has expired and that nobody watches: their name,
+    /// stream record and any record retention left. The store's sequence floor is raised to
+    /// their tail first (in memory, then in the same batch), so a token of a removed stream
+    /// stays valid for its holders (`Storage::read`) and a new stream under the same name
+    /// starts above it. Only the writer may do this: it is the only appender, so nothing can
+    /// be written to a stream between the check and the removal.
+    fn remove_expired(&mut self, db: &sled::Db, candidates: Vec<(Arc<str>, u64)>) -> Result<usize, StorageError> {
+        let max_age_ms = self.retention.max_age.as_millis() as u64;
+        if max_age_ms == 0 {
+            return Ok(0);
+        }
+        let expired_before = now_ms().saturating_sub(max_age_ms);
+        let mut batch = sled::Batch::default();
+        let mut removed = Vec::new();
+        let mut floor = self.seq_floor.load(Ordering::Acquire);
+        for (name, id) in candidates {
+            if self.hub.is_watched(&name) {
+                continue;
+            }
+            let still_this_stream = db.get(keys::name_key(&name))?.and_then(|v| keys::decode_u64(&v)) == Some(id);
+            let cached = self.cache.peek(&name);
+            let written_since = cached
+                .as_ref()
+                .is_some_and(|e| e.id != id || e.last_timestamp_ms.load(Ordering::Acquire) >= expired_before);
+            let tail = super::cache::stored_tail(db, id)?;
+            if !still_this_stream || written_since || tail.newest_timestamp_ms >= expired_before {
+                continue;
+            }
+            floor = floor.max(tail.last_seq);
+            batch.remove(keys::name_key(&name));
+            batch.remove(&keys::stream_key(id)[..]);
+            for item in db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)) {
+                batch.remove(item?.0);
+            }
+            removed.push(name);
+        }
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        // Raised before the names go: a reader that finds the stream gone already accepts its
+        // tokens (see `Storage::read`).
+        self.seq_floor.fetch_max(floor, Ordering::AcqRel);
+        batch.insert(keys::META_SEQ_FLOOR, &keys::encode_u64(floor)[..]);
+        db.apply_batch(batch)?;
+        for name in &removed {
+            self.cache.remove(name);
+        }
+        crate::metrics::get().streams_removed.inc_by(removed.len() as u64);
+        Ok(removed.len())
+    }
+}
+
+/// Gives memory freed by a large eviction back to the operating system (glibc keeps freed
+/// heap pages otherwise, so RSS would stay at its high-water mark).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -418,7 +565,7 @@ mod tests {
 
     fn request(streams: &[&str]) -> Request {
         let messages = streams.iter().map(|s| NewMessage { stream: s.to_string(), json: Bytes::from_static(b"1") });
-        Request { messages: messages.collect(), done: oneshot::channel().0 }
+        Request { messages: messages.collect(), bytes: 0, done: oneshot::channel().0 }
     }
 
     #[test]

@@ -29,12 +29,11 @@ pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("anycable-ds-test").tempdir().expect("temp dir")
 }
 
-/// Arguments most tests want: public streams, a known broadcast key, unlimited retention.
+/// Arguments most tests want: public streams and a known broadcast key. Everything else is
+/// what a user gets by default (retention on: 100 messages, 300 s); a test about another
+/// setting passes it.
 pub fn default_args() -> Vec<String> {
-    ["--public_streams", "--broadcast_key", KEY, "--history_limit", "0", "--history_ttl", "0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    ["--public_streams", "--broadcast_key", KEY].iter().map(|s| s.to_string()).collect()
 }
 
 impl Server {
@@ -284,6 +283,8 @@ pub struct SseClient {
 pub struct SseEvent {
     pub event: String,
     pub data: String,
+    /// The `id:` field, if the event has one.
+    pub id: Option<String>,
 }
 
 impl SseEvent {
@@ -312,17 +313,23 @@ impl SseClient {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
-                let mut event = SseEvent { event: String::new(), data: String::new() };
+                let mut event = SseEvent { event: String::new(), data: String::new(), id: None };
                 for line in block.lines().filter(|l| !l.is_empty()) {
                     if let Some(comment) = line.strip_prefix(':') {
-                        event = SseEvent { event: "comment".into(), data: comment.trim().into() };
-                    } else if let Some(name) = line.strip_prefix("event: ") {
-                        event.event = name.into();
-                    } else if let Some(data) = line.strip_prefix("data: ") {
-                        assert!(event.data.is_empty(), "one data line per event: {block:?}");
-                        event.data = data.into();
-                    } else {
-                        panic!("unexpected SSE line {line:?}");
+                        event = SseEvent { event: "comment".into(), data: comment.trim().into(), id: None };
+                        continue;
+                    }
+                    // `field:value`, one optional space after the colon (the SSE standard).
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "event" => event.event = value.into(),
+                        "data" => {
+                            assert!(event.data.is_empty(), "one data line per event: {block:?}");
+                            event.data = value.into();
+                        }
+                        "id" => event.id = Some(value.into()),
+                        _ => panic!("unexpected SSE line {line:?}"),
                     }
                 }
                 return Some(event);

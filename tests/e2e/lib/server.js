@@ -59,9 +59,11 @@ function cleanEnv() {
 
 /**
  * Starts the server. `dir` is its working directory (data lives in `dir/data`); without it a
- * new temporary directory is made and removed again by `stop()`. `args` are extra flags; they
- * replace the defaults --history_limit 0 and --history_ttl 0 (not --host, --port, --data_dir,
- * --secret or --broadcast_key). `port` 0 (default) picks a free one.
+ * new temporary directory is made and removed again by `stop()`. `args` are extra flags (not
+ * --host, --port, --data_dir, --secret or --broadcast_key, which the harness sets). Everything
+ * else runs with the defaults a user gets, retention included (history_limit 100, history_ttl
+ * 300 s): a test that needs another setting passes it in `args` and says why. `port` 0
+ * (default) picks a free one.
  */
 export async function startServer({ dir, args = [], port = 0 } = {}) {
   if (!existsSync(BIN)) {
@@ -72,18 +74,12 @@ export async function startServer({ dir, args = [], port = 0 } = {}) {
   const ownDir = !dir;
   const cwd = dir ?? (await tempDir());
   const dataDir = join(cwd, "data");
-  // The server refuses a repeated flag, so a default is left out when `args` gives it.
-  const defaults = [
-    ["--history_limit", "0"],
-    ["--history_ttl", "0"],
-  ].filter(([flag]) => !args.includes(flag));
   const argv = [
     "--host", "127.0.0.1",
     "--port", String(port),
     "--data_dir", dataDir,
     "--secret", SECRET,
     "--broadcast_key", BROADCAST_KEY,
-    ...defaults.flat(),
     ...args,
   ];
   const child = spawn(BIN, argv, { cwd, env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });

@@ -1,0 +1,135 @@
+//! Response bodies that hold little memory for a client that reads slowly or not at all.
+//!
+//! actix copies each piece a body yields into the connection's write buffer and keeps polling
+//! while that buffer is under 32 KiB. A 4 MiB chunk yielded at once would be copied whole into
+//! every connection that sends it, and stay there until the client reads it. So bodies here
+//! yield slices of at most [`PIECE`] bytes of a shared buffer (the chunk cache's): a connection
+//! holds actix's buffer, a reference, and the kernel's socket buffer; nothing more.
+//!
+//! What the references keep alive is bounded in total by [`Unsent`] (`ds.max_unsent_bytes`):
+//! a buffer counts once however many responses share it (the usual case: many readers of the
+//! same range), from the moment a response takes it until the last one lets it go. A client
+//! that stops reading is closed by the [`watchdog`](super::watchdog), which ends its share.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use actix_web::body::{BodySize, MessageBody};
+use bytes::Bytes;
+
+use super::watchdog::WatchGuard;
+
+/// Largest slice handed to actix at once.
+pub const PIECE: usize = 16 * 1024;
+/// Bodies up to this size go out as they are: the kernel's socket buffer takes them at once,
+/// so they never wait in this process for a slow client.
+pub const SMALL: usize = 64 * 1024;
+
+/// The budget of bytes referenced by bodies not yet taken by their clients.
+pub struct Unsent {
+    max: usize,
+    state: Mutex<UnsentState>,
+}
+
+#[derive(Default)]
+struct UnsentState {
+    /// Buffer address → (length, bodies holding it).
+    buffers: HashMap<usize, (usize, usize)>,
+    bytes: usize,
+}
+
+static UNSENT: OnceLock<Unsent> = OnceLock::new();
+
+/// Sets the budget (once per process; later calls keep the first).
+pub fn init(max_unsent_bytes: usize) {
+    UNSENT.get_or_init(|| Unsent { max: max_unsent_bytes, state: Mutex::default() });
+}
+
+/// Bytes referenced now.
+pub fn unsent_bytes() -> usize {
+    UNSENT.get().map_or(0, |u| u.state.lock().expect("unsent lock").bytes)
+}
+
+/// One body's share of a buffer; released on drop.
+pub struct Share(usize);
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let Some(unsent) = UNSENT.get() else { return };
+        let mut state = unsent.state.lock().expect("unsent lock");
+        if let Some((len, holders)) = state.buffers.get_mut(&self.0) {
+            *holders -= 1;
+            if *holders == 0 {
+                let len = *len;
+                state.buffers.remove(&self.0);
+                state.bytes -= len;
+            }
+        }
+    }
+}
+
+/// `ds.max_unsent_bytes` is reached.
+#[derive(Debug, Clone, Copy)]
+pub struct OverBudget;
+
+/// Takes a share of `data` for a response, or fails when that would go over the budget (a
+/// buffer already shared is always granted: it costs nothing more). Small buffers are not
+/// counted (`Ok(None)`).
+pub fn share(data: &Bytes) -> Result<Option<Share>, OverBudget> {
+    let Some(unsent) = UNSENT.get() else { return Ok(None) };
+    if data.len() <= SMALL {
+        return Ok(None);
+    }
+    let key = data.as_ptr() as usize;
+    let mut state = unsent.state.lock().expect("unsent lock");
+    if let Some((_, holders)) = state.buffers.get_mut(&key) {
+        *holders += 1;
+        return Ok(Some(Share(key)));
+    }
+    if state.bytes + data.len() > unsent.max {
+        crate::metrics::get().unsent_refused.inc();
+        return Err(OverBudget);
+    }
+    state.buffers.insert(key, (data.len(), 1));
+    state.bytes += data.len();
+    Ok(Some(Share(key)))
+}
+
+/// A sized body (with `Content-Length`) sent in slices of a shared buffer.
+pub struct SlicedBody {
+    data: Bytes,
+    sent: usize,
+    _share: Option<Share>,
+    _watch: Option<WatchGuard>,
+}
+
+impl SlicedBody {
+    pub fn new(data: Bytes, share: Option<Share>, watch: Option<WatchGuard>) -> SlicedBody {
+        SlicedBody { data, sent: 0, _share: share, _watch: watch }
+    }
+}
+
+impl MessageBody for SlicedBody {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Sized(self.data.len() as u64)
+    }
+
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        if self.sent >= self.data.len() {
+            return Poll::Ready(None);
+        }
+        let end = (self.sent + PIECE).min(self.data.len());
+        let piece = self.data.slice(self.sent..end);
+        self.sent = end;
+        Poll::Ready(Some(Ok(piece)))
+    }
+}
+
+/// `data` cut into slices of at most [`PIECE`] bytes (no copy).
+pub fn slices(data: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    (0..data.len()).step_by(PIECE).map(move |at| data.slice(at..(at + PIECE).min(data.len())))
+}

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub hub_streams: IntGauge,
     pub streams_evicted: IntCounter,
     pub streams_removed: IntCounter,
+    pub messages_trimmed: IntCounter,
     pub writer_queue_bytes: IntGauge,
     pub writer_queue_refused: IntCounter,
     pub read_cache_bytes: IntGauge,
@@ -114,6 +115,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             IntCounter::new("ds_streams_removed_total", "Streams removed from disk once all their messages expired")
                 .unwrap(),
+        ),
+        messages_trimmed: register(
+            &r,
+            IntCounter::new("ds_messages_trimmed_total", "Messages deleted from disk by retention").unwrap(),
         ),
         writer_queue_bytes: register(
             &r,

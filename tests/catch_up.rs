@@ -67,11 +67,10 @@ async fn chunking_gives_up_to_date_only_on_the_last_chunk() {
     server.publish("c", numbered(1..=5)).await;
     let mut offset = "-1".to_string();
     let mut seen = Vec::new();
-    let mut chunks = 0;
+    let mut sizes = Vec::new();
     loop {
         let (messages, next, up_to_date) = server.read("c", &offset).await;
-        chunks += 1;
-        assert!(!messages.is_empty() && messages.len() <= 2, "{messages:?}");
+        sizes.push(messages.len());
         seen.extend(messages);
         offset = next;
         if up_to_date {
@@ -79,7 +78,7 @@ async fn chunking_gives_up_to_date_only_on_the_last_chunk() {
         }
     }
     assert_eq!(seen, numbered(1..=5));
-    assert_eq!(chunks, 3);
+    assert_eq!(sizes, [2, 2, 1], "as many messages as fit, then the rest");
     // A single message larger than the limit is still sent, alone.
     server.publish("big", [json!({"text": "x".repeat(100)})]).await;
     let (messages, _, up_to_date) = server.read("big", "-1").await;
@@ -198,4 +197,42 @@ async fn health_and_metrics_answer() {
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.unwrap();
     assert!(body["error"].is_string());
+}
+
+#[tokio::test]
+async fn every_response_errors_included_carries_nosniff_and_corp() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_max_live_readers", "1", "--ds_poll_interval", "30"]);
+    server.publish("s", numbered(1..=1)).await;
+    let tail = server.tail("s").await;
+    let waiting = tokio::spawn(server.client.get(server.ds("s?offset=now&live=long-poll")).send());
+    server.wait_for_metric("ds_poll_clients_num", 1.0, std::time::Duration::from_secs(10)).await;
+    let beyond = format!("{}_{:020}", &tail[..tail.len() - 21], 99);
+    let client = &server.client;
+    let requests = [
+        (client.get(server.ds("s?offset=-1")), 200),
+        (client.get(server.ds("s?offset=bad")), 400),
+        (client.get(server.url("/nowhere")), 404),
+        (client.post(server.ds("s")), 405),
+        (client.get(server.ds(&format!("s?offset={beyond}"))), 410),
+        (client.post(server.url("/_broadcast")).body("{}"), 401),
+        (client.post(server.url("/_broadcast")).bearer_auth(common::KEY).body(vec![b' '; 2 << 20]), 413),
+        (client.get(server.ds("s?offset=-1&live=sse")), 503),
+        (client.get(server.url("/health")), 200),
+    ];
+    for (request, status) in requests {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        assert_eq!(header(&response, "x-content-type-options").as_deref(), Some("nosniff"), "{status}");
+        assert_eq!(header(&response, "cross-origin-resource-policy").as_deref(), Some("cross-origin"), "{status}");
+        if status == 503 {
+            assert_eq!(header(&response, "retry-after").as_deref(), Some("1"));
+        }
+        if status >= 400 {
+            let body: Value = response.json().await.unwrap();
+            assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{status}: {body}");
+        }
+    }
+    server.publish("s", numbered(2..=2)).await;
+    assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
 }

@@ -46,16 +46,20 @@ fn a_data_directory_that_is_a_file_stops_start_up_with_a_clear_message() {
     assert!(stderr.contains("cannot open data directory") && stderr.contains("not-a-dir"), "{stderr}");
 }
 
-/// A small tmpfs mounted inside `dir`, unmounted on drop. `None` where mounting is not
-/// allowed (not root): the caller skips with a message.
+/// A small tmpfs mounted inside `dir`, unmounted on drop. Mounting needs root (as on CI):
+/// where it is not allowed, the test fails rather than pass without having run.
 struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &std::path::Path, options: &str) -> Option<Tmpfs> {
+    fn mount(dir: &std::path::Path, options: &str) -> Tmpfs {
         let point = dir.join("mnt");
         std::fs::create_dir_all(&point).unwrap();
-        let status = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(&point).status().ok()?;
-        status.success().then_some(Tmpfs(point))
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(&point).status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "cannot mount a tmpfs here (needs root): this test cannot run, so it fails"
+        );
+        Tmpfs(point)
     }
 
     fn remount(&self, options: &str) {
@@ -73,10 +77,7 @@ impl Drop for Tmpfs {
 #[test]
 fn a_read_only_data_directory_stops_start_up_with_a_clear_message() {
     let dir = temp_dir();
-    let Some(mount) = Tmpfs::mount(dir.path(), "size=4m,ro") else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let mount = Tmpfs::mount(dir.path(), "size=4m,ro");
     let data = mount.0.join("data");
     let output = Server::command(dir.path()).args(["--port", "0", "--data_dir"]).arg(&data).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
@@ -87,10 +88,7 @@ fn a_read_only_data_directory_stops_start_up_with_a_clear_message() {
 #[tokio::test]
 async fn a_full_disk_answers_503_acknowledges_nothing_more_and_loses_nothing() {
     let dir = temp_dir();
-    let Some(mount) = Tmpfs::mount(dir.path(), "size=3m") else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let mount = Tmpfs::mount(dir.path(), "size=3m");
     let data = mount.0.join("data").to_string_lossy().into_owned();
     // Fills the disk with more messages than the default count limit keeps, all checked after.
     let mut server = Server::start(dir.path(), &["--data_dir", &data, "--history_limit", "0"]);

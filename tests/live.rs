@@ -384,3 +384,56 @@ async fn transient_broadcasts_reach_live_readers_and_are_not_stored() {
     let (messages, _) = sse.next_batch(WAIT).await.unwrap();
     assert_eq!(messages, numbered(2..=2));
 }
+
+#[tokio::test]
+async fn sse_frames_carry_ids_and_last_event_id_resumes_a_native_event_source() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_sse_ttl", "1"]);
+    server.publish("ids", numbered(1..=3)).await;
+    let tail = server.tail("ids").await;
+    let first = format!("{}_{:020}", &tail[..tail.len() - 21], 1);
+
+    // Exact framing, as the reference server writes it: `data:` directly followed by the JSON;
+    // every data and control event names the offset after it.
+    let text = server.get("ids?offset=-1&live=sse").await.text().await.unwrap(); // ends at the TTL
+    let expected_start = format!("event: data\nid:{tail}\ndata:[{{\"n\":1}},{{\"n\":2}},{{\"n\":3}}]\n\nevent: control\nid:{tail}\ndata:{{\"streamCursor\":");
+    assert!(text.starts_with(&expected_start), "{text}");
+    assert!(text.contains(&format!("\"streamNextOffset\":\"{tail}\",\"upToDate\":true}}\n\n")), "{text}");
+
+    // A browser's EventSource reconnects to the same URL with the last id it saw: the header
+    // wins over `offset=`.
+    let response =
+        server.client.get(server.ds("ids?offset=-1&live=sse")).header("Last-Event-ID", &first).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.starts_with("event: data\nid:"), "{text}");
+    assert!(text.contains("data:[{\"n\":2},{\"n\":3}]\n"), "resumes right after message 1: {text}");
+
+    // Not an offset of ours: 400, as a bad `offset=` is.
+    let response = server
+        .client
+        .get(server.ds("ids?offset=-1&live=sse"))
+        .header("Last-Event-ID", "nonsense")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.json::<Value>().await.unwrap()["error"].as_str().unwrap().contains("Last-Event-ID"));
+    // Catch-up reads ignore the header (only EventSource sends it).
+    let response = server.client.get(server.ds("ids?offset=-1")).header("Last-Event-ID", &first).send().await.unwrap();
+    assert_eq!(read_parts(response).await.0, numbered(1..=3));
+
+    // A page on another origin may send the header (the preflight allows it).
+    let preflight = server
+        .client
+        .request(reqwest::Method::OPTIONS, server.ds("ids"))
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "GET")
+        .header("Access-Control-Request-Headers", "last-event-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    let allowed = header(&preflight, "access-control-allow-headers").unwrap_or_default().to_lowercase();
+    assert!(allowed.contains("last-event-id"), "{allowed}");
+}

@@ -47,8 +47,13 @@ async fn an_expired_stream_answers_its_tail_and_keeps_its_readers_working() {
     let mut sse = SseClient::open(&server, &format!("room?offset={tail}&live=sse")).await;
     assert_eq!(sse.next_batch(WAIT).await.unwrap().0, Vec::<Value>::new());
 
-    // From the start: nothing, and the tail, never a position before the deleted messages.
+    // From the start: nothing, and the tail, never a position before the deleted messages,
+    // both while the expired messages are still on disk and once retention deleted them.
     let next = wait_until_expired(&server, "room").await;
+    assert_eq!(next, tail);
+    server.wait_for_metric("ds_messages_trimmed_total", 3.0, WAIT).await;
+    let (messages, next, _) = server.read("room", "-1").await;
+    assert!(messages.is_empty());
     assert_eq!(next, tail, "a read from the start of an expired stream answers the tail");
     assert_eq!(server.tail("room").await, tail);
     // A token inside the deleted range is a gap; the tail is not.
@@ -120,13 +125,17 @@ async fn a_removed_stream_keeps_its_readers_tokens_and_never_reuses_a_number() {
 }
 
 #[tokio::test]
-async fn live_readers_reconnecting_across_an_expiry_miss_nothing() {
+async fn readers_that_start_from_an_expired_stream_get_the_next_message() {
     let dir = temp_dir();
     let server = Server::start(dir.path(), &["--history_ttl", "1", "--ds_poll_interval", "1", "--ds_sse_ttl", "1"]);
     server.publish("live", numbered(1..=2)).await;
-    let start = server.tail("live").await;
-    // A long-poll loop and a reconnecting SSE reader, both at the tail, while the messages
-    // expire and the stream is removed between their requests.
+    let tail = server.tail("live").await;
+    server.wait_for_metric("ds_messages_trimmed_total", 2.0, WAIT).await;
+    // A page that opens now reads from the start, then follows live from what it was told,
+    // reconnecting every second: the tail, or position 0 once the stream has been removed.
+    let (messages, start, _) = server.read("live", "-1").await;
+    assert!(messages.is_empty());
+    assert!(start == tail || seq_of(&start) == 0, "{start} is neither the tail nor the start");
     let poller = {
         let (client, url) = (server.client.clone(), server.ds("live"));
         let mut offset = start.clone();
@@ -162,10 +171,12 @@ async fn live_readers_reconnecting_across_an_expiry_miss_nothing() {
             }
         })
     };
-    wait_until_expired(&server, "live").await;
+    server.wait_for_metric("ds_poll_clients_num", 1.0, WAIT).await;
     server.publish("live", [json!({"n": 3})]).await;
     let (messages, next, _) = poller.await.unwrap();
     assert_eq!(messages, [json!({"n": 3})]);
     assert_eq!(seq_of(&next), 3);
     assert_eq!(sse_reader.await.unwrap(), json!([{"n": 3}]));
+    let (messages, _, _) = server.read("live", &start).await;
+    assert_eq!(messages, [json!({"n": 3})]);
 }

@@ -125,6 +125,7 @@ pub(crate) fn trim(db: &sled::Db, context: &Context, now_ms: u64) -> Result<u64,
                 break;
             }
             removed += record.count() as u64;
+            crate::metrics::get().messages_trimmed.inc_by(record.count() as u64);
             batch.remove(key);
             in_batch += 1;
             if in_batch == BATCH_DELETES {

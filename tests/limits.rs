@@ -139,3 +139,40 @@ async fn a_full_disk_answers_503_acknowledges_nothing_more_and_loses_nothing() {
     assert_eq!(server.broadcast(&body).await.0, 201, "writable after the restart");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_writer_queue_answers_503_and_stores_nothing_of_a_refused_batch() {
+    let dir = temp_dir();
+    // A budget of one byte: a broadcast is taken only while nothing else waits for the writer.
+    let server = Server::start(dir.path(), &["--storage_max_queued_bytes", "1", "--history_limit", "0"]);
+    let mut requests = Vec::new();
+    for i in 0..64 {
+        let body = serde_json::json!([{"stream": "a", "data": i.to_string()}, {"stream": "b", "data": i.to_string()}]);
+        let request = server.client.post(server.url("/_broadcast")).bearer_auth(KEY).body(body.to_string());
+        requests.push(tokio::spawn(request.send()));
+    }
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = request.await.unwrap().unwrap();
+        match response.status().as_u16() {
+            201 => accepted.push(i as u64),
+            503 => {
+                assert_eq!(response.headers().get("retry-after").unwrap(), "1");
+                let body: Value = response.json().await.unwrap();
+                assert!(body["error"].as_str().unwrap().contains("retry later"), "{body}");
+                refused += 1;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(refused > 0 && !accepted.is_empty(), "{} accepted, {refused} refused", accepted.len());
+    assert_eq!(server.metric("ds_writer_queue_refused_total").await, refused as f64);
+    // Both streams hold exactly the accepted broadcasts: nothing of a refused one.
+    for stream in ["a", "b"] {
+        let (messages, _, _) = server.read(stream, "-1").await;
+        let mut got: Vec<u64> = messages.iter().map(|m| m.as_u64().unwrap()).collect();
+        got.sort_unstable();
+        assert_eq!(got, accepted, "stream {stream}");
+    }
+    assert_eq!(server.metric("ds_writer_queue_bytes").await, 0.0);
+}

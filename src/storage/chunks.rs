@@ -45,7 +45,8 @@ pub(crate) struct ChunkCache {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<Key, CachedChunk>,
+    /// Each entry with when it was last used (ms).
+    entries: HashMap<Key, (CachedChunk, u64)>,
     order: VecDeque<Key>,
     bytes: usize,
 }
@@ -59,7 +60,10 @@ impl ChunkCache {
         if self.budget == 0 {
             return None;
         }
-        self.state.lock().expect("chunk cache lock").entries.get(&(stream_id, after, max_bytes)).cloned()
+        let mut state = self.state.lock().expect("chunk cache lock");
+        let (cached, used) = state.entries.get_mut(&(stream_id, after, max_bytes))?;
+        *used = super::now_ms();
+        Some(cached.clone())
     }
 
     pub(crate) fn put(&self, stream_id: u64, after: u64, max_bytes: usize, cached: CachedChunk) {
@@ -69,7 +73,7 @@ impl ChunkCache {
         }
         let key = (stream_id, after, max_bytes);
         let mut state = self.state.lock().expect("chunk cache lock");
-        if let Some(previous) = state.entries.insert(key, cached) {
+        if let Some((previous, _)) = state.entries.insert(key, (cached, super::now_ms())) {
             state.bytes -= cost(&previous);
         } else {
             state.order.push_back(key);
@@ -77,7 +81,7 @@ impl ChunkCache {
         state.bytes += size;
         while state.bytes > self.budget {
             let Some(oldest) = state.order.pop_front() else { break };
-            if let Some(evicted) = state.entries.remove(&oldest) {
+            if let Some((evicted, _)) = state.entries.remove(&oldest) {
                 state.bytes -= cost(&evicted);
             }
         }
@@ -87,8 +91,61 @@ impl ChunkCache {
         }
     }
 
+    /// Drops entries unused since `idle_before_ms`: a burst of one-off reads (many streams read
+    /// once) does not keep the cache full once it is over. Returns how many went.
+    pub(crate) fn expire_idle(&self, idle_before_ms: u64) -> usize {
+        let mut state = self.state.lock().expect("chunk cache lock");
+        let before = state.entries.len();
+        let mut freed = 0;
+        state.entries.retain(|_, (cached, used)| {
+            let keep = *used >= idle_before_ms;
+            if !keep {
+                freed += cost(cached);
+            }
+            keep
+        });
+        state.bytes -= freed;
+        let State { entries, order, .. } = &mut *state;
+        order.retain(|key| entries.contains_key(key));
+        if entries.capacity() > 4 * entries.len().max(1024) {
+            entries.shrink_to_fit();
+            order.shrink_to_fit();
+        }
+        before - state.entries.len()
+    }
+
     /// Bytes the cache accounts for now (bodies and per-entry overhead).
     pub(crate) fn bytes(&self) -> usize {
         self.state.lock().expect("chunk cache lock").bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offset::{Epoch, Position};
+    use bytes::Bytes;
+
+    fn chunk(body: &'static [u8]) -> CachedChunk {
+        let position = Position { epoch: Epoch::parse(b"abcdefghij").unwrap(), seq: 0 };
+        let chunk =
+            Chunk { body: Bytes::from_static(body), count: 1, start: position, next: position, up_to_date: true };
+        CachedChunk { chunk, last: 1, first_timestamp_ms: 0, full: false }
+    }
+
+    #[test]
+    fn entries_count_their_overhead_and_idle_ones_expire() {
+        let cache = ChunkCache::new(10 * (ENTRY_OVERHEAD + 3));
+        for stream in 0..20 {
+            cache.put(stream, 0, 100, chunk(b"[1]"));
+        }
+        // Ten entries fit the budget once their overhead counts (body bytes alone: all 20).
+        assert_eq!(cache.bytes(), 10 * (ENTRY_OVERHEAD + 3));
+        assert!(cache.get(9, 0, 100).is_none() && cache.get(10, 0, 100).is_some());
+        let now = crate::storage::now_ms();
+        assert_eq!(cache.expire_idle(now + 1), 10, "all unused since");
+        assert_eq!(cache.bytes(), 0);
+        cache.put(1, 0, 100, chunk(b"[1]"));
+        assert_eq!(cache.expire_idle(now.saturating_sub(60_000)), 0, "recently used entries stay");
     }
 }

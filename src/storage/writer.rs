@@ -240,7 +240,8 @@ fn each_request_in_one_key(group: &[Request], runs: usize, records: usize, creat
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the writer removes expired streams and evicts idle stream entries.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
-/// A stream entry unused for this long leaves memory (unless somebody watches the stream).
+/// A stream entry (or a cached chunk) unused for this long leaves memory (unless somebody
+/// watches the stream).
 pub(crate) const STREAM_IDLE: Duration = Duration::from_secs(30);
 
 fn run(mut state: State, receiver: mpsc::Receiver<Request>) {
@@ -487,12 +488,13 @@ impl State {
             }
         }
         let idle_before = now_ms().saturating_sub(STREAM_IDLE.as_millis() as u64);
+        let expired_chunks = self.live.cache.expire_idle(idle_before);
         let hub = &self.hub;
         let evicted = self.cache.evict(idle_before, self.max_streams_loaded, |e| hub.is_watched(&e.name));
         if evicted > 0 {
             crate::metrics::get().streams_evicted.inc_by(evicted as u64);
         }
-        if evicted >= 1000 {
+        if evicted + expired_chunks >= 1000 {
             release_freed_memory();
         }
     }

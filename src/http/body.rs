@@ -53,18 +53,22 @@ pub fn unsent_bytes() -> usize {
     UNSENT.get().map_or(0, |u| u.state.lock().expect("unsent lock").bytes)
 }
 
-/// One body's share of a buffer; released on drop.
-pub struct Share(usize);
+/// One body's share of a buffer; released on drop. It keeps the buffer alive, so its address
+/// (the key) cannot be reused by another buffer while it is counted.
+pub struct Share {
+    key: usize,
+    _buffer: Bytes,
+}
 
 impl Drop for Share {
     fn drop(&mut self) {
         let Some(unsent) = UNSENT.get() else { return };
         let mut state = unsent.state.lock().expect("unsent lock");
-        if let Some((len, holders)) = state.buffers.get_mut(&self.0) {
+        if let Some((len, holders)) = state.buffers.get_mut(&self.key) {
             *holders -= 1;
             if *holders == 0 {
                 let len = *len;
-                state.buffers.remove(&self.0);
+                state.buffers.remove(&self.key);
                 state.bytes -= len;
             }
         }
@@ -87,7 +91,7 @@ pub fn share(data: &Bytes) -> Result<Option<Share>, OverBudget> {
     let mut state = unsent.state.lock().expect("unsent lock");
     if let Some((_, holders)) = state.buffers.get_mut(&key) {
         *holders += 1;
-        return Ok(Some(Share(key)));
+        return Ok(Some(Share { key, _buffer: data.clone() }));
     }
     if state.bytes + data.len() > unsent.max {
         crate::metrics::get().unsent_refused.inc();
@@ -95,7 +99,7 @@ pub fn share(data: &Bytes) -> Result<Option<Share>, OverBudget> {
     }
     state.buffers.insert(key, (data.len(), 1));
     state.bytes += data.len();
-    Ok(Some(Share(key)))
+    Ok(Some(Share { key, _buffer: data.clone() }))
 }
 
 /// A sized body (with `Content-Length`) sent in slices of a shared buffer.

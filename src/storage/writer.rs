@@ -154,6 +154,7 @@ struct State {
     max_streams_loaded: usize,
     /// When removals and eviction last ran (at most once per `MAINTENANCE_INTERVAL`).
     last_maintenance: Instant,
+    last_idle_sweep: Instant,
     next_stream_id: u64,
     /// `storage.fsync`: flush before answering (off is unsafe: answer right after the apply).
     fsync: bool,
@@ -184,6 +185,7 @@ impl Writer {
             retention: shared.retention,
             max_streams_loaded: shared.max_streams_loaded,
             last_maintenance: Instant::now(),
+            last_idle_sweep: Instant::now(),
             next_stream_id,
             fsync,
             last_recovery: None,
@@ -240,6 +242,8 @@ fn each_request_in_one_key(group: &[Request], runs: usize, records: usize, creat
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the writer removes expired streams and evicts idle stream entries.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often idle stream entries and chunks are looked for.
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// A stream entry (or a cached chunk) unused for this long leaves memory (unless somebody
 /// watches the stream).
 pub(crate) const STREAM_IDLE: Duration = Duration::from_secs(30);
@@ -487,8 +491,17 @@ impl State {
                 Err(e) => log::error!("removing expired streams failed: {e}"),
             }
         }
-        let idle_before = now_ms().saturating_sub(STREAM_IDLE.as_millis() as u64);
-        let expired_chunks = self.live.cache.expire_idle(idle_before);
+        // Idle sweeps walk every entry (under the caches' locks), so they run less often; the
+        // cap is checked every time (a length is cheap).
+        let (idle_before, expired_chunks) = if self.last_idle_sweep.elapsed() >= IDLE_SWEEP_INTERVAL {
+            self.last_idle_sweep = Instant::now();
+            let idle_before = now_ms().saturating_sub(STREAM_IDLE.as_millis() as u64);
+            (idle_before, self.live.cache.expire_idle(idle_before))
+        } else if self.cache.len() > self.max_streams_loaded {
+            (0, 0)
+        } else {
+            return;
+        };
         let hub = &self.hub;
         let evicted = self.cache.evict(idle_before, self.max_streams_loaded, |e| hub.is_watched(&e.name));
         if evicted > 0 {

@@ -46,11 +46,26 @@ async fn fill(server: &Server, stream: &str, mib: usize) {
     }
 }
 
-/// Opens `n` connections that each send `request` and then never read.
+/// Opens `n` connections that each send `request` and then never read. Their receive buffers
+/// are made small, so the kernel does not quietly absorb megabytes for them: the server sees
+/// clients that stop reading at once (with default buffers a 4 MiB chunk fits in the kernel).
 fn stuck_clients(server: &Server, n: usize, request: &str) -> Vec<TcpStream> {
+    use std::os::fd::AsRawFd;
     (0..n)
         .map(|_| {
             let mut socket = TcpStream::connect(&server.addr).unwrap();
+            let size: libc::c_int = 4096;
+            // SAFETY: setsockopt reads one int from the pointer it is given.
+            let set = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(set, 0);
             socket.write_all(request.as_bytes()).unwrap();
             socket
         })

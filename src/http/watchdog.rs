@@ -53,10 +53,24 @@ impl ConnSocket {
         ok.then_some(queued.max(0) as u64)
     }
 
+    /// Ends the connection: a zero linger makes its close a reset that drops the bytes still
+    /// queued for the client (otherwise the kernel keeps them, and the socket, until a client
+    /// that does not read takes them), and the shutdown makes actix's next write fail.
     fn shut_down(&self) {
         if self.is_current() {
-            // SAFETY: shutdown takes a descriptor we just checked; it closes nothing.
-            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: setsockopt reads the struct it is given; shutdown takes a descriptor we
+            // just checked and closes nothing.
+            unsafe {
+                libc::setsockopt(
+                    self.fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+                libc::shutdown(self.fd, libc::SHUT_RDWR);
+            }
         }
     }
 }

@@ -41,6 +41,24 @@ fn cost(cached: &CachedChunk) -> usize {
 pub(crate) struct ChunkCache {
     budget: usize,
     state: Mutex<State>,
+    /// Scans running now, by key: a reader that misses the cache while another one scans the
+    /// same range waits for that scan and takes its chunk, instead of scanning (and holding)
+    /// its own copy. Many clients arriving at once at a cold range cost one scan.
+    scanning: Mutex<std::collections::HashSet<Key>>,
+    scanned: std::sync::Condvar,
+}
+
+/// The right to scan one range; dropping it lets the readers that waited for it go on.
+pub(crate) struct Scan<'a> {
+    cache: &'a ChunkCache,
+    key: Key,
+}
+
+impl Drop for Scan<'_> {
+    fn drop(&mut self) {
+        self.cache.scanning.lock().expect("scan lock").remove(&self.key);
+        self.cache.scanned.notify_all();
+    }
 }
 
 #[derive(Default)]
@@ -53,7 +71,25 @@ struct State {
 
 impl ChunkCache {
     pub(crate) fn new(budget: usize) -> ChunkCache {
-        ChunkCache { budget, state: Mutex::default() }
+        ChunkCache { budget, state: Mutex::default(), scanning: Mutex::default(), scanned: Default::default() }
+    }
+
+    /// Waits until no other reader scans this range, then takes the right to scan it. Returns
+    /// `None` when it had to wait (the caller looks in the cache again first). Blocking: for
+    /// the blocking pool only.
+    pub(crate) fn begin_scan(&self, stream_id: u64, after: u64, max_bytes: usize) -> Option<Scan<'_>> {
+        let key = (stream_id, after, max_bytes);
+        let mut scanning = self.scanning.lock().expect("scan lock");
+        let mut waited = false;
+        while scanning.contains(&key) {
+            waited = true;
+            scanning = self.scanned.wait(scanning).expect("scan lock");
+        }
+        if waited || self.budget == 0 {
+            return None;
+        }
+        scanning.insert(key);
+        Some(Scan { cache: self, key })
     }
 
     pub(crate) fn get(&self, stream_id: u64, after: u64, max_bytes: usize) -> Option<CachedChunk> {
@@ -112,6 +148,10 @@ impl ChunkCache {
             order.shrink_to_fit();
         }
         before - state.entries.len()
+    }
+
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.budget > 0
     }
 
     /// Bytes the cache accounts for now (bodies and per-entry overhead).

@@ -309,17 +309,26 @@ impl Storage {
             return Some(Ok(self.empty_chunk(after)));
         }
         let expired_before = self.expiry_cutoff_ms();
-        if let Some(cached) = self.inner.chunks.get(entry.id, after, max_bytes) {
-            let still_complete = cached.full || cached.last == tail;
-            if still_complete && cached.first_timestamp_ms >= expired_before {
-                let mut chunk = cached.chunk;
-                chunk.up_to_date = cached.last >= tail;
-                return Some(Ok(chunk));
+        let _scan = loop {
+            if let Some(cached) = self.inner.chunks.get(entry.id, after, max_bytes) {
+                let still_complete = cached.full || cached.last == tail;
+                if still_complete && cached.first_timestamp_ms >= expired_before {
+                    let mut chunk = cached.chunk;
+                    chunk.up_to_date = cached.last >= tail;
+                    return Some(Ok(chunk));
+                }
             }
-        }
-        if !may_block {
-            return None;
-        }
+            if !may_block {
+                return None;
+            }
+            // One scan per range at a time; after waiting for another one, look again. (With
+            // the cache off there is nothing to share: scan at once.)
+            match self.inner.chunks.begin_scan(entry.id, after, max_bytes) {
+                Some(scan) => break Some(scan),
+                None if self.inner.chunks.is_enabled() => continue,
+                None => break None,
+            }
+        };
         // sled range scans are not snapshots: retention deleting records ahead of the scan
         // shows up as a hole, which `scan` reports. Retention only deletes from the front, so
         // a second scan starts after what it took and answers correctly (a gap, or the new

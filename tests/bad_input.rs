@@ -163,3 +163,24 @@ async fn lone_surrogates_and_deep_nesting_are_refused_whole() {
     assert_eq!(values[0], "😀");
     assert_eq!(values[1], "😀 é");
 }
+
+/// `offset=` (present, empty) is not "from the start": the official conformance suite expects
+/// a 400. No offset, `-1` and `0` are the start; `now` is the tail.
+#[tokio::test]
+async fn an_empty_offset_is_refused() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_poll_interval", "1"]);
+    server.publish("s", common::numbered(1..=2)).await;
+    for query in ["s?offset=", "s?offset=&live=long-poll", "s?offset=&live=sse", "s?live=&offset="] {
+        expect_error(server.get(query).await, 400, query).await;
+    }
+    for query in ["s", "s?offset=-1", "s?offset=0"] {
+        let response = server.get(query).await;
+        assert_eq!(response.status(), 200, "{query}");
+        let (messages, _, _) = common::read_parts(response).await;
+        assert_eq!(messages, common::numbered(1..=2), "{query}");
+    }
+    let response = server.get("s?offset=now").await;
+    assert_eq!(response.status(), 200);
+    assert!(common::read_parts(response).await.0.is_empty());
+}

@@ -216,10 +216,10 @@ pub struct Cli {
     #[arg(long = "print-config")]
     pub print_config: bool,
 
-    /// Application secret (derives the streams, JWT and broadcast secrets) [default: none]
+    /// Application secret (derives the streams, JWT and broadcast secrets); `none` = not set [default: none]
     #[arg(long, env = "ANYCABLE_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
-    /// Bearer key for the broadcast endpoint [default: derived from secret]
+    /// Bearer key for the broadcast endpoint; `none` = not set, derived from secret [default: derived from secret]
     #[arg(long = "broadcast_key", env = "ANYCABLE_BROADCAST_KEY", hide_env_values = true)]
     pub broadcast_key: Option<String>,
     /// Public mode: all streams public, no client authentication [default: false]
@@ -287,14 +287,14 @@ pub struct Cli {
     #[arg(long = "storage_read_cache_bytes", env = "ANYCABLE_STORAGE_READ_CACHE_BYTES")]
     pub storage_read_cache_bytes: Option<u64>,
 
-    /// Secret for signed stream names (streams.secret) [default: from secret]
+    /// Secret for signed stream names; `none` = not set, from secret (streams.secret) [default: from secret]
     #[arg(long = "streams_secret", env = "ANYCABLE_STREAMS_SECRET", hide_env_values = true)]
     pub streams_secret: Option<String>,
     /// Accept unsigned stream names (streams.public) [default: false]
     #[arg(long = "public_streams", env = "ANYCABLE_PUBLIC_STREAMS", num_args = 0..=1, default_missing_value = "true")]
     pub public_streams: Option<bool>,
 
-    /// JWT secret, `none` disables JWT (jwt.secret) [default: from secret]
+    /// JWT secret; `none` turns JWT off even when secret is set (jwt.secret) [default: from secret]
     #[arg(long = "jwt_secret", env = "ANYCABLE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// JWT query parameter; the header is X-<param> (jwt.param) [default: jid]
@@ -399,12 +399,18 @@ impl Config {
         Ok(config)
     }
 
-    /// AnyCable treats a secret spelled `none` as "not set".
+    /// AnyCable treats a secret spelled `none` (or empty) as "not set", so the derived
+    /// secrets fall back to `secret`. The exception is `jwt.secret = "none"`, which is kept as
+    /// it is: it turns JWT off even when `secret` is set (see [`Config::effective_jwt_secret`]),
+    /// and keeping it makes `--print-config` print it, so the printed TOML means the same.
     fn normalize(&mut self) {
-        for secret in [&mut self.secret, &mut self.broadcast_key, &mut self.streams.secret, &mut self.jwt.secret] {
+        for secret in [&mut self.secret, &mut self.broadcast_key, &mut self.streams.secret] {
             if matches!(secret.as_deref(), Some("none") | Some("")) {
                 *secret = None;
             }
+        }
+        if self.jwt.secret.as_deref() == Some("") {
+            self.jwt.secret = None;
         }
         // Keep the path prefixes canonical: leading slash, no trailing slash.
         for path in [
@@ -462,7 +468,7 @@ impl Config {
             return bad("jwt.param", "must be a non-empty name of letters, digits, '-' or '_'");
         }
         if self.jwt.force && self.effective_jwt_secret().is_none() {
-            return bad("jwt.force", "needs a JWT secret (jwt.secret or secret)");
+            return bad("jwt.force", "needs a JWT secret (jwt.secret or secret; jwt.secret = \"none\" turns JWT off)");
         }
         if self.logging.level.parse::<log::LevelFilter>().is_err() {
             return bad("logging.level", "must be one of off, error, warn, info, debug, trace");
@@ -499,9 +505,14 @@ impl Config {
         self.streams.secret.as_deref().or(self.secret.as_deref())
     }
 
-    /// The JWT secret (`jwt.secret`, else `secret`).
+    /// The JWT secret: `jwt.secret`, else `secret`; `None` (JWT off) when neither is set or
+    /// when `jwt.secret` is `none`, which turns JWT off even when `secret` is set.
     pub fn effective_jwt_secret(&self) -> Option<&str> {
-        self.jwt.secret.as_deref().or(self.secret.as_deref())
+        match self.jwt.secret.as_deref() {
+            Some("none") => None,
+            Some(secret) => Some(secret),
+            None => self.secret.as_deref(),
+        }
     }
 
     /// Unsigned stream names are accepted (`streams.public` or `public`).

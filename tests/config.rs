@@ -297,3 +297,59 @@ async fn the_longest_durations_work_for_live_reads() {
     let (all, _, _) = server.read("s", "-1").await;
     assert_eq!(all.len(), 2, "a 10-year history_ttl keeps everything");
 }
+
+#[tokio::test]
+async fn jwt_secret_none_turns_jwt_off_even_when_secret_is_set() {
+    let dir = temp_dir();
+    let off = Server::start(dir.path(), &["--secret", "s", "--jwt_secret", "none"]);
+    assert_eq!(off.get("s?offset=-1").await.status(), 200, "no token needed");
+    // JWT is off, so a token is not even looked at (with JWT on, a bad token is a 401).
+    assert_eq!(off.get("s?offset=-1&jid=not-a-jwt").await.status(), 200, "token ignored");
+
+    let dir = temp_dir();
+    let derived = Server::start(dir.path(), &["--secret", "s"]);
+    assert_eq!(derived.get("s?offset=-1").await.status(), 200, "JWT optional without --enforce_jwt");
+    assert_eq!(derived.get("s?offset=-1&jid=not-a-jwt").await.status(), 401, "JWT from secret checks tokens");
+
+    let dir = temp_dir();
+    let enforced = Server::start(dir.path(), &["--secret", "s", "--enforce_jwt"]);
+    assert_eq!(enforced.get("s?offset=-1").await.status(), 401);
+    assert_eq!(enforced.get("s?offset=-1&jid=not-a-jwt").await.status(), 401);
+
+    // Enforcing JWT with JWT turned off refuses every client: a start-up error.
+    refuses_to_start(&["--secret", "s", "--jwt_secret", "none", "--enforce_jwt"], &[], None, "jwt.force", "none");
+    refuses_to_start(
+        &["--enforce_jwt"],
+        &[("ANYCABLE_SECRET", "s"), ("ANYCABLE_JWT_SECRET", "none")],
+        None,
+        "jwt.force",
+        "",
+    );
+    refuses_to_start(&["--enforce_jwt"], &[], Some("secret = \"s\"\n[jwt]\nsecret = \"none\"\n"), "jwt.force", "");
+}
+
+#[test]
+fn jwt_secret_none_survives_print_config_from_every_source() {
+    let printed = |args: &[&str], env: &[(&str, &str)], file: Option<&str>| {
+        let dir = temp_dir();
+        if let Some(file) = file {
+            std::fs::write(dir.path().join("anycable-ds.toml"), file).unwrap();
+        }
+        let output = run(dir.path(), &[&["--print-config"], args].concat(), env);
+        effective(&output);
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let flag = printed(&["--secret", "s", "--jwt_secret", "none"], &[], None);
+    let config: toml::Table = flag.parse().unwrap();
+    assert_eq!(config["jwt"]["secret"].as_str(), Some("none"), "{flag}");
+    assert_eq!(printed(&["--secret", "s"], &[("ANYCABLE_JWT_SECRET", "none")], None), flag);
+    assert_eq!(printed(&[], &[], Some("secret = \"s\"\n[jwt]\nsecret = \"none\"\n")), flag);
+    // Round trip: the printed TOML, fed back, prints (and so means) the same.
+    assert_eq!(printed(&[], &[], Some(&flag)), flag);
+    // `none` still means "not set" for the other secrets: they are derived from `secret`.
+    let others = printed(&["--secret", "s", "--streams_secret", "none", "--broadcast_key", "none"], &[], None);
+    let config: toml::Table = others.parse().unwrap();
+    assert!(config["streams"].get("secret").is_none(), "{others}");
+    assert!(config.get("broadcast_key").is_none(), "{others}");
+    assert!(config["jwt"].get("secret").is_none(), "{others}");
+}

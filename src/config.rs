@@ -234,10 +234,10 @@ pub struct Cli {
     #[arg(long = "print-config")]
     pub print_config: bool,
 
-    /// Application secret (derives the streams, JWT and broadcast secrets) [default: none]
+    /// Application secret (derives the streams, JWT and broadcast secrets); `none` = not set [default: none]
     #[arg(long, env = "ANYCABLE_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
-    /// Bearer key for the broadcast endpoint [default: derived from secret]
+    /// Bearer key for the broadcast endpoint; `none` = not set, derived from secret [default: derived from secret]
     #[arg(long = "broadcast_key", env = "ANYCABLE_BROADCAST_KEY", hide_env_values = true)]
     pub broadcast_key: Option<String>,
     /// Public mode: all streams public, no client authentication [default: false]
@@ -259,7 +259,7 @@ pub struct Cli {
     /// Health check path (server.health_path) [default: /health]
     #[arg(long = "health_path", env = "ANYCABLE_HEALTH_PATH")]
     pub health_path: Option<String>,
-    /// HTTP worker threads, 0 = one per core (server.workers) [default: 0]
+    /// HTTP worker threads, 0 = one per core, at most 1024 (server.workers) [default: 0]
     #[arg(long = "workers", env = "ANYCABLE_WORKERS")]
     pub workers: Option<usize>,
     /// Most open connections, 0 = from the open-file limit (server.max_connections) [default: 0]
@@ -275,13 +275,13 @@ pub struct Cli {
     /// Skip client authentication for DS reads (ds.skip_auth) [default: false]
     #[arg(long = "ds_skip_auth", env = "ANYCABLE_DS_SKIP_AUTH", num_args = 0..=1, default_missing_value = "true")]
     pub ds_skip_auth: Option<bool>,
-    /// Long-poll timeout in seconds (ds.poll_interval) [default: 10]
+    /// Long-poll timeout in seconds, 1..=3600 (ds.poll_interval) [default: 10]
     #[arg(long = "ds_poll_interval", env = "ANYCABLE_DS_POLL_INTERVAL")]
     pub ds_poll_interval: Option<u64>,
-    /// Maximum SSE connection lifetime in seconds (ds.sse_ttl) [default: 60]
+    /// Maximum SSE connection lifetime in seconds, 1..=86400 (ds.sse_ttl) [default: 60]
     #[arg(long = "ds_sse_ttl", env = "ANYCABLE_DS_SSE_TTL")]
     pub ds_sse_ttl: Option<u64>,
-    /// Maximum message bytes per read response (ds.max_chunk_bytes) [default: 4194304]
+    /// Maximum message bytes per read response, 1 B..=1 GiB (ds.max_chunk_bytes) [default: 4194304]
     #[arg(long = "ds_max_chunk_bytes", env = "ANYCABLE_DS_MAX_CHUNK_BYTES")]
     pub ds_max_chunk_bytes: Option<u64>,
     /// Most live (long-poll + SSE) readers, 0 = no limit but connections (ds.max_live_readers) [default: 10000]
@@ -297,7 +297,7 @@ pub struct Cli {
     /// Messages kept per stream, 0 = unlimited (broker.history_limit) [default: 100]
     #[arg(long = "history_limit", env = "ANYCABLE_HISTORY_LIMIT")]
     pub history_limit: Option<u64>,
-    /// Seconds a message is kept, 0 = unlimited (broker.history_ttl) [default: 300]
+    /// Seconds a message is kept, 0 = unlimited, at most 10 years (broker.history_ttl) [default: 300]
     #[arg(long = "history_ttl", env = "ANYCABLE_HISTORY_TTL")]
     pub history_ttl: Option<u64>,
 
@@ -307,10 +307,10 @@ pub struct Cli {
     /// Acknowledge broadcasts only once flushed to disk; false is UNSAFE (storage.fsync) [default: true]
     #[arg(long = "storage_fsync", env = "ANYCABLE_STORAGE_FSYNC", num_args = 0..=1, default_missing_value = "true")]
     pub storage_fsync: Option<bool>,
-    /// sled cache size in bytes (storage.cache_capacity) [default: 67108864]
+    /// sled cache size in bytes, 1 MiB..=1 TiB (storage.cache_capacity) [default: 67108864]
     #[arg(long = "storage_cache_capacity", env = "ANYCABLE_STORAGE_CACHE_CAPACITY")]
     pub storage_cache_capacity: Option<u64>,
-    /// Byte budget of the read chunk cache, 0 disables it (storage.read_cache_bytes) [default: 67108864]
+    /// Byte budget of the read chunk cache, 0 disables it, at most 1 TiB (storage.read_cache_bytes) [default: 67108864]
     #[arg(long = "storage_read_cache_bytes", env = "ANYCABLE_STORAGE_READ_CACHE_BYTES")]
     pub storage_read_cache_bytes: Option<u64>,
     /// Most stream entries in memory (storage.max_streams_loaded) [default: 100000]
@@ -320,14 +320,14 @@ pub struct Cli {
     #[arg(long = "storage_max_queued_bytes", env = "ANYCABLE_STORAGE_MAX_QUEUED_BYTES")]
     pub storage_max_queued_bytes: Option<u64>,
 
-    /// Secret for signed stream names (streams.secret) [default: from secret]
+    /// Secret for signed stream names; `none` = not set, from secret (streams.secret) [default: from secret]
     #[arg(long = "streams_secret", env = "ANYCABLE_STREAMS_SECRET", hide_env_values = true)]
     pub streams_secret: Option<String>,
     /// Accept unsigned stream names (streams.public) [default: false]
     #[arg(long = "public_streams", env = "ANYCABLE_PUBLIC_STREAMS", num_args = 0..=1, default_missing_value = "true")]
     pub public_streams: Option<bool>,
 
-    /// JWT secret, `none` disables JWT (jwt.secret) [default: from secret]
+    /// JWT secret; `none` turns JWT off even when secret is set (jwt.secret) [default: from secret]
     #[arg(long = "jwt_secret", env = "ANYCABLE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// JWT query parameter; the header is X-<param> (jwt.param) [default: jid]
@@ -340,7 +340,7 @@ pub struct Cli {
     /// Broadcast endpoint path (http_broadcast.path) [default: /_broadcast]
     #[arg(long = "http_broadcast_path", env = "ANYCABLE_HTTP_BROADCAST_PATH")]
     pub http_broadcast_path: Option<String>,
-    /// Maximum broadcast body in bytes (http_broadcast.max_body) [default: 1048576]
+    /// Maximum broadcast body in bytes, 1 B..=1 GiB (http_broadcast.max_body) [default: 1048576]
     #[arg(long = "http_broadcast_max_body", env = "ANYCABLE_HTTP_BROADCAST_MAX_BODY")]
     pub http_broadcast_max_body: Option<u64>,
 
@@ -437,12 +437,18 @@ impl Config {
         Ok(config)
     }
 
-    /// AnyCable treats a secret spelled `none` as "not set".
+    /// AnyCable treats a secret spelled `none` (or empty) as "not set", so the derived
+    /// secrets fall back to `secret`. The exception is `jwt.secret = "none"`, which is kept as
+    /// it is: it turns JWT off even when `secret` is set (see [`Config::effective_jwt_secret`]),
+    /// and keeping it makes `--print-config` print it, so the printed TOML means the same.
     fn normalize(&mut self) {
-        for secret in [&mut self.secret, &mut self.broadcast_key, &mut self.streams.secret, &mut self.jwt.secret] {
+        for secret in [&mut self.secret, &mut self.broadcast_key, &mut self.streams.secret] {
             if matches!(secret.as_deref(), Some("none") | Some("")) {
                 *secret = None;
             }
+        }
+        if self.jwt.secret.as_deref() == Some("") {
+            self.jwt.secret = None;
         }
         // Keep the path prefixes canonical: leading slash, no trailing slash.
         for path in [
@@ -461,17 +467,38 @@ impl Config {
         if self.ds.path == "/" || self.ds.path.is_empty() {
             return bad("ds.path", "must not be the root path");
         }
-        if self.ds.poll_interval == 0 {
-            return bad("ds.poll_interval", "must be at least 1 second");
+        /// Every duration and size has a sane range: a value past it is a typo or an attempt at
+        /// "infinite" that overflows somewhere (`Instant + Duration` panics) or that a library
+        /// refuses (sled panics below a 256-byte cache). Counts that are only compared
+        /// (history_limit, max_live_readers, max_connections) need no bound, except the worker
+        /// count: each worker is a thread.
+        fn in_range(
+            key: &str,
+            value: u64,
+            range: std::ops::RangeInclusive<u64>,
+            unit: &str,
+        ) -> Result<(), ConfigError> {
+            if range.contains(&value) {
+                return Ok(());
+            }
+            let (min, max) = (range.start(), range.end());
+            Err(ConfigError::Invalid(format!("{key}: must be between {min} and {max}{unit}, not {value}")))
         }
-        if self.ds.sse_ttl == 0 {
-            return bad("ds.sse_ttl", "must be at least 1 second");
-        }
-        if self.ds.max_chunk_bytes == 0 {
-            return bad("ds.max_chunk_bytes", "must be positive");
-        }
-        if self.http_broadcast.max_body == 0 {
-            return bad("http_broadcast.max_body", "must be positive");
+        const GIB: u64 = 1 << 30;
+        const TIB: u64 = 1 << 40;
+        const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+        let ranges = [
+            ("ds.poll_interval", self.ds.poll_interval, 1..=3600, " seconds"),
+            ("ds.sse_ttl", self.ds.sse_ttl, 1..=86_400, " seconds"),
+            ("broker.history_ttl", self.broker.history_ttl, 0..=TEN_YEARS, " seconds (0 = unlimited)"),
+            ("ds.max_chunk_bytes", self.ds.max_chunk_bytes, 1..=GIB, " bytes"),
+            ("http_broadcast.max_body", self.http_broadcast.max_body, 1..=GIB, " bytes"),
+            ("server.workers", self.server.workers as u64, 0..=1024, " (0 = one per core)"),
+            ("storage.cache_capacity", self.storage.cache_capacity, 1 << 20..=TIB, " bytes"),
+            ("storage.read_cache_bytes", self.storage.read_cache_bytes, 0..=TIB, " bytes (0 = off)"),
+        ];
+        for (key, value, range, unit) in ranges {
+            in_range(key, value, range, unit)?;
         }
         if self.jwt.param.is_empty()
             || !self.jwt.param.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -479,7 +506,7 @@ impl Config {
             return bad("jwt.param", "must be a non-empty name of letters, digits, '-' or '_'");
         }
         if self.jwt.force && self.effective_jwt_secret().is_none() {
-            return bad("jwt.force", "needs a JWT secret (jwt.secret or secret)");
+            return bad("jwt.force", "needs a JWT secret (jwt.secret or secret; jwt.secret = \"none\" turns JWT off)");
         }
         if self.logging.level.parse::<log::LevelFilter>().is_err() {
             return bad("logging.level", "must be one of off, error, warn, info, debug, trace");
@@ -516,9 +543,14 @@ impl Config {
         self.streams.secret.as_deref().or(self.secret.as_deref())
     }
 
-    /// The JWT secret (`jwt.secret`, else `secret`).
+    /// The JWT secret: `jwt.secret`, else `secret`; `None` (JWT off) when neither is set or
+    /// when `jwt.secret` is `none`, which turns JWT off even when `secret` is set.
     pub fn effective_jwt_secret(&self) -> Option<&str> {
-        self.jwt.secret.as_deref().or(self.secret.as_deref())
+        match self.jwt.secret.as_deref() {
+            Some("none") => None,
+            Some(secret) => Some(secret),
+            None => self.secret.as_deref(),
+        }
     }
 
     /// Unsigned stream names are accepted (`streams.public` or `public`).

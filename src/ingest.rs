@@ -35,10 +35,11 @@ struct Item<'a> {
     meta: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize, Default)]
-struct Meta {
-    #[serde(default)]
-    transient: bool,
+/// `meta`: only `transient` matters; other keys are accepted and ignored.
+#[derive(Deserialize)]
+struct Meta<'a> {
+    #[serde(borrow)]
+    transient: Option<&'a RawValue>,
 }
 
 /// Parses a whole body: one object or a non-empty array of them. Nothing is returned unless
@@ -74,7 +75,8 @@ fn parse_slowly(text: &str) -> Result<Broadcast, BadBroadcast> {
     let mut broadcast = Broadcast::default();
     match root.get().as_bytes().first() {
         Some(b'[') => {
-            let items: Vec<&RawValue> = serde_json::from_str(root.get()).expect("validated array");
+            let items: Vec<&RawValue> =
+                serde_json::from_str(root.get()).map_err(|e| BadBroadcast(format!("malformed JSON: {e}")))?;
             if items.is_empty() {
                 return Err(BadBroadcast("empty batch: send at least one message".into()));
             }
@@ -100,8 +102,12 @@ fn parse_item(raw: &RawValue, out: &mut Broadcast) -> Result<(), BadBroadcast> {
 fn add_item(item: Item, out: &mut Broadcast) -> Result<(), BadBroadcast> {
     let stream = match item.stream {
         None => return Err(BadBroadcast("missing \"stream\"".into())),
+        Some(raw) if !raw.get().starts_with('"') => return Err(BadBroadcast("\"stream\" must be a string".into())),
         Some(raw) => {
-            serde_json::from_str::<String>(raw.get()).map_err(|_| BadBroadcast("\"stream\" must be a string".into()))?
+            check_value(raw.get()).map_err(|e| e.of("\"stream\""))?;
+            // Checked above: a string whose escapes all decode, so this cannot fail; if it ever
+            // did, the client gets a 400, never a panic.
+            serde_json::from_str::<String>(raw.get()).map_err(|e| BadBroadcast(format!("\"stream\": {e}")))?
         }
     };
     validate_stream_name(&stream).map_err(|e| match e {
@@ -109,17 +115,27 @@ fn add_item(item: Item, out: &mut Broadcast) -> Result<(), BadBroadcast> {
         other => BadBroadcast(format!("\"stream\": {other}")),
     })?;
     let data = match item.data {
-        Some(raw) if raw.get() != "null" => message_json(raw),
+        Some(raw) if raw.get() != "null" => message_json(raw)?,
         _ => return Err(BadBroadcast("missing \"data\"".into())),
     };
-    let meta: Meta = match item.meta {
+    let transient = match item.meta {
         Some(raw) if raw.get() != "null" => {
-            serde_json::from_str(raw.get()).map_err(|_| BadBroadcast("\"meta\" must be an object".into()))?
+            check_value(raw.get()).map_err(|e| e.of("\"meta\""))?;
+            if !raw.get().starts_with('{') {
+                return Err(BadBroadcast("\"meta\" must be an object".into()));
+            }
+            let meta: Meta = serde_json::from_str(raw.get()).map_err(|e| BadBroadcast(format!("\"meta\": {e}")))?;
+            // `null` counts as absent, as for the other keys.
+            match meta.transient.map(RawValue::get) {
+                None | Some("null") | Some("false") => false,
+                Some("true") => true,
+                Some(_) => return Err(BadBroadcast("\"meta.transient\" must be true or false".into())),
+            }
         }
-        _ => Meta::default(),
+        _ => false,
     };
     let message = NewMessage { stream, json: Bytes::from(data) };
-    if meta.transient {
+    if transient {
         out.transient.push(message);
     } else {
         out.stored.push(message);
@@ -128,18 +144,133 @@ fn add_item(item: Item, out: &mut Broadcast) -> Result<(), BadBroadcast> {
 }
 
 /// The message a `data` value stands for, as compact JSON text.
-fn message_json(data: &RawValue) -> String {
+fn message_json(data: &RawValue) -> Result<String, BadBroadcast> {
     let text = data.get();
+    check_value(text).map_err(|e| e.of("\"data\""))?;
     if !text.starts_with('"') {
-        return compact(text); // already a JSON value
+        return Ok(compact(text)); // already a JSON value
     }
     // AnyCable's convention: a string holding JSON text. If it does not hold JSON, the message
-    // is the string itself.
-    let inner: String = serde_json::from_str(text).expect("validated string");
+    // is the string itself. The string's escapes were checked above, so decoding it cannot
+    // fail; should it, that is the client's 400, never a panic.
+    let inner: String = serde_json::from_str(text).map_err(|e| BadBroadcast(format!("\"data\": {e}")))?;
     match serde_json::from_str::<&RawValue>(&inner) {
-        Ok(value) if value.get().len() == inner.len() && !has_whitespace(&inner) => inner,
-        Ok(value) => compact(value.get()),
-        Err(_) => compact(text),
+        Ok(value) => {
+            // JSON text, as far as serde_json's grammar check goes: it lets lone surrogate
+            // escapes and any depth through, and the message must not have either.
+            check_value(value.get()).map_err(Unfit::in_data_text)?;
+            if value.get().len() == inner.len() && !has_whitespace(&inner) {
+                Ok(inner)
+            } else {
+                Ok(compact(value.get()))
+            }
+        }
+        Err(_) => Ok(compact(text)),
+    }
+}
+
+/// Most levels of arrays and objects a message (or `meta`) may nest. serde_json's `RawValue`
+/// has no depth limit (it skips values without recursion), but a message is parsed again by
+/// its readers: serde_json's own default limit is 128 levels, so 100 keeps every stored
+/// message readable by it and by parsers like it.
+pub const MAX_DEPTH: usize = 100;
+
+/// What serde_json's grammar check (`RawValue`) lets through but a message must not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unfit {
+    /// A `\u` escape of a UTF-16 surrogate that is not part of a high+low pair: no Unicode
+    /// character, so no UTF-8 text (and no Rust or serde_json string) can hold it.
+    LoneSurrogate,
+    /// A `\` not followed by a valid escape (only in text serde_json did not check).
+    BadEscape,
+    /// Arrays and objects nested more than [`MAX_DEPTH`] levels.
+    TooDeep,
+}
+
+impl Unfit {
+    /// The client's error, naming `what` (e.g. `"data"`).
+    fn of(self, what: &str) -> BadBroadcast {
+        BadBroadcast(match self {
+            Unfit::LoneSurrogate => format!("{what} holds an invalid \\u escape (lone surrogate)"),
+            Unfit::BadEscape => format!("{what} holds an invalid escape"),
+            Unfit::TooDeep => format!("{what} nests deeper than {MAX_DEPTH} levels"),
+        })
+    }
+
+    /// The client's error for JSON text held in a `data` string.
+    fn in_data_text(self) -> BadBroadcast {
+        BadBroadcast(match self {
+            Unfit::LoneSurrogate => "\"data\" holds JSON text with an invalid \\u escape (lone surrogate)".into(),
+            Unfit::BadEscape => "\"data\" holds JSON text with an invalid escape".into(),
+            Unfit::TooDeep => format!("\"data\" holds JSON text nested deeper than {MAX_DEPTH} levels"),
+        })
+    }
+}
+
+/// Checks JSON text that serde_json's grammar check has passed for lone surrogate escapes and
+/// for nesting beyond [`MAX_DEPTH`]. One pass over the bytes, no recursion, no allocation;
+/// never panics, whatever the input.
+fn check_value(json: &str) -> Result<(), Unfit> {
+    let bytes = json.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'"' => {
+                i = skip_string(bytes, i + 1)?;
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(Unfit::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// From just after a string's opening quote to just after its closing one (or the end),
+/// checking each `\u` escape.
+fn skip_string(bytes: &[u8], mut i: usize) -> Result<usize, Unfit> {
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'"' => return Ok(i + 1),
+            b'\\' if bytes.get(i + 1) == Some(&b'u') => {
+                let unit = hex_escape(bytes, i).ok_or(Unfit::BadEscape)?;
+                i += 6;
+                match unit {
+                    0xD800..=0xDBFF => match hex_escape(bytes, i) {
+                        Some(0xDC00..=0xDFFF) => i += 6,
+                        _ => return Err(Unfit::LoneSurrogate),
+                    },
+                    0xDC00..=0xDFFF => return Err(Unfit::LoneSurrogate),
+                    _ => {}
+                }
+            }
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    Ok(i)
+}
+
+/// The code unit of the `\uXXXX` escape starting at `at`, if there is one.
+fn hex_escape(bytes: &[u8], at: usize) -> Option<u16> {
+    match bytes.get(at..at + 6)? {
+        [b'\\', b'u', hex @ ..] => {
+            let hex = std::str::from_utf8(hex).ok()?;
+            if hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                u16::from_str_radix(hex, 16).ok()
+            } else {
+                None
+            }
+        }
+        _ => None,
     }
 }
 
@@ -147,19 +278,20 @@ fn has_whitespace(json: &str) -> bool {
     json.bytes().any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
 }
 
-/// Removes insignificant whitespace from valid JSON text. Works on bytes: every byte it looks
-/// at (quote, backslash, whitespace) is ASCII, and UTF-8 never uses ASCII bytes inside a
-/// multi-byte character, so the output is valid UTF-8 whenever the input is.
+/// Removes insignificant whitespace from valid JSON text. Only ASCII whitespace outside
+/// strings is dropped; everything else is copied as runs of the input `&str`, cut at ASCII
+/// bytes (always character boundaries), so there is nothing to re-validate and nothing that
+/// can fail, whatever the input.
 pub fn compact(json: &str) -> String {
     if !has_whitespace(json) {
         return json.to_string();
     }
-    let mut out = Vec::with_capacity(json.len());
+    let mut out = String::with_capacity(json.len());
     let mut in_string = false;
     let mut escaped = false;
-    for &b in json.as_bytes() {
+    let mut run_start = 0;
+    for (i, b) in json.bytes().enumerate() {
         if in_string {
-            out.push(b);
             if escaped {
                 escaped = false;
             } else if b == b'\\' {
@@ -169,12 +301,13 @@ pub fn compact(json: &str) -> String {
             }
         } else if b == b'"' {
             in_string = true;
-            out.push(b);
-        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-            out.push(b);
+        } else if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            out.push_str(&json[run_start..i]);
+            run_start = i + 1;
         }
     }
-    String::from_utf8(out).expect("compacting keeps UTF-8 valid")
+    out.push_str(&json[run_start..]);
+    out
 }
 
 #[cfg(test)]
@@ -215,6 +348,9 @@ mod tests {
             .unwrap();
         assert_eq!(b.stored.iter().map(|m| &m.json[..]).collect::<Vec<_>>(), [&b"1"[..], b"3"]);
         assert_eq!(b.transient.len(), 1);
+        let b = parse(br#"[{"stream":"a","data":1,"meta":{"transient":null,"x":[1]}},{"stream":"a","data":2,"meta":{"transient":false}}]"#)
+            .unwrap();
+        assert_eq!((b.stored.len(), b.transient.len()), (2, 0), "null and false are not transient");
     }
 
     #[test]
@@ -233,6 +369,31 @@ mod tests {
             (r#"[{"stream":"a","data":"1"}, 3]"#, "message 1: must be an object"),
             (r#"{"stream":"a\u0000b","data":"1"}"#, "control"),
             (r#"{"stream":"a","data":"1","meta":5}"#, "\"meta\" must be an object"),
+            (r#"{"stream":"a","data":"1","meta":{"transient":"yes"}}"#, "\"meta.transient\" must be true or false"),
+            (r#"{"stream":"a","data":"1","meta":{"transient":1e400}}"#, "\"meta.transient\" must be true or false"),
+            (r#"{"stream":"a","data":"1","meta":{"transient":true,"transient":true}}"#, "\"meta\": duplicate field"),
+            // Lone surrogate escapes: serde_json's RawValue lets them through, the second parse
+            // of the string does not (this panicked in `message_json`).
+            (r#"{"stream":"a","data":"\udead"}"#, r#""data" holds an invalid \u escape (lone surrogate)"#),
+            (r#"{"stream":"a","data":"\ud800"}"#, "\"data\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":"x\ud800y"}"#, "\"data\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":"\ud800\u0041"}"#, "\"data\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":"\ud800\ud800\udc00"}"#, "\"data\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":"\udc00\ud800"}"#, "\"data\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":{"k":["\uDEAD"]}}"#, "\"data\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":{"\udead":1}}"#, "\"data\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":"[\"\\udead\"]"}"#, "\"data\" holds JSON text with an invalid \\u escape"),
+            (r#"{"stream":"\udead","data":"1"}"#, "\"stream\" holds an invalid \\u escape (lone surrogate)"),
+            (r#"{"stream":"a\ud83d","data":"1"}"#, "\"stream\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":"1","meta":{"x":"\udead"}}"#, "\"meta\" holds an invalid \\u escape"),
+            (r#"{"stream":"a","data":"1","meta":{"transient":true,"\udead":1}}"#, "\"meta\" holds an invalid"),
+            (r#"[{"stream":"a","data":"1"},{"stream":"a","data":"\udead"}]"#, "message 1: \"data\" holds an invalid"),
+            // Grammar errors in escapes are malformed JSON.
+            (r#"{"stream":"a","data":"\x"}"#, "malformed JSON"),
+            (r#"{"stream":"a","data":"\u12"}"#, "malformed JSON"),
+            ("{\"stream\":\"a\",\"data\":\"\u{1}\"}", "malformed JSON"),
+            ("\u{feff}{\"stream\":\"a\",\"data\":1}", "malformed JSON"),
+            (r#"{"stream":"a","data":1,"data":2}"#, "duplicate field"),
         ];
         for (body, expected) in cases {
             let err = parse(body.as_bytes()).expect_err(body).0;
@@ -242,12 +403,70 @@ mod tests {
     }
 
     #[test]
+    fn escapes_that_decode_are_kept_as_sent() {
+        // Valid escapes, a surrogate pair in either case, in a value and in JSON text.
+        assert_eq!(
+            stored(r#"{"stream":"a","data":["\n\"\\\/\u00e9","\ud83d\ude00","\uD83D\uDE00"]}"#),
+            [("a".into(), r#"["\n\"\\\/\u00e9","\ud83d\ude00","\uD83D\uDE00"]"#.into())]
+        );
+        assert_eq!(stored(r#"{"stream":"a","data":"\ud83d\ude00"}"#), [("a".into(), r#""\ud83d\ude00""#.into())]);
+        assert_eq!(stored(r#"{"stream":"a","data":"\"\\ud83d\\ude00\""}"#), [("a".into(), r#""\ud83d\ude00""#.into())]);
+        assert_eq!(stored(r#"{"stream":"\u00e9\ud83d\ude00","data":1}"#), [("é😀".into(), "1".into())]);
+        // Text that is not JSON is the message, escapes and all: a backslash-u in a path.
+        assert_eq!(stored(r#"{"stream":"a","data":"C:\\udead"}"#), [("a".into(), r#""C:\\udead""#.into())]);
+        // Big and odd numbers are kept verbatim.
+        assert_eq!(
+            stored(r#"{"stream":"a","data":[1e400, -0, 1E-400, 123456789012345678901234567890]}"#),
+            [("a".into(), "[1e400,-0,1E-400,123456789012345678901234567890]".into())]
+        );
+    }
+
+    #[test]
+    fn nesting_is_limited_without_recursion() {
+        let nested = |depth: usize, open: &str, close: &str| format!("{}1{}", open.repeat(depth), close.repeat(depth));
+        for (open, close) in [("[", "]"), ("{\"k\":", "}")] {
+            let ok = nested(MAX_DEPTH, open, close);
+            assert_eq!(stored(&format!(r#"{{"stream":"a","data":{ok}}}"#))[0].1, ok);
+            serde_json::from_str::<serde_json::Value>(&ok).expect("serde_json reads what is stored");
+            let as_text = serde_json::to_string(&ok).unwrap();
+            assert_eq!(stored(&format!(r#"{{"stream":"a","data":{as_text}}}"#))[0].1, ok);
+            // Deeper than serde_json's recursion limit and far deeper than a thread's stack.
+            for depth in [MAX_DEPTH + 1, 200, 100_000] {
+                let deep = nested(depth, open, close);
+                let err = parse(format!(r#"{{"stream":"a","data":{deep}}}"#).as_bytes()).unwrap_err().0;
+                assert_eq!(err, "\"data\" nests deeper than 100 levels");
+                let as_text = serde_json::to_string(&deep).unwrap();
+                let err = parse(format!(r#"{{"stream":"a","data":{as_text}}}"#).as_bytes()).unwrap_err().0;
+                assert_eq!(err, "\"data\" holds JSON text nested deeper than 100 levels");
+                let err = parse(format!(r#"{{"stream":"a","data":1,"meta":{{"x":{deep}}}}}"#).as_bytes()).unwrap_err();
+                assert!(err.0.contains("\"meta\" nests deeper"), "{err}");
+                // A deep body around the message is refused as a shape error, not by recursion.
+                assert!(parse(deep.as_bytes()).is_err());
+            }
+        }
+        // Brackets inside strings do not count.
+        let text = format!(r#"{{"stream":"a","data":["{}"]}}"#, "[".repeat(500));
+        assert_eq!(parse(text.as_bytes()).unwrap().stored.len(), 1);
+    }
+
+    #[test]
+    fn the_checker_and_compact_never_panic_on_garbage() {
+        for text in ["\"\\u", "\"\\u12", "\"\\ud800\\u", "\"\\", "\"é\\ué", "]]]]", "\"\\ud800\\uzzzz\""] {
+            let _ = check_value(text);
+            let _ = compact(text);
+        }
+        assert_eq!(check_value("\"\\u12\""), Err(Unfit::BadEscape));
+        assert_eq!(compact(" é \"a b\" \n😀 "), "é\"a b\"😀");
+    }
+
+    #[test]
     fn the_one_pass_parse_agrees_with_the_element_by_element_one() {
         let bodies = [
             r#"{"stream":"a","data":"{\"x\": [1, 2]}"}"#,
             r#" [ {"stream":"a","data":"1"} , {"stream":"b","data":{"k" : "v w"},"extra":1} ] "#,
             r#"[{"stream":"a","data":" 42 "},{"stream":"a","data":"\" spaced \""}]"#,
             r#"{"stream":"a","data":"x","meta":{"transient":true}}"#,
+            r#"{"stream":"\u0061","data":"\ud83d\ude00","meta":{"x":"\ud83d\ude00"},"y":"\udead"}"#,
         ];
         let flatten = |b: Broadcast| {
             let all = b.stored.into_iter().map(|m| (m.stream, m.json, false));

@@ -20,6 +20,7 @@ pub mod hub;
 pub mod ingest;
 pub mod metrics;
 pub mod offset;
+pub mod query;
 pub mod server;
 pub mod storage;
 pub mod streams;

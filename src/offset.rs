@@ -68,7 +68,7 @@ impl std::fmt::Display for Position {
 /// What a client asked for with `offset=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offset {
-    /// `-1`, `0`, empty or absent: from the oldest retained message.
+    /// `-1`, `0` (AnyCable's alias) or absent: from the oldest retained message.
     Start,
     /// `now`: the current tail.
     Now,
@@ -76,16 +76,25 @@ pub enum Offset {
     At(Position),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid offset")]
-pub struct InvalidOffset;
+/// An `offset=` value that names no position. The message is the client's 400 error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidOffset {
+    /// `offset=` with nothing after it: not "from the start" (that is `-1`, or no `offset` at
+    /// all); the official conformance suite expects a 400.
+    #[error("offset must not be empty (use -1, now or a token)")]
+    Empty,
+    #[error("invalid offset")]
+    Malformed,
+}
 
 impl Offset {
+    /// `raw` is the decoded `offset` query parameter, `None` when there is none.
     pub fn parse(raw: Option<&str>) -> Result<Offset, InvalidOffset> {
         match raw {
-            None | Some("") | Some("-1") | Some("0") => Ok(Offset::Start),
+            None | Some("-1") | Some("0") => Ok(Offset::Start),
+            Some("") => Err(InvalidOffset::Empty),
             Some("now") => Ok(Offset::Now),
-            Some(token) => parse_token(token).map(Offset::At).ok_or(InvalidOffset),
+            Some(token) => parse_token(token).map(Offset::At).ok_or(InvalidOffset::Malformed),
         }
     }
 }
@@ -119,10 +128,20 @@ mod tests {
 
     #[test]
     fn special_offsets() {
-        for raw in [None, Some(""), Some("-1"), Some("0")] {
+        for raw in [None, Some("-1"), Some("0")] {
             assert_eq!(Offset::parse(raw), Ok(Offset::Start));
         }
         assert_eq!(Offset::parse(Some("now")), Ok(Offset::Now));
+    }
+
+    #[test]
+    fn an_empty_offset_is_an_error_not_the_start() {
+        assert_eq!(Offset::parse(Some("")), Err(InvalidOffset::Empty));
+        assert_eq!(InvalidOffset::Empty.to_string(), "offset must not be empty (use -1, now or a token)");
+        // Nothing trims: whitespace is not a special offset either.
+        for raw in [" ", " -1", "now ", "-1\n"] {
+            assert_eq!(Offset::parse(Some(raw)), Err(InvalidOffset::Malformed), "{raw:?}");
+        }
     }
 
     #[test]
@@ -141,7 +160,7 @@ mod tests {
             "abcdefghij-00000000000000000005",
         ];
         for raw in bad {
-            assert_eq!(Offset::parse(Some(raw)), Err(InvalidOffset), "{raw}");
+            assert_eq!(Offset::parse(Some(raw)), Err(InvalidOffset::Malformed), "{raw}");
         }
     }
 }

@@ -87,3 +87,100 @@ async fn bad_reads_are_refused() {
     let (messages, _, _) = server.read("s", "-1").await;
     assert_eq!(messages.len(), 1, "reads changed nothing");
 }
+
+/// A `\u` escape of a lone UTF-16 surrogate has no UTF-8 form. serde_json's `RawValue` lets it
+/// through, and the second parse of `data` used to panic the handler (`expect`). Each such body
+/// is a 400 naming the field, in a batch too, and stores nothing; so is nesting deeper than
+/// 100 levels. A valid surrogate pair still works.
+#[tokio::test]
+async fn lone_surrogates_and_deep_nesting_are_refused_whole() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &[]);
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("data", r#"{"stream":"s","data":"\udead"}"#.into(), r#""data" holds an invalid \u escape (lone surrogate)"#),
+        ("data, high surrogate then a letter", r#"{"stream":"s","data":"\ud800x"}"#.into(), r#""data""#),
+        ("data, high surrogate at the end", r#"{"stream":"s","data":"ab\uD800"}"#.into(), r#""data""#),
+        ("data as an object", r#"{"stream":"s","data":{"k":"\udead"}}"#.into(), r#""data""#),
+        ("data as JSON text", r#"{"stream":"s","data":"{\"k\":\"\\udead\"}"}"#.into(), r#""data" holds JSON text"#),
+        ("stream", r#"{"stream":"\udead","data":"1"}"#.into(), r#""stream" holds an invalid \u escape"#),
+        ("stream, after a pair", r#"{"stream":"s\ud83d\ude00\ud83d","data":"1"}"#.into(), r#""stream""#),
+        ("meta", r#"{"stream":"s","data":"1","meta":{"note":"\udead"}}"#.into(), r#""meta" holds an invalid \u"#),
+        ("transient meta", r#"{"stream":"s","data":"1","meta":{"transient":true,"x":["\udead"]}}"#.into(), r#""meta""#),
+        (
+            "batch with one bad element",
+            r#"[{"stream":"s","data":"1"},{"stream":"s","data":"2"},{"stream":"s","data":"\udead"}]"#.into(),
+            r#"message 2: "data" holds an invalid \u escape"#,
+        ),
+        (
+            "batch with a bad stream",
+            r#"[{"stream":"s","data":"1"},{"stream":"\udead","data":"2"}]"#.into(),
+            r#"message 1: "stream""#,
+        ),
+        ("200-deep data", format!(r#"{{"stream":"s","data":{deep}}}"#), r#""data" nests deeper than 100 levels"#),
+        (
+            "200-deep JSON text",
+            format!(r#"{{"stream":"s","data":{}}}"#, serde_json::to_string(&deep).unwrap()),
+            r#""data" holds JSON text nested deeper than 100 levels"#,
+        ),
+        (
+            "batch with a 100000-deep element",
+            format!(
+                r#"[{{"stream":"s","data":1}},{{"stream":"s","data":{}1{}}}]"#,
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+            "message 1: \"data\" nests deeper",
+        ),
+    ];
+    for (what, body, expected) in &cases {
+        let response =
+            server.client.post(server.url("/_broadcast")).bearer_auth(KEY).body(body.clone()).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{what}");
+        assert!(response.headers().get("content-type").is_some_and(|v| v == "application/json"), "{what}");
+        let reply: Value = response.json().await.unwrap();
+        let error = reply["error"].as_str().unwrap_or_else(|| panic!("{what}: {reply}"));
+        assert!(error.contains(expected), "{what}: {error:?} should contain {expected:?}");
+    }
+    let (messages, _, _) = server.read("s", "-1").await;
+    assert!(messages.is_empty(), "nothing stored: {messages:?}");
+    assert_eq!(server.metric("ds_messages_stored_total").await, 0.0);
+    assert_eq!(server.metric("broadcast_rejected_total{reason=\"invalid\"}").await, cases.len() as f64);
+
+    // Still serving; valid escapes, pairs and 100 levels are fine, and stored as sent.
+    let ok = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+    let (status, reply) = server
+        .broadcast(&format!(
+            r#"[{{"stream":"ok","data":"\ud83d\ude00"}},{{"stream":"ok","data":"\"\\uD83D\\uDE00 \\u00e9\""}},{{"stream":"ok","data":{ok}}}]"#
+        ))
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    let response = server.get("ok?offset=-1").await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert_eq!(text, format!(r#"["\ud83d\ude00","\uD83D\uDE00 \u00e9",{ok}]"#));
+    let values: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(values[0], "😀");
+    assert_eq!(values[1], "😀 é");
+}
+
+/// `offset=` (present, empty) is not "from the start": the official conformance suite expects
+/// a 400. No offset, `-1` and `0` are the start; `now` is the tail.
+#[tokio::test]
+async fn an_empty_offset_is_refused() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_poll_interval", "1"]);
+    server.publish("s", common::numbered(1..=2)).await;
+    for query in ["s?offset=", "s?offset=&live=long-poll", "s?offset=&live=sse", "s?live=&offset="] {
+        expect_error(server.get(query).await, 400, query).await;
+    }
+    for query in ["s", "s?offset=-1", "s?offset=0"] {
+        let response = server.get(query).await;
+        assert_eq!(response.status(), 200, "{query}");
+        let (messages, _, _) = common::read_parts(response).await;
+        assert_eq!(messages, common::numbered(1..=2), "{query}");
+    }
+    let response = server.get("s?offset=now").await;
+    assert_eq!(response.status(), 200);
+    assert!(common::read_parts(response).await.0.is_empty());
+}

@@ -99,6 +99,48 @@ async fn malformed_paths_offsets_and_bodies_never_cause_a_5xx() {
         };
         bodies.push(body);
     }
+    // Escape corners spliced into each field: lone surrogates (which serde_json's RawValue does
+    // not check) are a 400, valid escapes and pairs are stored, deep nesting is a 400.
+    let snippets = [
+        (r"\udead", false),
+        (r"\ud800", false),
+        (r"\ud800x", false),
+        (r"\uDBFF\u0041", false),
+        (r"\udc00\ud800", false),
+        (r"\ud800\ud800\udc00", false),
+        (r"\u12", false),
+        (r"\x", false),
+        ("\u{1}", false),
+        (r"\ud83d\ude00", true),
+        (r#"\u00e9\/\\\""#, true),
+    ];
+    let deep = "[".repeat(150) + &"]".repeat(150);
+    let mut corners: Vec<(String, bool)> = Vec::new();
+    for (snippet, valid) in snippets {
+        let at = |text: &str, rng: &mut Rng| {
+            let cut = (rng.next() % (text.len() as u64 + 1)) as usize;
+            format!("{}{snippet}{}", &text[..cut], &text[cut..])
+        };
+        let name = at("room", &mut rng);
+        let text = at("hello", &mut rng);
+        corners.push((format!(r#"{{"stream":"{name}","data":"1"}}"#), valid));
+        corners.push((format!(r#"{{"stream":"s","data":"{text}"}}"#), valid));
+        corners.push((format!(r#"{{"stream":"s","data":{{"k":["{text}"]}}}}"#), valid));
+        corners.push((format!(r#"{{"stream":"s","data":"1","meta":{{"note":"{text}"}}}}"#), valid));
+        corners.push((format!(r#"[{{"stream":"s","data":"1"}},{{"stream":"s","data":"{text}"}}]"#), valid));
+    }
+    corners.push((format!(r#"{{"stream":"s","data":{deep}}}"#), false));
+    corners.push((format!(r#"{{"stream":"s","data":"{deep}"}}"#), false));
+    for (body, valid) in &corners {
+        let response =
+            server.client.post(server.url("/_broadcast")).bearer_auth(KEY).body(body.clone()).send().await.unwrap();
+        let expected = if *valid { 201 } else { 400 };
+        assert_eq!(response.status().as_u16(), expected, "{body}");
+    }
+    let stored_before = server.metric("ds_messages_stored_total").await;
+    let rejected_before = server.metric("broadcast_rejected_total{reason=\"invalid\"}").await;
+    assert_eq!(rejected_before as usize, corners.iter().filter(|(_, valid)| !valid).count());
+
     let mut accepted = 0;
     for body in bodies {
         let response =
@@ -113,11 +155,11 @@ async fn malformed_paths_offsets_and_bodies_never_cause_a_5xx() {
         }
     }
     assert_eq!(
-        server.metric("ds_messages_stored_total").await as u64 > 0,
+        server.metric("ds_messages_stored_total").await > stored_before,
         accepted > 0,
         "only accepted broadcasts stored anything"
     );
-    let rejected = server.metric("broadcast_rejected_total{reason=\"invalid\"}").await;
+    let rejected = server.metric("broadcast_rejected_total{reason=\"invalid\"}").await - rejected_before;
     assert!(rejected >= 300.0 - accepted as f64, "{rejected} rejected");
 
     // Still alive and well.

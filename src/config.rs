@@ -496,6 +496,11 @@ impl Config {
             ("server.workers", self.server.workers as u64, 0..=1024, " (0 = one per core)"),
             ("storage.cache_capacity", self.storage.cache_capacity, 1 << 20..=TIB, " bytes"),
             ("storage.read_cache_bytes", self.storage.read_cache_bytes, 0..=TIB, " bytes (0 = off)"),
+            ("server.write_timeout", self.server.write_timeout, 1..=3600, " seconds"),
+            ("ds.max_unsent_bytes", self.ds.max_unsent_bytes, 1 << 20..=TIB, " bytes"),
+            ("ds.max_transient_bytes", self.ds.max_transient_bytes, 0..=TIB, " bytes"),
+            ("storage.max_streams_loaded", self.storage.max_streams_loaded, 1..=1 << 32, ""),
+            ("storage.max_queued_bytes", self.storage.max_queued_bytes, 1..=TIB, " bytes"),
         ];
         for (key, value, range, unit) in ranges {
             in_range(key, value, range, unit)?;

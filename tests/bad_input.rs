@@ -5,12 +5,13 @@ mod common;
 use common::{temp_dir, Server, KEY};
 use serde_json::Value;
 
-async fn expect_error(response: reqwest::Response, status: u16, what: &str) {
+async fn expect_error(response: reqwest::Response, status: u16, what: &str) -> Value {
     assert_eq!(response.status().as_u16(), status, "{what}");
     assert!(response.headers().get("content-type").is_some_and(|v| v == "application/json"), "{what}: JSON error body");
     let body: Value = response.json().await.unwrap_or_else(|_| panic!("{what}: JSON body"));
     let error = body["error"].as_str().unwrap_or_else(|| panic!("{what}: error field in {body}"));
     assert!(!error.is_empty());
+    body
 }
 
 #[tokio::test]
@@ -182,5 +183,31 @@ async fn an_empty_offset_is_refused() {
     }
     let response = server.get("s?offset=now").await;
     assert_eq!(response.status(), 200);
+    assert!(common::read_parts(response).await.0.is_empty());
+}
+
+#[tokio::test]
+async fn repeated_parameters_and_undecodable_queries_are_refused() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_poll_interval", "1"]);
+    server.publish("s", common::numbered(1..=2)).await;
+    let tail = server.tail("s").await;
+    let cases = [
+        (format!("s?offset=-1&offset={tail}"), "\"offset\" is repeated"),
+        ("s?offset=-1&offset=-1".to_string(), "\"offset\" is repeated"),
+        ("s?offset=now&live=sse&live=long-poll".to_string(), "\"live\" is repeated"),
+        ("s?offset=-1&cursor=1&cursor=2".to_string(), "\"cursor\" is repeated"),
+        ("s?offset=-1&signed=a&signed=b".to_string(), "\"signed\" is repeated"),
+        ("s?offset=-1&jid=a&jid=b".to_string(), "\"jid\" is repeated"),
+        ("s?offset=%FF".to_string(), "not valid UTF-8"),
+    ];
+    for (query, expected) in &cases {
+        let body = expect_error(server.get(query).await, 400, query).await;
+        assert!(body["error"].as_str().unwrap().contains(expected), "{query}: {body}");
+    }
+    // Other parameters may repeat (the first counts), and `+`/percent-encoding decode.
+    let response = server.get("s?offset=-1&x=1&x=2&&").await;
+    assert_eq!(common::read_parts(response).await.0, common::numbered(1..=2));
+    let response = server.get(&format!("s?offset={}", tail.replace('_', "%5F"))).await;
     assert!(common::read_parts(response).await.0.is_empty());
 }

@@ -5,7 +5,6 @@
 //! made *before* the read, so an append that lands between the read and the wait still wakes
 //! the reader (see `hub.rs`).
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -23,25 +22,13 @@ use crate::cursor;
 use crate::hub::{Subscription, Transient};
 use crate::metrics::{self, GaugeGuard};
 use crate::offset::{Offset, Position};
+use crate::query;
 use crate::storage::{Chunk, ReadError, Storage};
 use crate::streams::stream_from_path;
 use std::sync::Arc;
 
 const ALLOW: &str = "GET, HEAD, OPTIONS";
 const SSE_PING_INTERVAL: Duration = Duration::from_secs(15);
-
-/// The query string, form-decoded (the official client builds it with `URLSearchParams`).
-pub struct Query(HashMap<String, String>);
-
-impl Query {
-    fn parse(raw: &str) -> Query {
-        Query(web::Query::<HashMap<String, String>>::from_query(raw).map(|q| q.into_inner()).unwrap_or_default())
-    }
-
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -82,7 +69,9 @@ pub async fn handle(req: HttpRequest, state: web::Data<AppState>) -> Result<Http
         return Ok(HttpResponse::NoContent().insert_header((header::ALLOW, ALLOW)).finish());
     }
     let stream = stream_from_path(req.uri().path(), &state.config.ds.path)?;
-    let query = Query::parse(req.query_string());
+    // Parameters that mean one thing each: a second value is a client bug, not a choice.
+    let single = ["offset", "live", "cursor", "signed", state.config.jwt.param.as_str()];
+    let query = query::parse(req.query_string(), &single).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mode = match query.get("live") {
         None | Some("") | Some("false") => Mode::CatchUp,
         Some("long-poll") => Mode::LongPoll,
@@ -102,7 +91,7 @@ pub async fn handle(req: HttpRequest, state: web::Data<AppState>) -> Result<Http
 async fn read(
     req: &HttpRequest,
     state: &web::Data<AppState>,
-    query: &Query,
+    query: &query::Query,
     stream: String,
     mode: Mode,
     head: bool,
@@ -127,9 +116,9 @@ async fn read(
     if mode != Mode::CatchUp && raw_offset.is_none() {
         return Err(ApiError::bad_request("offset is required for live reads (use -1, now or a token)"));
     }
-    let offset = Offset::parse(raw_offset).map_err(|_| match last_event_id {
+    let offset = Offset::parse(raw_offset).map_err(|e| match last_event_id {
         Some(_) => ApiError::bad_request("invalid Last-Event-ID: not an offset of this server"),
-        None => ApiError::bad_request("invalid offset"),
+        None => ApiError::bad_request(e.to_string()),
     })?;
     let read = Read {
         state: state.clone(),

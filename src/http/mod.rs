@@ -251,7 +251,12 @@ pub enum Access {
 }
 
 /// Client authentication, then stream authorization (spec §6).
-fn authorize(state: &AppState, req: &HttpRequest, query: &ds::Query, stream: &str) -> Result<Access, AuthError> {
+fn authorize(
+    state: &AppState,
+    req: &HttpRequest,
+    query: &crate::query::Query,
+    stream: &str,
+) -> Result<Access, AuthError> {
     let config = &state.config;
     let mut access = Access::Public;
     if !config.skip_client_auth() {

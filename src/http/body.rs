@@ -130,6 +130,9 @@ impl MessageBody for SlicedBody {
         let end = (self.sent + PIECE).min(self.data.len());
         let piece = self.data.slice(self.sent..end);
         self.sent = end;
+        if let Some(watch) = &self._watch {
+            watch.yielded();
+        }
         Poll::Ready(Some(Ok(piece)))
     }
 }

@@ -370,17 +370,24 @@ impl SseStream {
     /// and the next chunk is read only once the last slice is taken, so a reader that does
     /// not read holds at most one chunk (shared with the cache and other readers).
     async fn next_piece(&mut self) -> Option<Bytes> {
-        loop {
+        if let Some(watch) = &self._watch {
+            watch.polled();
+        }
+        let piece = loop {
             if let Some(piece) = self.pieces.pop_front() {
-                return Some(piece);
+                break piece;
             }
             self.share = None;
             let frame = self.next_frame().await?;
             // Never an empty piece: in a chunked response it would read as the end.
             if !frame.is_empty() {
-                return Some(frame);
+                break frame;
             }
+        };
+        if let Some(watch) = &self._watch {
+            watch.yielded();
         }
+        Some(piece)
     }
 
     /// The next frame: returned whole when small, else queued in `pieces` (and returned empty).

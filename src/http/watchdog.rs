@@ -87,17 +87,38 @@ fn inode(fd: RawFd) -> Option<u64> {
 
 /// Held by a watched response body; dropping it says the body is finished (what is left is
 /// in actix's and the kernel's buffers).
-pub struct WatchGuard(Arc<AtomicBool>);
+pub struct WatchGuard(Arc<WatchState>);
+
+#[derive(Default)]
+struct WatchState {
+    finished: AtomicBool,
+    /// The body handed actix a piece and has not been polled since: actix may be stuck on a
+    /// full socket. A body waiting for data (an idle SSE stream) is not, and costs the
+    /// watchdog no system call.
+    yielded: AtomicBool,
+}
+
+impl WatchGuard {
+    /// The body is handing actix a piece.
+    pub fn yielded(&self) {
+        self.0.yielded.store(true, Ordering::Relaxed);
+    }
+
+    /// actix polls the body again: what it was given so far is in its buffer or the socket.
+    pub fn polled(&self) {
+        self.0.yielded.store(false, Ordering::Relaxed);
+    }
+}
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.finished.store(true, Ordering::Release);
     }
 }
 
 struct Watched {
     socket: ConnSocket,
-    finished: Arc<AtomicBool>,
+    state: Arc<WatchState>,
     /// The body must have finished by then (SSE TTL + grace).
     deadline: Option<Instant>,
     last_unsent: u64,
@@ -137,27 +158,33 @@ pub fn start(write_timeout: Duration) {
 /// socket known, or the watchdog is not running).
 pub fn watch(socket: Option<ConnSocket>, kind: &'static str, deadline: Option<Instant>) -> Option<WatchGuard> {
     let watchdog = WATCHDOG.get()?;
-    let finished = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(WatchState::default());
     let entry = Watched {
         socket: socket?,
-        finished: finished.clone(),
+        state: state.clone(),
         deadline,
         last_unsent: 0,
         last_progress: Instant::now(),
         kind,
     };
     watchdog.watched.lock().expect("watchdog lock").push(entry);
-    Some(WatchGuard(finished))
+    Some(WatchGuard(state))
 }
 
 impl Watchdog {
     fn tick(&self, now: Instant) {
         let mut watched = self.watched.lock().expect("watchdog lock");
         watched.retain_mut(|w| {
+            let finished = w.state.finished.load(Ordering::Acquire);
+            let overdue = !finished && w.deadline.is_some_and(|d| now > d + DEADLINE_GRACE);
+            if !finished && !overdue && !w.state.yielded.load(Ordering::Relaxed) {
+                // Waiting for data, not for the client: nothing to look at.
+                w.last_progress = now;
+                return true;
+            }
             if !w.socket.is_current() {
                 return false; // the connection is gone
             }
-            let finished = w.finished.load(Ordering::Acquire);
             let unsent = w.socket.unsent().unwrap_or(0);
             if unsent == 0 || unsent != w.last_unsent {
                 w.last_progress = now;
@@ -166,7 +193,6 @@ impl Watchdog {
             if unsent == 0 && finished {
                 return false; // delivered
             }
-            let overdue = !finished && w.deadline.is_some_and(|d| now > d + DEADLINE_GRACE);
             let stalled = now.duration_since(w.last_progress) > self.write_timeout;
             if overdue || stalled {
                 let reason = if overdue { "deadline" } else { "stalled" };

@@ -176,3 +176,41 @@ async fn a_full_writer_queue_answers_503_and_stores_nothing_of_a_refused_batch()
     }
     assert_eq!(server.metric("ds_writer_queue_bytes").await, 0.0);
 }
+
+#[tokio::test]
+async fn reads_beyond_the_unsent_budget_get_503_until_the_stuck_client_is_gone() {
+    let dir = temp_dir();
+    // A budget of one 4 MiB chunk, the chunk cache off (each read is its own buffer). A chunk
+    // this big does not fit in the kernel's buffers, so the stuck read keeps holding it.
+    let args = ["--ds_max_unsent_bytes", "4194304", "--write_timeout", "2"];
+    let args = [&args[..], &["--history_limit", "0", "--storage_read_cache_bytes", "0"]].concat();
+    let server = Server::start(dir.path(), &args);
+    let pad = "x".repeat(1000);
+    let batch: Vec<Value> = (0..900)
+        .map(|i| serde_json::json!({"stream": "big", "data": serde_json::json!({"i": i, "pad": pad})}))
+        .collect();
+    for _ in 0..10 {
+        let (status, reply) = server.broadcast(&serde_json::to_string(&batch).unwrap()).await;
+        assert_eq!(status, 201, "{reply}");
+    }
+    let tail = server.tail("big").await;
+    let at = |seq: u64| format!("big?offset={}{seq:020}", &tail[..tail.len() - 20]);
+    // A client that asks for the first chunk and never reads it.
+    let stuck = common::stuck_client(&server, "GET /ds/big?offset=-1 HTTP/1.1\r\nHost: test\r\n\r\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.metric("ds_unsent_bytes").await < 4_000_000.0 {
+        assert!(std::time::Instant::now() < deadline, "the stuck read holds no chunk");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another distinct chunk would take the budget over: 503 with Retry-After.
+    let refused = server.get(&at(5000)).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers().get("retry-after").unwrap(), "1");
+    assert_eq!(server.metric("ds_unsent_refused_total").await, 1.0);
+    // Small bodies are not counted: a read that fits the socket at once still goes out.
+    assert_eq!(server.get(&at(8999)).await.status(), 200);
+    // Once the watchdog resets the stuck client, the budget is free again.
+    server.wait_for_metric("ds_unsent_bytes", 0.0, Duration::from_secs(20)).await;
+    assert_eq!(server.get(&at(5000)).await.status(), 200);
+    drop(stuck);
+}

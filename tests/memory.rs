@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -46,30 +46,9 @@ async fn fill(server: &Server, stream: &str, mib: usize) {
     }
 }
 
-/// Opens `n` connections that each send `request` and then never read. Their receive buffers
-/// are made small, so the kernel does not quietly absorb megabytes for them: the server sees
-/// clients that stop reading at once (with default buffers a 4 MiB chunk fits in the kernel).
+/// Opens `n` connections that each send `request` and then never read.
 fn stuck_clients(server: &Server, n: usize, request: &str) -> Vec<TcpStream> {
-    use std::os::fd::AsRawFd;
-    (0..n)
-        .map(|_| {
-            let mut socket = TcpStream::connect(&server.addr).unwrap();
-            let size: libc::c_int = 4096;
-            // SAFETY: setsockopt reads one int from the pointer it is given.
-            let set = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUF,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(set, 0);
-            socket.write_all(request.as_bytes()).unwrap();
-            socket
-        })
-        .collect()
+    (0..n).map(|_| common::stuck_client(server, request)).collect()
 }
 
 /// Whether the server closed the connection (reads the rest until EOF or a reset).

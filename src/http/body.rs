@@ -93,7 +93,9 @@ pub fn share(data: &Bytes) -> Result<Option<Share>, OverBudget> {
         *holders += 1;
         return Ok(Some(Share { key, _buffer: data.clone() }));
     }
-    if state.bytes + data.len() > unsent.max {
+    // A buffer bigger than the whole budget still goes out when nothing else is held, so a
+    // small budget cannot make a chunk impossible to send.
+    if state.bytes > 0 && state.bytes + data.len() > unsent.max {
         crate::metrics::get().unsent_refused.inc();
         return Err(OverBudget);
     }

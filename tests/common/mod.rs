@@ -76,7 +76,14 @@ impl Server {
             data_dir,
             args,
             logs: Arc::new(Mutex::new(Vec::new())),
-            client: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            // Timeouts only so that a broken server fails a test instead of hanging it: longer
+            // than any wait a test asks for (long-polls, SSE pings every 15 s).
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(90))
+                .build()
+                .unwrap(),
         };
         server.spawn();
         server
@@ -385,4 +392,27 @@ impl Rng {
     pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
         items[(self.next() % items.len() as u64) as usize]
     }
+}
+
+/// A connection that sends `request` and then never reads. Its receive buffer is made small,
+/// so the kernel does not quietly absorb megabytes for it: the server sees a client that stops
+/// reading at once (with default buffers a 4 MiB response fits in the kernel).
+pub fn stuck_client(server: &Server, request: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut socket = std::net::TcpStream::connect(&server.addr).unwrap();
+    let size: libc::c_int = 4096;
+    // SAFETY: setsockopt reads one int from the pointer it is given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    socket.write_all(request.as_bytes()).unwrap();
+    socket
 }

@@ -147,6 +147,14 @@ fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]
         unlimited(config.broker.history_limit, ""),
         unlimited(config.broker.history_ttl, "s")
     );
+    log::info!(
+        "limits: {} live reader(s), write timeout {}s, {} MiB unsent, {} MiB queued, {} stream(s) in memory",
+        unlimited(config.ds.max_live_readers, ""),
+        config.server.write_timeout,
+        config.ds.max_unsent_bytes >> 20,
+        config.storage.max_queued_bytes >> 20,
+        config.storage.max_streams_loaded
+    );
     if !config.storage.fsync {
         log::warn!("storage.fsync = false: broadcasts are acknowledged before they are on disk (UNSAFE)");
     }

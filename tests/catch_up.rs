@@ -207,7 +207,7 @@ async fn every_response_errors_included_carries_nosniff_and_corp() {
     let tail = server.tail("s").await;
     let waiting = tokio::spawn(server.client.get(server.ds("s?offset=now&live=long-poll")).send());
     server.wait_for_metric("ds_poll_clients_num", 1.0, std::time::Duration::from_secs(10)).await;
-    let beyond = format!("{}_{:020}", &tail[..tail.len() - 21], 99);
+    let beyond = common::token_at(&tail, 99);
     let client = &server.client;
     let requests = [
         (client.get(server.ds("s?offset=-1")), 200),

@@ -391,7 +391,7 @@ async fn sse_frames_carry_ids_and_last_event_id_resumes_a_native_event_source() 
     let server = Server::start(dir.path(), &["--ds_sse_ttl", "1"]);
     server.publish("ids", numbered(1..=3)).await;
     let tail = server.tail("ids").await;
-    let first = format!("{}_{:020}", &tail[..tail.len() - 21], 1);
+    let first = common::token_at(&tail, 1);
 
     // Exact framing, as the reference server writes it: `data:` directly followed by the JSON;
     // every data and control event names the offset after it.

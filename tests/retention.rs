@@ -8,19 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{header, numbered, read_parts, temp_dir, Server, SseClient};
+use common::{header, numbered, read_parts, seq_of, temp_dir, token_at, Server, SseClient};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// `token` with its sequence number replaced by `seq`.
-fn at(token: &str, seq: u64) -> String {
-    format!("{}_{seq:020}", &token[..token.len() - 21])
-}
-
-fn seq_of(token: &str) -> u64 {
-    token[token.len() - 20..].parse().unwrap()
-}
 
 /// Reads `stream` from `-1` until every message has expired (the read answers `[]`).
 async fn wait_until_expired(server: &Server, stream: &str) -> String {
@@ -58,7 +49,7 @@ async fn an_expired_stream_answers_its_tail_and_keeps_its_readers_working() {
     assert_eq!(server.tail("room").await, tail);
     // A token inside the deleted range is a gap; the tail is not.
     for inside in [0, 1, 2] {
-        let response = server.get(&format!("room?offset={}", at(&tail, inside))).await;
+        let response = server.get(&format!("room?offset={}", token_at(&tail, inside))).await;
         assert_eq!(response.status(), 410, "token {inside} is inside the deleted range");
         assert_eq!(response.json::<Value>().await.unwrap()["error"], "offset is no longer available");
     }
@@ -98,7 +89,7 @@ async fn a_removed_stream_keeps_its_readers_tokens_and_never_reuses_a_number() {
     let (messages, next, up_to_date) = server.read("quiet", &tail).await;
     assert_eq!((messages.len(), next.as_str(), up_to_date), (0, tail.as_str(), true));
     // A token no stream ever handed out is still refused.
-    assert_eq!(server.get(&format!("quiet?offset={}", at(&tail, 4))).await.status(), 410);
+    assert_eq!(server.get(&format!("quiet?offset={}", token_at(&tail, 4))).await.status(), 410);
 
     // Reopened by a broadcast, the stream numbers above everything it handed out before.
     let poll = tokio::spawn(server.client.get(server.ds(&format!("quiet?offset={tail}&live=long-poll"))).send());
@@ -107,7 +98,7 @@ async fn a_removed_stream_keeps_its_readers_tokens_and_never_reuses_a_number() {
     let (messages, next, _) = read_parts(poll.await.unwrap().unwrap()).await;
     assert_eq!(messages, [json!({"n": 4})]);
     assert_eq!(seq_of(&next), 4);
-    let (messages, _, _) = server.read("quiet", &at(&tail, 0)).await;
+    let (messages, _, _) = server.read("quiet", &token_at(&tail, 0)).await;
     assert_eq!(messages, [json!({"n": 4})], "a reader from before the stream's first life");
 
     // Any new stream starts above the floor; the floor survives a crash (a durable append

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 /// How often the thread looks at the watched sockets.
 const TICK: Duration = Duration::from_millis(500);
 /// How long past its deadline an SSE response may still be finishing its last write.
-pub const DEADLINE_GRACE: Duration = Duration::from_secs(2);
+const DEADLINE_GRACE: Duration = Duration::from_secs(2);
 
 /// The socket of one connection, recorded when it is accepted (`HttpServer::on_connect`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

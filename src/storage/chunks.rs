@@ -76,7 +76,7 @@ impl ChunkCache {
 
     /// Waits until no other reader scans this range, then takes the right to scan it. Returns
     /// `None` when it had to wait (the caller looks in the cache again first). Blocking: for
-    /// the blocking pool only.
+    /// the blocking pool only; pointless with the cache off (nothing to share).
     pub(crate) fn begin_scan(&self, stream_id: u64, after: u64, max_bytes: usize) -> Option<Scan<'_>> {
         let key = (stream_id, after, max_bytes);
         let mut scanning = self.scanning.lock().expect("scan lock");
@@ -85,7 +85,7 @@ impl ChunkCache {
             waited = true;
             scanning = self.scanned.wait(scanning).expect("scan lock");
         }
-        if waited || self.budget == 0 {
+        if waited {
             return None;
         }
         scanning.insert(key);

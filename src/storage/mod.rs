@@ -321,12 +321,14 @@ impl Storage {
             if !may_block {
                 return None;
             }
-            // One scan per range at a time; after waiting for another one, look again. (With
-            // the cache off there is nothing to share: scan at once.)
+            // One scan per range at a time; after waiting for another one, look again. With the
+            // cache off there is nothing to share: scan at once.
+            if !self.inner.chunks.is_enabled() {
+                break None;
+            }
             match self.inner.chunks.begin_scan(entry.id, after, max_bytes) {
                 Some(scan) => break Some(scan),
-                None if self.inner.chunks.is_enabled() => continue,
-                None => break None,
+                None => continue,
             }
         };
         // sled range scans are not snapshots: retention deleting records ahead of the scan

@@ -246,7 +246,7 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
 const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// A stream entry (or a cached chunk) unused for this long leaves memory (unless somebody
 /// watches the stream).
-pub(crate) const STREAM_IDLE: Duration = Duration::from_secs(30);
+const STREAM_IDLE: Duration = Duration::from_secs(30);
 
 fn run(mut state: State, receiver: mpsc::Receiver<Request>) {
     loop {

@@ -416,3 +416,13 @@ pub fn stuck_client(server: &Server, request: &str) -> std::net::TcpStream {
     socket.write_all(request.as_bytes()).unwrap();
     socket
 }
+
+/// `token` (an offset this server handed out) with its sequence number replaced by `seq`.
+pub fn token_at(token: &str, seq: u64) -> String {
+    format!("{}_{seq:020}", &token[..token.len() - 21])
+}
+
+/// The sequence number of an offset token.
+pub fn seq_of(token: &str) -> u64 {
+    token[token.len() - 20..].parse().unwrap()
+}

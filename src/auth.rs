@@ -32,12 +32,23 @@ impl AuthError {
     }
 }
 
-/// AnyCable's broadcast key derived from the application secret:
-/// lowercase hex of HMAC-SHA256(key = secret, message = "broadcast-cable").
-pub fn derive_broadcast_key(secret: &str) -> String {
+/// A key AnyCable derives from the application secret: lowercase hex of
+/// HMAC-SHA256(key = secret, message = phrase). Both sides (server and app libraries) derive it
+/// the same way, so one shared secret is enough.
+fn derive_key(secret: &str, phrase: &str) -> String {
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    mac.update(b"broadcast-cable");
+    mac.update(phrase.as_bytes());
     hex::encode(mac.finalize().into_bytes())
+}
+
+/// AnyCable's broadcast key (phrase `broadcast-cable`).
+pub fn derive_broadcast_key(secret: &str) -> String {
+    derive_key(secret, "broadcast-cable")
+}
+
+/// AnyCable's HTTP RPC secret (phrase `rpc-cable`).
+pub fn derive_rpc_secret(secret: &str) -> String {
+    derive_key(secret, "rpc-cable")
 }
 
 /// Checks an `Authorization` header value against the broadcast key, in constant time.
@@ -119,6 +130,8 @@ mod tests {
     #[test]
     fn broadcast_key_vector() {
         assert_eq!(derive_broadcast_key("qwerty"), "42923a28b760e667fc92f7c6123bb07a282822b329dd2ef48e7aee7830d98485");
+        // echo -n 'rpc-cable' | openssl dgst -sha256 -hmac 'qwerty'
+        assert_eq!(derive_rpc_secret("qwerty"), "57c40610d142fe7d7999be4e23dfba4f42c3c542e1f278063e8e3b6a30b0c2bd");
     }
 
     #[test]

@@ -37,12 +37,15 @@ pub struct Config {
     pub public: bool,
     /// Skip client authentication (streams are still authorized).
     pub noauth: bool,
+    /// Turn authentication by the application (HTTP RPC) off, even when `rpc.host` is set.
+    pub norpc: bool,
     pub server: ServerConfig,
     pub ds: DsConfig,
     pub broker: BrokerConfig,
     pub storage: StorageConfig,
     pub streams: StreamsConfig,
     pub jwt: JwtConfig,
+    pub rpc: RpcConfig,
     pub http_broadcast: HttpBroadcastConfig,
     pub metrics: MetricsConfig,
     pub logging: LoggingConfig,
@@ -131,6 +134,29 @@ pub struct JwtConfig {
     pub force: bool,
 }
 
+/// Authentication of readers by the application over AnyCable's HTTP RPC (`connect`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpcConfig {
+    /// Base URL of the application's RPC endpoint (`http://` or `https://`); the server POSTs
+    /// `{host}/connect`. Unset: RPC off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Bearer secret sent to the application; derived from `secret` when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Request headers passed on to the application, comma-separated (lower case).
+    pub proxy_headers: String,
+    /// Cookies passed on, comma-separated; empty passes them all.
+    pub proxy_cookies: String,
+    /// Milliseconds a read waits for the application's answer (a free slot included).
+    pub request_timeout: u64,
+    /// Most calls to the application at once.
+    pub concurrency: u64,
+    /// Seconds a successful answer is reused for the same credentials; 0 = every read asks.
+    pub cache_ttl: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpBroadcastConfig {
@@ -201,6 +227,20 @@ impl Default for StorageConfig {
 impl Default for JwtConfig {
     fn default() -> Self {
         JwtConfig { secret: None, param: "jid".into(), force: false }
+    }
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            host: None,
+            secret: None,
+            proxy_headers: "cookie".into(),
+            proxy_cookies: String::new(),
+            request_timeout: 3000,
+            concurrency: 28,
+            cache_ttl: 0,
+        }
     }
 }
 
@@ -337,6 +377,31 @@ pub struct Cli {
     #[arg(long = "enforce_jwt", env = "ANYCABLE_ENFORCE_JWT", num_args = 0..=1, default_missing_value = "true")]
     pub enforce_jwt: Option<bool>,
 
+    /// Application RPC URL: DS readers are authenticated by POST {URL}/connect (rpc.host) [default: none, RPC off]
+    #[arg(long = "rpc_host", env = "ANYCABLE_RPC_HOST")]
+    pub rpc_host: Option<String>,
+    /// Bearer secret for the application's RPC; `none` = not set (rpc.secret) [default: derived from secret]
+    #[arg(long = "http_rpc_secret", env = "ANYCABLE_HTTP_RPC_SECRET", hide_env_values = true)]
+    pub http_rpc_secret: Option<String>,
+    /// Request headers passed to the application, comma-separated (rpc.proxy_headers) [default: cookie]
+    #[arg(long = "headers", env = "ANYCABLE_HEADERS")]
+    pub headers: Option<String>,
+    /// Cookies passed to the application, comma-separated (rpc.proxy_cookies) [default: all]
+    #[arg(long = "proxy-cookies", env = "ANYCABLE_PROXY_COOKIES")]
+    pub proxy_cookies: Option<String>,
+    /// Milliseconds to wait for the application, 1..=600000 (rpc.request_timeout) [default: 3000]
+    #[arg(long = "rpc_request_timeout", env = "ANYCABLE_RPC_REQUEST_TIMEOUT")]
+    pub rpc_request_timeout: Option<u64>,
+    /// Most calls to the application at once, 1..=10000 (rpc.concurrency) [default: 28]
+    #[arg(long = "rpc_concurrency", env = "ANYCABLE_RPC_CONCURRENCY")]
+    pub rpc_concurrency: Option<u64>,
+    /// Seconds a successful answer is reused for the same credentials, 0 = off, at most 3600 (rpc.cache_ttl) [default: 0]
+    #[arg(long = "rpc_cache_ttl", env = "ANYCABLE_RPC_CACHE_TTL")]
+    pub rpc_cache_ttl: Option<u64>,
+    /// Turn authentication by the application off even when rpc.host is set (norpc) [default: false]
+    #[arg(long, env = "ANYCABLE_NORPC", num_args = 0..=1, default_missing_value = "true")]
+    pub norpc: Option<bool>,
+
     /// Broadcast endpoint path (http_broadcast.path) [default: /_broadcast]
     #[arg(long = "http_broadcast_path", env = "ANYCABLE_HTTP_BROADCAST_PATH")]
     pub http_broadcast_path: Option<String>,
@@ -398,6 +463,14 @@ impl Cli {
         push(&mut out, "jwt.secret", &self.jwt_secret);
         push(&mut out, "jwt.param", &self.jwt_param);
         push(&mut out, "jwt.force", &self.enforce_jwt);
+        push(&mut out, "rpc.host", &self.rpc_host);
+        push(&mut out, "rpc.secret", &self.http_rpc_secret);
+        push(&mut out, "rpc.proxy_headers", &self.headers);
+        push(&mut out, "rpc.proxy_cookies", &self.proxy_cookies);
+        push(&mut out, "rpc.request_timeout", &self.rpc_request_timeout);
+        push(&mut out, "rpc.concurrency", &self.rpc_concurrency);
+        push(&mut out, "rpc.cache_ttl", &self.rpc_cache_ttl);
+        push(&mut out, "norpc", &self.norpc);
         push(&mut out, "http_broadcast.path", &self.http_broadcast_path);
         push(&mut out, "http_broadcast.max_body", &self.http_broadcast_max_body);
         push(&mut out, "metrics.http_path", &self.metrics_http);
@@ -442,7 +515,13 @@ impl Config {
     /// it is: it turns JWT off even when `secret` is set (see [`Config::effective_jwt_secret`]),
     /// and keeping it makes `--print-config` print it, so the printed TOML means the same.
     fn normalize(&mut self) {
-        for secret in [&mut self.secret, &mut self.broadcast_key, &mut self.streams.secret] {
+        for secret in [
+            &mut self.secret,
+            &mut self.broadcast_key,
+            &mut self.streams.secret,
+            &mut self.rpc.secret,
+            &mut self.rpc.host,
+        ] {
             if matches!(secret.as_deref(), Some("none") | Some("")) {
                 *secret = None;
             }
@@ -450,6 +529,16 @@ impl Config {
         if self.jwt.secret.as_deref() == Some("") {
             self.jwt.secret = None;
         }
+        // Header names are case-insensitive; AnyCable sends them to the application in lower case.
+        let list = |s: &str, lower: bool| {
+            s.split(',')
+                .map(|item| if lower { item.trim().to_ascii_lowercase() } else { item.trim().to_string() })
+                .filter(|item| !item.is_empty())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        self.rpc.proxy_headers = list(&self.rpc.proxy_headers, true);
+        self.rpc.proxy_cookies = list(&self.rpc.proxy_cookies, false);
         // Keep the path prefixes canonical: leading slash, no trailing slash.
         for path in [
             &mut self.ds.path,
@@ -501,6 +590,9 @@ impl Config {
             ("ds.max_transient_bytes", self.ds.max_transient_bytes, 0..=TIB, " bytes"),
             ("storage.max_streams_loaded", self.storage.max_streams_loaded, 1..=1 << 32, ""),
             ("storage.max_queued_bytes", self.storage.max_queued_bytes, 1..=TIB, " bytes"),
+            ("rpc.request_timeout", self.rpc.request_timeout, 1..=600_000, " ms"),
+            ("rpc.concurrency", self.rpc.concurrency, 1..=10_000, ""),
+            ("rpc.cache_ttl", self.rpc.cache_ttl, 0..=3600, " seconds (0 = off)"),
         ];
         for (key, value, range, unit) in ranges {
             in_range(key, value, range, unit)?;
@@ -512,6 +604,16 @@ impl Config {
         }
         if self.jwt.force && self.effective_jwt_secret().is_none() {
             return bad("jwt.force", "needs a JWT secret (jwt.secret or secret; jwt.secret = \"none\" turns JWT off)");
+        }
+        if let Some(host) = &self.rpc.host {
+            if let Err(why) = crate::rpc::connect_url(host) {
+                return bad("rpc.host", &why);
+            }
+        }
+        for name in self.rpc.proxy_headers.split(',').filter(|n| !n.is_empty()) {
+            if actix_web::http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return bad("rpc.proxy_headers", &format!("{name:?} is not a header name"));
+            }
         }
         if self.logging.level.parse::<log::LevelFilter>().is_err() {
             return bad("logging.level", "must be one of off, error, warn, info, debug, trace");
@@ -556,6 +658,20 @@ impl Config {
             Some(secret) => Some(secret),
             None => self.secret.as_deref(),
         }
+    }
+
+    /// The application's RPC base URL when readers are authenticated by it: `rpc.host`, unless
+    /// `norpc` or client authentication is skipped.
+    pub fn effective_rpc_host(&self) -> Option<&str> {
+        match self.rpc.host.as_deref() {
+            Some(host) if !self.norpc && !self.skip_client_auth() => Some(host),
+            _ => None,
+        }
+    }
+
+    /// The bearer secret of RPC calls: `rpc.secret`, else derived from `secret` as AnyCable does.
+    pub fn effective_rpc_secret(&self) -> Option<String> {
+        self.rpc.secret.clone().or_else(|| self.secret.as_deref().map(crate::auth::derive_rpc_secret))
     }
 
     /// Unsigned stream names are accepted (`streams.public` or `public`).

@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod offset;
 pub mod query;
+pub mod rpc;
 pub mod server;
 pub mod storage;
 pub mod streams;

@@ -39,6 +39,18 @@ pub struct Metrics {
     pub transient_dropped: IntCounter,
     pub live_readers_refused: IntCounter,
     pub stalled_disconnects: IntCounterVec,
+    pub rpc_calls: IntCounter,
+    pub rpc_results: IntCounterVec,
+    pub rpc_errors: IntCounter,
+    pub rpc_timeouts: IntCounter,
+    pub rpc_pending: IntGauge,
+    pub rpc_in_flight: IntGauge,
+    pub rpc_capacity: IntGauge,
+    pub rpc_seconds: Histogram,
+    pub rpc_breaker_open: IntGauge,
+    pub rpc_breaker_refused: IntCounter,
+    pub rpc_cache_hits: IntCounter,
+    pub rpc_cache_entries: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -162,6 +174,58 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
                 &["reason"],
             )
             .unwrap(),
+        ),
+        rpc_calls: register(&r, IntCounter::new("rpc_call_total", "Calls made to the application's RPC").unwrap()),
+        rpc_results: register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "rpc_result_total",
+                    "RPC authentications by outcome: success, failure (rejected), error (app failed), \
+                     unavailable (no answer, timeout, breaker open)",
+                ),
+                &["result"],
+            )
+            .unwrap(),
+        ),
+        rpc_errors: register(
+            &r,
+            IntCounter::new("rpc_error_total", "RPC calls that got no usable answer (timeouts included)").unwrap(),
+        ),
+        rpc_timeouts: register(
+            &r,
+            IntCounter::new("rpc_timeout_total", "RPC authentications that ran out of rpc.request_timeout").unwrap(),
+        ),
+        rpc_pending: register(&r, IntGauge::new("rpc_pending_num", "Reads waiting for a free RPC slot").unwrap()),
+        rpc_in_flight: register(&r, IntGauge::new("rpc_in_flight_num", "RPC calls in flight").unwrap()),
+        rpc_capacity: register(
+            &r,
+            IntGauge::new("rpc_capacity_num", "Most RPC calls at once (rpc.concurrency)").unwrap(),
+        ),
+        rpc_seconds: register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new("rpc_call_seconds", "Duration of one RPC call to the application")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            )
+            .unwrap(),
+        ),
+        rpc_breaker_open: register(
+            &r,
+            IntGauge::new("rpc_breaker_open", "1 while calls to a failing application are paused, else 0").unwrap(),
+        ),
+        rpc_breaker_refused: register(
+            &r,
+            IntCounter::new("rpc_breaker_refused_total", "Authentications answered 503 without calling the paused app")
+                .unwrap(),
+        ),
+        rpc_cache_hits: register(
+            &r,
+            IntCounter::new("rpc_cache_hit_total", "Authentications answered from the rpc.cache_ttl cache").unwrap(),
+        ),
+        rpc_cache_entries: register(
+            &r,
+            IntGauge::new("rpc_cache_entries_num", "Successful authentications kept by the cache").unwrap(),
         ),
         registry: r,
     }

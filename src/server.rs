@@ -19,6 +19,8 @@ pub enum ServeError {
     Bind { address: String, source: std::io::Error },
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Rpc(String),
 }
 
 pub fn storage_options(config: &Config) -> StorageOptions {
@@ -45,13 +47,22 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         Hub::new(usize::try_from(config.ds.max_transient_bytes).unwrap_or(usize::MAX)),
     )?;
     let shutdown = CancellationToken::new();
-    let state = AppState::new(storage.clone(), config.clone(), shutdown.clone());
+    // Validated with the configuration already; an error here is the HTTP client's own.
+    let rpc = crate::rpc::Rpc::from_config(&config).map_err(ServeError::Rpc)?;
+    let state = AppState::new(storage.clone(), config.clone(), shutdown.clone(), rpc);
 
     http::watchdog::start(Duration::from_secs(config.server.write_timeout));
     http::body::init(usize::try_from(config.ds.max_unsent_bytes).unwrap_or(usize::MAX));
     let app_config = config.clone();
     let mut server = HttpServer::new(move || {
-        App::new().wrap(http::cors(&app_config)).wrap(http::default_headers()).configure(http::configure(state.clone()))
+        App::new()
+            .wrap(http::cors(&app_config))
+            .wrap(actix_web::middleware::Condition::new(
+                http::allows_credentials(&app_config),
+                actix_web::middleware::from_fn(http::credentials),
+            ))
+            .wrap(http::default_headers())
+            .configure(http::configure(state.clone()))
     })
     // Notice clients that go away while an SSE or long-poll response is idle, so their
     // waiters are freed at once (PITFALLS.md).
@@ -171,6 +182,33 @@ fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]
     };
     let streams = if config.public_streams() { "public (signed names optional)" } else { "signed names required" };
     log::info!("auth: JWT {jwt}; streams {streams}");
+    match config.effective_rpc_host() {
+        Some(host) => {
+            let cache = match config.rpc.cache_ttl {
+                0 => "no cache".to_string(),
+                ttl => format!("successes cached {ttl}s"),
+            };
+            log::info!(
+                "auth: readers without a JWT are authenticated by the application: POST {} \
+                 (headers: {}; timeout {} ms, {} at once, {cache})",
+                crate::rpc::display_host(
+                    &crate::rpc::connect_url(host).map_or_else(|_| host.to_string(), |u| u.to_string())
+                ),
+                if config.rpc.proxy_headers.is_empty() { "none" } else { &config.rpc.proxy_headers },
+                config.rpc.request_timeout,
+                config.rpc.concurrency,
+            );
+            if config.effective_rpc_secret().is_none() {
+                log::warn!("RPC calls carry no secret (set rpc.secret or secret): the application cannot tell them from anyone's");
+            }
+        }
+        None if config.skip_client_auth() => {}
+        None if config.jwt.force => {}
+        None => log::info!("auth: readers without a JWT are not authenticated (no rpc.host): reads are open"),
+    }
+    if http::allows_credentials(config) {
+        log::info!("CORS: credentials (cookies) allowed from {}", config.server.allowed_origins);
+    }
     if config.effective_broadcast_key().is_none() {
         log::warn!(
             "{} is OPEN: no broadcast_key or secret is set, anyone who can reach it can publish",

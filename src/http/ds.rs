@@ -96,7 +96,7 @@ async fn read(
     mode: Mode,
     head: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let access = authorize(state, req, query, &stream)?;
+    let access = authorize(state, req, query, &stream).await?;
     if head {
         let storage = state.storage.clone();
         let tail = blocking(move || storage.tail(&stream)).await?;

@@ -33,13 +33,26 @@ pub struct AppState {
     live_readers: Arc<std::sync::atomic::AtomicU64>,
     /// The `Vary` value of credentialed reads: the request headers that carry credentials.
     credential_headers: Arc<str>,
+    /// The application's RPC, when it authenticates readers.
+    rpc: Option<crate::rpc::Rpc>,
 }
 
 impl AppState {
-    pub fn new(storage: Storage, config: Arc<Config>, shutdown: CancellationToken) -> AppState {
+    pub fn new(
+        storage: Storage,
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+        rpc: Option<crate::rpc::Rpc>,
+    ) -> AppState {
         let broadcast_key = config.effective_broadcast_key().map(Arc::from);
         let jwt_header: Arc<str> = Arc::from(format!("x-{}", config.jwt.param.to_ascii_lowercase()));
-        let credential_headers = Arc::from(format!("X-Signed, {}", canonical_header_name(&jwt_header)));
+        let mut credential_headers = vec!["X-Signed".to_string(), canonical_header_name(&jwt_header)];
+        if rpc.is_some() {
+            // What the application is shown decides the read too (Cookie, by default).
+            credential_headers
+                .extend(config.rpc.proxy_headers.split(',').filter(|h| !h.is_empty()).map(canonical_header_name));
+        }
+        let credential_headers = Arc::from(credential_headers.join(", "));
         AppState {
             storage,
             config,
@@ -48,6 +61,7 @@ impl AppState {
             shutdown,
             live_readers: Arc::default(),
             credential_headers,
+            rpc,
         }
     }
 
@@ -135,6 +149,18 @@ impl ResponseError for ApiError {
 impl From<InvalidStreamName> for ApiError {
     fn from(e: InvalidStreamName) -> Self {
         ApiError::bad_request(e.to_string())
+    }
+}
+
+impl From<crate::rpc::RpcError> for ApiError {
+    fn from(e: crate::rpc::RpcError) -> Self {
+        match e {
+            crate::rpc::RpcError::Rejected(e) => ApiError::from(e),
+            crate::rpc::RpcError::Unavailable => {
+                crate::metrics::get().auth_failures.with_label_values(&["auth_unavailable"]).inc();
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable")
+            }
+        }
     }
 }
 
@@ -251,15 +277,22 @@ pub enum Access {
 }
 
 /// Client authentication, then stream authorization (spec §6).
-fn authorize(
+///
+/// The checks that need nothing but this request (JWT, signed stream name) run first; the
+/// call to the application runs last, only for a read that would otherwise be allowed. The
+/// answer is the same as in the spec's order except when both fail: a read of a stream it may
+/// not read gets its `401` without a call (and so without a `503` when the application is
+/// down), and nobody can make us call the application with junk requests.
+async fn authorize(
     state: &AppState,
     req: &HttpRequest,
     query: &crate::query::Query,
     stream: &str,
-) -> Result<Access, AuthError> {
+) -> Result<Access, ApiError> {
     let config = &state.config;
     let mut access = Access::Public;
-    if !config.skip_client_auth() {
+    let mut authenticated = config.skip_client_auth();
+    if !authenticated {
         if let Some(secret) = config.effective_jwt_secret() {
             let token = header_value(req, &state.jwt_header).or_else(|| query.get(&config.jwt.param));
             match token {
@@ -267,8 +300,9 @@ fn authorize(
                     let identity = auth::verify_jwt(secret, token)?;
                     log::debug!("authenticated client {:?} for stream {stream:?}", identity.identifiers);
                     access = Access::Private;
+                    authenticated = true;
                 }
-                None if config.jwt.force => return Err(AuthError::Unauthorized),
+                None if config.jwt.force => return Err(AuthError::Unauthorized.into()),
                 None => {}
             }
         }
@@ -280,9 +314,23 @@ fn authorize(
             access = Access::Private;
         }
         _ if config.public_streams() => {}
-        _ => return Err(AuthError::Unauthorized),
+        _ => return Err(AuthError::Unauthorized.into()),
+    }
+    if let (false, Some(rpc)) = (authenticated, &state.rpc) {
+        let env = rpc.env(request_url(req), req.headers(), req.peer_addr().map(|a| a.ip()));
+        let identifiers = rpc.authenticate(env).await?;
+        log::debug!("application authenticated client {identifiers:?} for stream {stream:?}");
+        access = Access::Private;
     }
     Ok(access)
+}
+
+/// The full URL of a request, as AnyCable gives it to the application: `http://` (this
+/// server does not terminate TLS), the `Host` the client asked for, the path and query as sent.
+fn request_url(req: &HttpRequest) -> String {
+    let host = header_value(req, "host").unwrap_or_else(|| req.app_config().host());
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{host}{path}")
 }
 
 /// `x-jid` → `X-Jid`, for headers we name in responses.
@@ -294,6 +342,29 @@ fn canonical_header_name(name: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("-")
+}
+
+/// Whether browsers may send credentials (cookies) to this server: only when
+/// `server.allowed_origins` lists origins. With an empty list ("any origin") every page on the
+/// web could read a logged-in user's streams (spec §7).
+pub fn allows_credentials(config: &Config) -> bool {
+    !config.server.allowed_origins.trim().is_empty()
+}
+
+/// `Access-Control-Allow-Credentials: true` on responses that name an allowed origin, so a
+/// page there can read with its cookies (RPC authentication). Installed only when
+/// [`allows_credentials`]; actix-cors would add the header to every response, those to
+/// origins it refused included, so it is added here instead.
+pub async fn credentials(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let mut response = next.call(req).await?;
+    let headers = response.headers_mut();
+    if headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
 
 /// Headers on every response, errors included (spec §5).

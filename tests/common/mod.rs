@@ -2,6 +2,8 @@
 //! directory, and talks HTTP to it.
 #![allow(dead_code)]
 
+pub mod app;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -168,6 +168,7 @@ async fn readers_that_start_from_an_expired_stream_get_the_next_message() {
     assert_eq!(messages, [json!({"n": 3})]);
     assert_eq!(seq_of(&next), 3);
     assert_eq!(sse_reader.await.unwrap(), json!([{"n": 3}]));
-    let (messages, _, _) = server.read("live", &start).await;
-    assert_eq!(messages, [json!({"n": 3})]);
+    // (No catch-up from `start` here: with a 1 s TTL, message 3 may already be deleted by
+    // then, and a 410 for a reader that missed it is the right answer. It failed that way on
+    // a loaded machine.)
 }

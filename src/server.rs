@@ -198,6 +198,9 @@ fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]
                 config.rpc.request_timeout,
                 config.rpc.concurrency,
             );
+            if config.jwt.force {
+                log::warn!("jwt.force refuses every reader without a JWT: the application (rpc.host) is never asked");
+            }
             if config.effective_rpc_secret().is_none() {
                 log::warn!("RPC calls carry no secret (set rpc.secret or secret): the application cannot tell them from anyone's");
             }

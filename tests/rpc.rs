@@ -85,6 +85,31 @@ async fn the_call_is_the_one_anycable_makes() {
 }
 
 #[tokio::test]
+async fn hostile_header_values_reach_the_application_intact_or_not_at_all() {
+    let app = RpcApp::start();
+    let dir = temp_dir();
+    let server = start(dir.path(), &app, &[]);
+    // Quotes, backslashes, braces and a JSON-looking escape: passed on as the same text.
+    let tricky = r#"session=good"\{}\u0000; x="a;b""#;
+    let response = get(&server, "a?offset=-1", Some(tricky)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(app.calls()[0].env_headers()["cookie"], tricky);
+    // Bytes that are not text: left out (the application sees no cookie and refuses).
+    let response = server
+        .client
+        .get(server.ds("a?offset=-1"))
+        .header("cookie", reqwest::header::HeaderValue::from_bytes(b"session=good\xff\xfe").unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(response).await, (401, "unauthorized".into()));
+    assert_eq!(app.calls()[1].env_headers(), json!({"REMOTE_ADDR": "127.0.0.1"}));
+    // An empty or whitespace cookie is no cookie.
+    let response = get(&server, "a?offset=-1", Some(" ")).await;
+    assert_eq!(response.status(), 401);
+}
+
+#[tokio::test]
 async fn an_explicit_rpc_secret_wins_over_the_derived_one() {
     let app = RpcApp::start();
     let dir = temp_dir();
@@ -198,6 +223,10 @@ async fn an_application_that_cannot_answer_is_a_quick_503() {
     check("HTTP 500").await;
     app.set_mode(Mode::StatusError);
     check("status ERROR").await;
+    app.set_mode(Mode::Garbage);
+    check("an answer that is not JSON").await;
+    app.set_mode(Mode::Huge);
+    check("an answer over 1 MiB").await;
     app.set_mode(Mode::Normal);
     app.set_delay(Duration::from_secs(3));
     check("slower than rpc.request_timeout").await;

@@ -24,6 +24,10 @@ pub enum Mode {
     Http500,
     /// HTTP 200 with `status: ERROR`.
     StatusError,
+    /// HTTP 200 with a body that is not JSON.
+    Garbage,
+    /// HTTP 200 with a 2 MiB JSON body.
+    Huge,
 }
 
 /// One call as the application received it.
@@ -128,6 +132,8 @@ async fn connect(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) 
     match mode {
         Mode::Http500 => HttpResponse::InternalServerError().body("<html>boom</html>"),
         Mode::StatusError => HttpResponse::Ok().json(json!({"status": 0, "error_msg": "Internal error"})),
+        Mode::Garbage => HttpResponse::Ok().content_type("application/json").body("<html>{\"status\":1"),
+        Mode::Huge => HttpResponse::Ok().json(json!({"status": 1, "pad": "x".repeat(2 << 20)})),
         Mode::Normal => {
             let session = cookie.split(';').map(str::trim).find_map(|pair| pair.strip_prefix("session="));
             let answer = match session {

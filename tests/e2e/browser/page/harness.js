@@ -14,7 +14,7 @@ function describe(err) {
   };
 }
 
-function options({ url, offset = "-1", live = false, headers, params, maxRetries, signal }) {
+function options({ url, offset = "-1", live = false, headers, params, maxRetries, signal, credentials }) {
   return {
     url,
     offset,
@@ -26,6 +26,9 @@ function options({ url, offset = "-1", live = false, headers, params, maxRetries
     warnOnHttp: false,
     // The client retries network errors forever by default; a CORS refusal is one.
     backoffOptions: maxRetries === undefined ? undefined : { ...BackoffDefaults, maxRetries },
+    // `credentials: "include"`: the client's requests carry the page's cookies cross-origin
+    // (the client has no such option; its `fetch` option is the way in).
+    ...(credentials ? { fetch: (input, init) => fetch(input, { ...init, credentials }) } : {}),
   };
 }
 
@@ -44,10 +47,13 @@ window.ds = {
     }
   },
 
-  /** A plain `fetch` (default cache mode: the browser's HTTP cache is in play). */
-  async fetch(url, { headers, cache } = {}) {
+  /**
+   * A plain `fetch` (default cache mode: the browser's HTTP cache is in play; `credentials`
+   * as fetch's, e.g. "include" to send the page's cookies cross-origin).
+   */
+  async fetch(url, { headers, cache, credentials } = {}) {
     try {
-      const res = await fetch(url, { headers, cache });
+      const res = await fetch(url, { headers, cache, credentials });
       const text = await res.text();
       let body = text;
       try {
@@ -99,9 +105,12 @@ window.ds = {
     state.controller.abort();
   },
 
-  /** Opens a native EventSource and records its `data` events, opens and errors. */
-  eventSource(id, url) {
-    const es = new EventSource(url);
+  /**
+   * Opens a native EventSource and records its `data` events, opens and errors. `init` is
+   * EventSource's, e.g. { withCredentials: true } to send the page's cookies cross-origin.
+   */
+  eventSource(id, url, init) {
+    const es = new EventSource(url, init);
     const state = { es, messages: [], ids: [], events: 0, opens: 0, errors: 0, controls: 0, log: [] };
     eventSources[id] = state;
     es.addEventListener("open", () => {

@@ -5,7 +5,7 @@
 //! cargo bench --bench rpc_bench -- latency --conns 32 --requests 20000
 //! cargo bench --bench rpc_bench -- reconnects --readers 1000 --seconds 180
 //! cargo bench --bench rpc_bench -- reconnects --readers 1000 --seconds 180 --cache-ttl 300
-//! cargo bench --bench rpc_bench -- latency --app-url http://127.0.0.1:3000/_anycable   # your app
+//! cargo bench --bench rpc_bench -- latency --app-url http://127.0.0.1:3000/_anycable --rpc-secret S  # your app
 //! ```
 //!
 //! The application is, unless `--app-url` names another, an in-process stand-in (actix-web on
@@ -34,6 +34,7 @@ struct Options {
     cache_ttl: u64,
     sse_ttl: u64,
     app_url: Option<String>,
+    rpc_secret: Option<String>,
     bin: String,
 }
 
@@ -48,6 +49,7 @@ fn parse_options() -> Options {
         cache_ttl: 0,
         sse_ttl: 60,
         app_url: None,
+        rpc_secret: None,
         bin: concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/anycable-ds").into(),
     };
     while let Some(arg) = args.next() {
@@ -60,6 +62,7 @@ fn parse_options() -> Options {
             "--cache-ttl" => options.cache_ttl = value().parse().unwrap(),
             "--sse-ttl" => options.sse_ttl = value().parse().unwrap(),
             "--app-url" => options.app_url = Some(value()),
+            "--rpc-secret" => options.rpc_secret = Some(value()),
             "--server-bin" => options.bin = value(),
             workload if !workload.starts_with("--") && options.workload.is_empty() => {
                 options.workload = workload.into()
@@ -204,15 +207,18 @@ fn client(pool: usize) -> reqwest::Client {
 }
 
 /// Long-polls that answer at once (a message is there), sequentially (`--conns 1`) or from
-/// `--conns` clients: open, with RPC, with RPC and the cache.
+/// `--conns` clients: open, with RPC, with RPC and the cache. Client `c` sends the cookie
+/// `session=reader-{c}`.
 async fn latency(options: &Options) {
     let app = App::start();
     let app_url = options.app_url.clone().unwrap_or_else(|| app.url.clone());
-    let setups: [(&str, Vec<String>); 3] = [
-        ("open (no authentication)", vec![]),
-        ("RPC", vec!["--rpc_host".into(), app_url.clone()]),
-        ("RPC + cache 60 s", vec!["--rpc_host".into(), app_url.clone(), "--rpc_cache_ttl".into(), "60".into()]),
-    ];
+    let mut rpc = vec!["--rpc_host".to_string(), app_url];
+    if let Some(secret) = &options.rpc_secret {
+        rpc.extend(["--http_rpc_secret".into(), secret.clone()]);
+    }
+    let cached = [rpc.clone(), vec!["--rpc_cache_ttl".into(), "60".into()]].concat();
+    let setups: [(&str, Vec<String>); 3] =
+        [("open (no authentication)", vec![]), ("RPC", rpc), ("RPC + cache 60 s", cached)];
     println!("long-polls answered at once, {} requests, {} connection(s)", options.requests, options.conns);
     println!(
         "{:<26} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10}",

@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod config;
 pub mod cursor;
+pub mod engine;
 pub mod http;
 pub mod hub;
 pub mod ingest;

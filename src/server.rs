@@ -49,7 +49,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let shutdown = CancellationToken::new();
     // Validated with the configuration already; an error here is the HTTP client's own.
     let rpc = crate::rpc::Rpc::from_config(&config).map_err(ServeError::Rpc)?;
-    let state = AppState::new(storage.clone(), config.clone(), shutdown.clone(), rpc);
+    let engine = crate::engine::Engine::Sled(storage.clone());
+    let state = AppState::new(engine.clone(), config.clone(), shutdown.clone(), rpc);
 
     http::watchdog::start(Duration::from_secs(config.server.write_timeout));
     http::body::init(usize::try_from(config.ds.max_unsent_bytes).unwrap_or(usize::MAX));
@@ -104,7 +105,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         handle.stop(true).await;
     });
     running.await?;
-    storage.close()?;
+    engine.close()?;
     log::info!("stopped");
     Ok(())
 }

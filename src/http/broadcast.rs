@@ -59,8 +59,7 @@ pub async fn handle(
         let context = format!("broadcast to {streams:?} not stored");
         // Hands the messages to the writer thread (no blocking here) and waits for the group
         // flush that makes them durable.
-        let pending = state.storage.append(broadcast.stored).map_err(|e| ApiError::unavailable(&e, &context))?;
-        pending.durable().await.map_err(|e| ApiError::unavailable(&e, &context))?;
+        state.engine.append(broadcast.stored).await.map_err(|e| ApiError::unavailable(&e, &context))?;
     }
     deliver_transient(&state, broadcast.transient);
     let m = metrics::get();
@@ -88,6 +87,6 @@ fn deliver_transient(state: &AppState, messages: Vec<crate::storage::NewMessage>
     }
     for (stream, mut body) in bodies {
         body.push(b']');
-        state.storage.hub().push_transient(&stream, body.into());
+        state.engine.deliver_transient(&stream, body.into());
     }
 }

@@ -17,13 +17,14 @@ use tokio::time::Instant;
 
 use super::body::{self, SlicedBody};
 use super::watchdog::{self, ConnSocket};
-use super::{authorize, blocking, Access, ApiError, AppState};
+use super::{authorize, Access, ApiError, AppState};
 use crate::cursor;
+use crate::engine::Engine;
 use crate::hub::{Subscription, Transient};
 use crate::metrics::{self, GaugeGuard};
 use crate::offset::{Offset, Position};
 use crate::query;
-use crate::storage::{Chunk, ReadError, Storage};
+use crate::storage::{Chunk, ReadError};
 use crate::streams::stream_from_path;
 use std::sync::Arc;
 
@@ -98,8 +99,7 @@ async fn read(
 ) -> Result<HttpResponse, ApiError> {
     let access = authorize(state, req, query, &stream).await?;
     if head {
-        let storage = state.storage.clone();
-        let tail = blocking(move || storage.tail(&stream)).await?;
+        let tail = state.engine.tail(&stream).await.map_err(|e| ApiError::from(ReadError::from(e)))?;
         return Ok(HttpResponse::Ok()
             .content_type("application/json")
             .insert_header(("Stream-Next-Offset", tail.token()))
@@ -136,18 +136,9 @@ async fn read(
     }
 }
 
-/// Reads a chunk: from memory when possible (a cached chunk of a known stream), else on the
-/// blocking pool.
-async fn read_chunk(storage: &Storage, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ApiError> {
-    if let Some(result) = storage.read_from_memory(stream, offset, max_bytes) {
-        return result.map_err(|e| read_error(e, stream));
-    }
-    let reader = storage.clone();
-    let name = stream.to_string();
-    match web::block(move || reader.read(&name, offset, max_bytes)).await {
-        Ok(result) => result.map_err(|e| read_error(e, stream)),
-        Err(_) => Err(ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
-    }
+/// Reads a chunk of the stream after `offset`.
+async fn read_chunk(engine: &Engine, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ApiError> {
+    engine.read(stream, offset, max_bytes).await.map_err(|e| read_error(e, stream))
 }
 
 fn read_error(error: ReadError, stream: &str) -> ApiError {
@@ -158,7 +149,7 @@ fn read_error(error: ReadError, stream: &str) -> ApiError {
 }
 
 async fn catch_up(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiError> {
-    let chunk = read_chunk(&read.state.storage, &read.stream, read.offset, read.max_bytes).await?;
+    let chunk = read_chunk(&read.state.engine, &read.stream, read.offset, read.max_bytes).await?;
     if read.offset == Offset::Now {
         // The tail, never cached: it moves.
         return Ok(HttpResponse::Ok()
@@ -232,8 +223,8 @@ async fn long_poll(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiErr
     let state = &read.state;
     let _slot = state.live_slot()?;
     // Subscribe before the first read: nothing appended after this point can be missed.
-    let mut subscription = state.storage.hub().subscribe(&read.stream);
-    let mut chunk = read_chunk(&state.storage, &read.stream, read.offset, read.max_bytes).await?;
+    let mut subscription = state.engine.hub().subscribe(&read.stream);
+    let mut chunk = read_chunk(&state.engine, &read.stream, read.offset, read.max_bytes).await?;
     if chunk.count == 0 {
         let _waiting = GaugeGuard::new(&metrics::get().poll_clients);
         let deadline = Instant::now() + Duration::from_secs(state.config.ds.poll_interval);
@@ -245,7 +236,7 @@ async fn long_poll(req: &HttpRequest, read: Read) -> Result<HttpResponse, ApiErr
                 _ = state.shutdown.cancelled() => return Ok(poll_timeout(&read, position)),
             }
             let transient = subscription.take_transient();
-            chunk = read_chunk(&state.storage, &read.stream, Offset::At(position), read.max_bytes).await?;
+            chunk = read_chunk(&state.engine, &read.stream, Offset::At(position), read.max_bytes).await?;
             if !transient.is_empty() {
                 return Ok(with_transient(&read, chunk, &transient));
             }
@@ -296,10 +287,10 @@ async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
     metrics::get().sse_requests.inc();
     let state = read.state.clone();
     let slot = state.live_slot()?;
-    let subscription = state.storage.hub().subscribe(&read.stream);
+    let subscription = state.engine.hub().subscribe(&read.stream);
     // The first read happens before the response starts, so a bad or gone offset still gets
     // its proper status code.
-    let first = read_chunk(&state.storage, &read.stream, read.offset, read.max_bytes).await?;
+    let first = read_chunk(&state.engine, &read.stream, read.offset, read.max_bytes).await?;
     let now = Instant::now();
     let deadline = now + Duration::from_secs(state.config.ds.sse_ttl);
     // The TTL is enforced from outside too: a client that stops reading stops actix from
@@ -307,7 +298,7 @@ async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
     let watch = watchdog::watch(read.socket, "sse", Some(deadline.into_std()));
     let sse = SseStream {
         cursor: cursor::next_cursor(read.cursor.as_deref()).parse().unwrap_or(0),
-        storage: state.storage.clone(),
+        engine: state.engine.clone(),
         shutdown: state.shutdown.clone(),
         deadline,
         next_ping: now + SSE_PING_INTERVAL,
@@ -339,7 +330,7 @@ async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
 /// The state of one SSE response. Dropping it (the client went away, the TTL passed, or the
 /// server is stopping) drops the hub subscription and the open-connections gauge with it.
 struct SseStream {
-    storage: Storage,
+    engine: Engine,
     stream: String,
     subscription: Subscription,
     shutdown: tokio_util::sync::CancellationToken,
@@ -437,7 +428,7 @@ impl SseStream {
     /// Reads after the current position; `None` ends the response (the client reconnects from
     /// its last offset and gets a proper status for whatever went wrong).
     async fn read(&self) -> Option<Chunk> {
-        match read_chunk(&self.storage, &self.stream, Offset::At(self.position), self.max_bytes).await {
+        match read_chunk(&self.engine, &self.stream, Offset::At(self.position), self.max_bytes).await {
             Ok(chunk) => Some(chunk),
             Err(e) => {
                 log::warn!("SSE read of stream {:?} failed: {e}", self.stream);

@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, AuthError};
 use crate::config::Config;
-use crate::storage::{ReadError, Storage, StorageError};
+use crate::engine::Engine;
+use crate::storage::{ReadError, StorageError};
 use crate::streams::InvalidStreamName;
 
 /// Everything a request handler needs; cheap to clone (one `Arc` per field).
 #[derive(Clone)]
 pub struct AppState {
-    pub storage: Storage,
+    pub engine: Engine,
     pub config: Arc<Config>,
     /// The broadcast bearer key, resolved once at start.
     broadcast_key: Option<Arc<str>>,
@@ -39,7 +40,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(
-        storage: Storage,
+        engine: Engine,
         config: Arc<Config>,
         shutdown: CancellationToken,
         rpc: Option<crate::rpc::Rpc>,
@@ -54,7 +55,7 @@ impl AppState {
         }
         let credential_headers = Arc::from(credential_headers.join(", "));
         AppState {
-            storage,
+            engine,
             config,
             broadcast_key,
             jwt_header,
@@ -168,20 +169,6 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         crate::metrics::get().auth_failures.with_label_values(&[e.code()]).inc();
         ApiError::new(StatusCode::UNAUTHORIZED, e.code())
-    }
-}
-
-/// Runs a blocking storage call on actix's blocking pool, off the async workers.
-async fn blocking<T, E, F>(f: F) -> Result<T, ApiError>
-where
-    F: FnOnce() -> Result<T, E> + Send + 'static,
-    T: Send + 'static,
-    E: Into<ReadError> + Send + 'static,
-{
-    match web::block(f).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(ApiError::from(e.into())),
-        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
     }
 }
 

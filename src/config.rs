@@ -46,6 +46,7 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub jwt: JwtConfig,
     pub rpc: RpcConfig,
+    pub nats: NatsConfig,
     pub http_broadcast: HttpBroadcastConfig,
     pub metrics: MetricsConfig,
     pub logging: LoggingConfig,
@@ -94,6 +95,9 @@ pub struct DsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
+    /// Where the log lives: `sled` (embedded, this node) or `nats` (NATS JetStream, shared by
+    /// every node: cluster mode).
+    pub adapter: String,
     /// Messages kept per stream; 0 = unlimited.
     pub history_limit: u64,
     /// Seconds a message is kept; 0 = unlimited.
@@ -132,6 +136,35 @@ pub struct JwtConfig {
     pub secret: Option<String>,
     pub param: String,
     pub force: bool,
+}
+
+/// Cluster mode: the log in NATS JetStream (`broker.adapter = "nats"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// NATS server URLs, comma-separated.
+    pub servers: String,
+    /// Replicas of the JetStream stream (1, 3 or 5 in practice).
+    pub replicas: u64,
+    /// Name of the JetStream stream; two deployments on one NATS use two names.
+    pub stream: String,
+    /// Seconds a broadcast waits for JetStream's acknowledgement before answering 503.
+    pub publish_timeout: u64,
+    /// Apply this node's retention and replicas to an existing stream that has others,
+    /// instead of refusing to start (for rolling changes).
+    pub update_stream: bool,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: "nats://127.0.0.1:4222".into(),
+            replicas: 3,
+            stream: "ANYCABLE_DS".into(),
+            publish_timeout: 5,
+            update_stream: false,
+        }
+    }
 }
 
 /// Authentication of readers by the application over AnyCable's HTTP RPC (`connect`).
@@ -207,7 +240,7 @@ impl Default for DsConfig {
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { history_limit: 100, history_ttl: 300 }
+        BrokerConfig { adapter: "sled".into(), history_limit: 100, history_ttl: 300 }
     }
 }
 
@@ -334,6 +367,25 @@ pub struct Cli {
     #[arg(long = "ds_max_transient_bytes", env = "ANYCABLE_DS_MAX_TRANSIENT_BYTES")]
     pub ds_max_transient_bytes: Option<u64>,
 
+    /// Log engine: sled (embedded) or nats (NATS JetStream, cluster mode) (broker.adapter) [default: sled]
+    #[arg(long = "broker", env = "ANYCABLE_BROKER")]
+    pub broker: Option<String>,
+    /// NATS server URLs, comma-separated (nats.servers) [default: nats://127.0.0.1:4222]
+    #[arg(long = "nats_servers", env = "ANYCABLE_NATS_SERVERS")]
+    pub nats_servers: Option<String>,
+    /// Replicas of the JetStream stream, 1..=5 (nats.replicas) [default: 3]
+    #[arg(long = "nats_replicas", env = "ANYCABLE_NATS_REPLICAS")]
+    pub nats_replicas: Option<u64>,
+    /// Name of the JetStream stream (nats.stream) [default: ANYCABLE_DS]
+    #[arg(long = "nats_stream", env = "ANYCABLE_NATS_STREAM")]
+    pub nats_stream: Option<String>,
+    /// Seconds a broadcast waits for JetStream, 1..=60 (nats.publish_timeout) [default: 5]
+    #[arg(long = "nats_publish_timeout", env = "ANYCABLE_NATS_PUBLISH_TIMEOUT")]
+    pub nats_publish_timeout: Option<u64>,
+    /// Apply this node's retention and replicas to an existing stream (nats.update_stream) [default: false]
+    #[arg(long = "nats_update_stream", env = "ANYCABLE_NATS_UPDATE_STREAM", num_args = 0..=1, default_missing_value = "true")]
+    pub nats_update_stream: Option<bool>,
+
     /// Messages kept per stream, 0 = unlimited (broker.history_limit) [default: 100]
     #[arg(long = "history_limit", env = "ANYCABLE_HISTORY_LIMIT")]
     pub history_limit: Option<u64>,
@@ -450,6 +502,12 @@ impl Cli {
         push(&mut out, "ds.max_live_readers", &self.ds_max_live_readers);
         push(&mut out, "ds.max_unsent_bytes", &self.ds_max_unsent_bytes);
         push(&mut out, "ds.max_transient_bytes", &self.ds_max_transient_bytes);
+        push(&mut out, "broker.adapter", &self.broker);
+        push(&mut out, "nats.servers", &self.nats_servers);
+        push(&mut out, "nats.replicas", &self.nats_replicas);
+        push(&mut out, "nats.stream", &self.nats_stream);
+        push(&mut out, "nats.publish_timeout", &self.nats_publish_timeout);
+        push(&mut out, "nats.update_stream", &self.nats_update_stream);
         push(&mut out, "broker.history_limit", &self.history_limit);
         push(&mut out, "broker.history_ttl", &self.history_ttl);
         push(&mut out, "storage.data_dir", &path_str(&self.data_dir));
@@ -593,6 +651,8 @@ impl Config {
             ("rpc.request_timeout", self.rpc.request_timeout, 1..=600_000, " ms"),
             ("rpc.concurrency", self.rpc.concurrency, 1..=10_000, ""),
             ("rpc.cache_ttl", self.rpc.cache_ttl, 0..=3600, " seconds (0 = off)"),
+            ("nats.replicas", self.nats.replicas, 1..=5, ""),
+            ("nats.publish_timeout", self.nats.publish_timeout, 1..=60, " seconds"),
         ];
         for (key, value, range, unit) in ranges {
             in_range(key, value, range, unit)?;
@@ -604,6 +664,21 @@ impl Config {
         }
         if self.jwt.force && self.effective_jwt_secret().is_none() {
             return bad("jwt.force", "needs a JWT secret (jwt.secret or secret; jwt.secret = \"none\" turns JWT off)");
+        }
+        if !matches!(self.broker.adapter.as_str(), "sled" | "nats") {
+            return bad(
+                "broker.adapter",
+                &format!("must be sled (embedded) or nats (cluster), not {:?}", self.broker.adapter),
+            );
+        }
+        if self.broker.adapter == "nats" && self.nats.servers.split(',').all(|s| s.trim().is_empty()) {
+            return bad("nats.servers", "must name at least one NATS server (nats://host:4222)");
+        }
+        if self.nats.stream.is_empty()
+            || self.nats.stream.len() > 128
+            || !self.nats.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return bad("nats.stream", "must be 1 to 128 letters, digits, '-' or '_' (a JetStream stream name)");
         }
         if let Some(host) = &self.rpc.host {
             if let Err(why) = crate::rpc::connect_url(host) {

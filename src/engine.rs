@@ -10,6 +10,7 @@
 
 use bytes::Bytes;
 
+use crate::cluster::Cluster;
 use crate::hub::Hub;
 use crate::offset::{Epoch, Offset, Position};
 use crate::storage::{Chunk, NewMessage, ReadError, Storage, StorageError};
@@ -18,6 +19,7 @@ use crate::storage::{Chunk, NewMessage, ReadError, Storage, StorageError};
 #[derive(Clone)]
 pub enum Engine {
     Sled(Storage),
+    Nats(Cluster),
 }
 
 /// Whether the engine can serve reads and writes now (`/health`).
@@ -33,6 +35,7 @@ impl Engine {
     pub fn hub(&self) -> &Hub {
         match self {
             Engine::Sled(storage) => storage.hub(),
+            Engine::Nats(cluster) => cluster.hub(),
         }
     }
 
@@ -40,6 +43,7 @@ impl Engine {
     pub fn epoch(&self) -> Epoch {
         match self {
             Engine::Sled(storage) => storage.epoch(),
+            Engine::Nats(cluster) => cluster.epoch(),
         }
     }
 
@@ -47,6 +51,7 @@ impl Engine {
     pub async fn append(&self, messages: Vec<NewMessage>) -> Result<(), StorageError> {
         match self {
             Engine::Sled(storage) => storage.append(messages)?.durable().await,
+            Engine::Nats(cluster) => cluster.append(messages).await,
         }
     }
 
@@ -57,6 +62,7 @@ impl Engine {
                 let (storage, stream) = (storage.clone(), stream.to_string());
                 blocking(move || storage.tail(&stream)).await?
             }
+            Engine::Nats(cluster) => cluster.tail(stream).await,
         }
     }
 
@@ -72,6 +78,7 @@ impl Engine {
                 let (storage, stream) = (storage.clone(), stream.to_string());
                 blocking(move || storage.read(&stream, offset, max_bytes)).await?
             }
+            Engine::Nats(cluster) => cluster.read(stream, offset, max_bytes).await,
         }
     }
 
@@ -79,6 +86,7 @@ impl Engine {
     pub fn deliver_transient(&self, stream: &str, body: Bytes) {
         match self {
             Engine::Sled(storage) => storage.hub().push_transient(stream, body),
+            Engine::Nats(cluster) => cluster.deliver_transient(stream, body),
         }
     }
 
@@ -86,6 +94,8 @@ impl Engine {
         match self {
             Engine::Sled(storage) if storage.is_writable() => Health::Ready,
             Engine::Sled(_) => Health::NotReady("storage_failed"),
+            Engine::Nats(cluster) if cluster.ready() => Health::Ready,
+            Engine::Nats(_) => Health::NotReady("nats_unavailable"),
         }
     }
 
@@ -104,13 +114,18 @@ impl Engine {
                 let size = blocking(move || storage.size_on_disk()).await.unwrap_or(0);
                 m.storage_bytes.set(size as i64);
             }
+            Engine::Nats(_) => {}
         }
     }
 
     /// Stops the engine's background work and makes everything acknowledged durable.
-    pub fn close(&self) -> Result<(), StorageError> {
+    pub async fn close(&self) -> Result<(), StorageError> {
         match self {
             Engine::Sled(storage) => storage.close(),
+            Engine::Nats(cluster) => {
+                cluster.close().await;
+                Ok(())
+            }
         }
     }
 }

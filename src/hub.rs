@@ -147,6 +147,21 @@ impl Hub {
     }
 
     /// Number of streams somebody is waiting on.
+    /// The newest tail published for `stream` while it is watched (0 when unwatched).
+    pub fn tail(&self, stream: &str) -> u64 {
+        let streams = self.streams.lock().expect("hub lock");
+        streams.get(stream).map_or(0, |sender| sender.borrow().tail)
+    }
+
+    /// Wakes every subscriber of every stream: each re-reads from its own offset (after a
+    /// reconnect to a shared log, when wake-ups may have been lost).
+    pub fn wake_all(&self) {
+        let streams = self.streams.lock().expect("hub lock");
+        for sender in streams.values() {
+            sender.send_modify(|_| {});
+        }
+    }
+
     pub fn streams_watched(&self) -> usize {
         self.streams.lock().expect("hub lock").len()
     }

@@ -13,6 +13,7 @@
 //! - [`metrics`], [`cursor`], [`streams`]: small helpers.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod cursor;
 pub mod engine;

@@ -7,6 +7,7 @@ use actix_web::{App, HttpServer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::storage::{Retention, Storage, StorageError, StorageOptions};
@@ -21,6 +22,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Rpc(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ConnectError),
 }
 
 pub fn storage_options(config: &Config) -> StorageOptions {
@@ -41,15 +44,22 @@ pub fn storage_options(config: &Config) -> StorageOptions {
 /// Runs the server until a signal stops it. Must run inside an actix system.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
-    let storage = Storage::open(
-        &config.storage.data_dir,
-        storage_options(&config),
-        Hub::new(usize::try_from(config.ds.max_transient_bytes).unwrap_or(usize::MAX)),
-    )?;
+    let hub = Hub::new(usize::try_from(config.ds.max_transient_bytes).unwrap_or(usize::MAX));
+    let engine = match config.broker.adapter.as_str() {
+        "nats" => {
+            log::info!(
+                "cluster mode: log in NATS JetStream stream {} at {} ({} replica(s)); storage.data_dir is not used",
+                config.nats.stream,
+                config.nats.servers,
+                config.nats.replicas
+            );
+            Engine::Nats(crate::cluster::Cluster::connect(&config, hub).await?)
+        }
+        _ => Engine::Sled(Storage::open(&config.storage.data_dir, storage_options(&config), hub)?),
+    };
     let shutdown = CancellationToken::new();
     // Validated with the configuration already; an error here is the HTTP client's own.
     let rpc = crate::rpc::Rpc::from_config(&config).map_err(ServeError::Rpc)?;
-    let engine = crate::engine::Engine::Sled(storage.clone());
     let state = AppState::new(engine.clone(), config.clone(), shutdown.clone(), rpc);
 
     http::watchdog::start(Duration::from_secs(config.server.write_timeout));
@@ -91,7 +101,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let addresses = server.addrs();
     let running = server.run();
 
-    banner(&config, &storage, &addresses);
+    banner(&config, &engine, &addresses);
     log::info!("{workers} worker(s), at most {max_connections} connections");
 
     let handle = running.handle();
@@ -105,7 +115,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         handle.stop(true).await;
     });
     running.await?;
-    engine.close()?;
+    engine.close().await?;
     log::info!("stopped");
     Ok(())
 }
@@ -134,19 +144,22 @@ async fn wait_for_signal() {
     }
 }
 
-fn banner(config: &Config, storage: &Storage, addresses: &[std::net::SocketAddr]) {
+fn banner(config: &Config, engine: &Engine, addresses: &[std::net::SocketAddr]) {
     log::info!("anycable-ds {}", env!("CARGO_PKG_VERSION"));
     for address in addresses {
         log::info!("Listening on http://{address}");
         log::info!("  Durable Streams reads at http://{address}{}/{{stream}}", config.ds.path);
         log::info!("  broadcasts at http://{address}{}", config.http_broadcast.path);
     }
-    log::info!(
-        "data directory {} (epoch {}, storage layout {})",
-        config.storage.data_dir.display(),
-        storage.epoch(),
-        crate::storage::CURRENT_LAYOUT
-    );
+    match engine {
+        Engine::Sled(storage) => log::info!(
+            "data directory {} (epoch {}, storage layout {})",
+            config.storage.data_dir.display(),
+            storage.epoch(),
+            crate::storage::CURRENT_LAYOUT
+        ),
+        Engine::Nats(cluster) => log::info!("JetStream stream {} (epoch {})", config.nats.stream, cluster.epoch()),
+    }
     let unlimited = |v: u64, unit: &str| {
         if v == 0 {
             "unlimited".to_string()

@@ -118,11 +118,22 @@ impl ApiError {
 
     /// Logs server-side failures (the client only learns the kind).
     fn unavailable(error: &StorageError, context: &str) -> ApiError {
-        if let StorageError::Busy = error {
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many broadcasts waiting to be written, retry later",
-            );
+        match error {
+            StorageError::Busy => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many broadcasts waiting to be written, retry later",
+                )
+            }
+            StorageError::BatchTooLarge(limit) => {
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "a broadcast holds at most {limit} messages in cluster mode (JetStream's atomic batch limit)"
+                    ),
+                )
+            }
+            _ => {}
         }
         log::error!("{context}: {error}");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")

@@ -53,6 +53,12 @@ pub enum StorageError {
     /// `storage.max_queued_bytes` of broadcasts are waiting for the writer.
     #[error("too many broadcasts waiting to be written")]
     Busy,
+    /// Cluster mode: NATS JetStream did not answer in time, or refused.
+    #[error("log unavailable: {0}")]
+    Unavailable(String),
+    /// Cluster mode: more messages than JetStream's atomic batch limit.
+    #[error("a batch holds at most {0} messages")]
+    BatchTooLarge(usize),
 }
 
 impl From<sled::Error> for StorageError {

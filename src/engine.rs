@@ -114,7 +114,7 @@ impl Engine {
                 let size = blocking(move || storage.size_on_disk()).await.unwrap_or(0);
                 m.storage_bytes.set(size as i64);
             }
-            Engine::Nats(_) => {}
+            Engine::Nats(cluster) => cluster.refresh_metrics().await,
         }
     }
 

@@ -54,6 +54,10 @@ const PREV: &str = "Ds-Prev";
 const PREV_BACK: &str = "Ds-Prev-Back";
 /// How long a read waits for one Direct Get or leader lookup.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long JetStream remembers message ids, so a retried publish is not stored twice.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Bytes allowed per read on top of twice the JSON budget, for stored headers.
+const READ_OVERHEAD: usize = 64 * 1024;
 /// Most messages one Direct Get batch returns (the byte budget usually ends it first).
 const READ_BATCH: usize = 10_000;
 /// Stream tails remembered by the publisher (beyond it the map is cleared and re-learned).
@@ -81,6 +85,8 @@ struct Inner {
     /// The last sequence this node knows for each DS stream it wrote or saw (a hint: the
     /// expected-sequence check corrects it).
     tails: Mutex<HashMap<String, u64>>,
+    /// Appends in progress per stream on this node (see `take_turns`).
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connected: Arc<AtomicBool>,
     /// The stream has a leader (quorum), as last checked.
     leader: Arc<AtomicBool>,
@@ -147,6 +153,7 @@ impl Cluster {
                 node_id: format!("{}-{}", Epoch::random(), std::process::id()),
                 ids: AtomicU64::new(0),
                 tails: Mutex::new(HashMap::new()),
+                turns: Mutex::new(HashMap::new()),
                 connected,
                 leader: Arc::new(AtomicBool::new(true)),
             }),
@@ -271,6 +278,12 @@ impl Cluster {
     }
 
     async fn append_inner(&self, messages: &[NewMessage]) -> Result<(), StorageError> {
+        // This node's writers of one stream take turns: each knows the tail the previous one
+        // left, so their expected-sequence guards do not collide (other nodes still may).
+        let mut streams: Vec<&str> = messages.iter().map(|m| m.stream.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let _turns = self.take_turns(&streams).await;
         for attempt in 1..=PUBLISH_ATTEMPTS {
             // What each stream's predecessor is: what this node knows, or the leader's answer.
             let mut prevs: HashMap<&str, u64> = HashMap::new();
@@ -312,6 +325,19 @@ impl Cluster {
             }
         }
         Err(StorageError::Unavailable("the streams kept moving under concurrent writers".into()))
+    }
+
+    /// Locks the streams (in name order, so two appends never wait on each other).
+    async fn take_turns(&self, streams: &[&str]) -> Turns {
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let mut map = self.inner.turns.lock().unwrap_or_else(|p| p.into_inner());
+            streams.iter().map(|s| map.entry(s.to_string()).or_default().clone()).collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        for lock in locks {
+            guards.push(lock.lock_owned().await);
+        }
+        Turns { guards, streams: streams.iter().map(|s| s.to_string()).collect(), cluster: self.clone() }
     }
 
     fn headers(&self, prev_header: (&'static str, u64)) -> HeaderMap {
@@ -396,12 +422,26 @@ impl Cluster {
         }
     }
 
-    /// The last sequence of the whole stream (a position after everything stored so far).
-    async fn stream_last(&self) -> Result<u64, StorageError> {
+    /// The stream's state: sequences, messages, bytes, subjects.
+    async fn state(&self) -> Result<stream::State, StorageError> {
         let mut stream =
             self.inner.js.get_stream(&self.inner.stream).await.map_err(|e| StorageError::Unavailable(e.to_string()))?;
         let info = stream.info().await.map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        Ok(info.state.last_sequence)
+        Ok(info.state.clone())
+    }
+
+    /// The last sequence of the whole stream (a position after everything stored so far).
+    async fn stream_last(&self) -> Result<u64, StorageError> {
+        Ok(self.state().await?.last_sequence)
+    }
+
+    /// Updates the gauges that describe the shared log.
+    pub async fn refresh_metrics(&self) {
+        if let Ok(state) = self.state().await {
+            let m = crate::metrics::get();
+            m.streams_total.set(state.subjects_count as i64);
+            m.storage_bytes.set(state.bytes as i64);
+        }
     }
 
     /// The position after the last message of `stream` (for an empty one: after everything
@@ -432,22 +472,28 @@ impl Cluster {
         let must = if woken > after { Some(woken) } else { self.leader_last(&subject).await? };
         let Some(must) = must.filter(|&must| must > after) else {
             // Nothing after the position. A read from the start of an empty stream answers
-            // the position after everything stored, as the tail does.
-            let position = if from_token { after } else { self.stream_last().await? };
-            return Ok(empty_chunk(at(position)));
+            // the position after everything stored, as the tail does; a token past that was
+            // never handed out by this stream.
+            let last = if from_token && must.is_some_and(|m| m == after) { after } else { self.stream_last().await? };
+            if from_token && after > last {
+                return Err(ReadError::Gone);
+            }
+            return Ok(empty_chunk(at(if from_token { after } else { last })));
         };
         let mut attempt = 0;
         let batch = loop {
+            // JetStream counts stored bytes (headers included) against `max_bytes`; ask for
+            // more and cut at the JSON budget below.
+            let budget = max_bytes.saturating_mul(2).saturating_add(READ_OVERHEAD);
             let batch = self
                 .inner
                 .direct
-                .batch(&subject, after + 1, READ_BATCH, max_bytes, READ_TIMEOUT)
+                .batch(&subject, after + 1, READ_BATCH, budget, READ_TIMEOUT)
                 .await
                 .map_err(|e| StorageError::Unavailable(e.to_string()))?;
             let last = batch.messages.last().and_then(|m| header_u64(m, "Nats-Sequence")).unwrap_or(0);
-            let bytes: usize = batch.messages.iter().map(|m| m.payload.len()).sum();
             // A replica behind the leader: it ended (nothing pending) before what must be there.
-            let behind = last < must && batch.pending == 0 && bytes < max_bytes;
+            let behind = last < must && batch.pending == 0;
             attempt += 1;
             if !behind || attempt >= 50 {
                 break batch;
@@ -470,10 +516,22 @@ impl Cluster {
                 return Err(ReadError::Gone);
             }
         }
-        let mut body = BytesMut::with_capacity(batch.messages.iter().map(|m| m.payload.len() + 1).sum::<usize>() + 2);
+        // As many messages as fit in `max_bytes` of JSON array (at least one), as the sled
+        // engine answers.
+        let mut size = 2;
+        let mut count = 0;
+        for message in &batch.messages {
+            let more = message.payload.len() + usize::from(count > 0);
+            if count > 0 && size + more > max_bytes {
+                break;
+            }
+            size += more;
+            count += 1;
+        }
+        let mut body = BytesMut::with_capacity(size);
         body.put_u8(b'[');
         let mut next = after;
-        for (i, message) in batch.messages.iter().enumerate() {
+        for (i, message) in batch.messages[..count].iter().enumerate() {
             if i > 0 {
                 body.put_u8(b',');
             }
@@ -481,13 +539,8 @@ impl Cluster {
             next = header_u64(message, "Nats-Sequence").unwrap_or(next);
         }
         body.put_u8(b']');
-        Ok(Chunk {
-            body: body.freeze(),
-            count: batch.messages.len(),
-            start: at(after),
-            next: at(next),
-            up_to_date: batch.pending == 0 && next >= must,
-        })
+        let complete = count == batch.messages.len() && batch.pending == 0;
+        Ok(Chunk { body: body.freeze(), count, start: at(after), next: at(next), up_to_date: complete && next >= must })
     }
 
     /// Transient messages: published on core NATS; every node (this one too) hands them to
@@ -504,6 +557,25 @@ impl Cluster {
 
     pub async fn close(&self) {
         let _ = self.inner.client.flush().await;
+    }
+}
+
+/// The per-stream turns an append holds; the last holder of a stream removes its entry.
+struct Turns {
+    guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    streams: Vec<String>,
+    cluster: Cluster,
+}
+
+impl Drop for Turns {
+    fn drop(&mut self) {
+        self.guards.clear();
+        let mut map = self.cluster.inner.turns.lock().unwrap_or_else(|p| p.into_inner());
+        for stream in &self.streams {
+            if map.get(stream).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+                map.remove(stream);
+            }
+        }
     }
 }
 
@@ -551,7 +623,8 @@ async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<Epoch
         num_replicas: replicas,
         allow_direct: true,
         allow_atomic_publish: true,
-        duplicate_window: Duration::from_secs(120),
+        // JetStream wants the window within max_age.
+        duplicate_window: if max_age.is_zero() { DUPLICATE_WINDOW } else { DUPLICATE_WINDOW.min(max_age) },
         storage: stream::StorageType::File,
         republish: Some(stream::Republish {
             source: format!("{name}.s.*"),

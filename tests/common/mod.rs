@@ -32,6 +32,43 @@ pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("anycable-ds-test").tempdir().expect("temp dir")
 }
 
+/// The engine the suite runs against: `sled` (default) or `nats` (cluster mode), from
+/// `ANYCABLE_DS_TEST_ENGINE`. With `nats`, `ANYCABLE_DS_TEST_NATS` names the NATS cluster
+/// (`scripts/test` starts one with `scripts/nats-cluster`).
+pub fn engine() -> String {
+    std::env::var("ANYCABLE_DS_TEST_ENGINE").unwrap_or_else(|_| "sled".into())
+}
+
+pub fn nats_engine() -> bool {
+    engine() == "nats"
+}
+
+/// Flags that put a server on the engine under test. Each server gets its own JetStream
+/// stream, named after its working directory, so restarts find it again and tests stay apart.
+fn engine_args(work_dir: &Path) -> Vec<String> {
+    match engine().as_str() {
+        "sled" => Vec::new(),
+        "nats" => {
+            let servers = std::env::var("ANYCABLE_DS_TEST_NATS").expect(
+                "ANYCABLE_DS_TEST_ENGINE=nats needs ANYCABLE_DS_TEST_NATS=<nats urls> (scripts/test starts a cluster)",
+            );
+            let name: String = work_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric()).collect())
+                .unwrap_or_default();
+            vec![
+                "--broker".into(),
+                "nats".into(),
+                "--nats_servers".into(),
+                servers,
+                "--nats_stream".into(),
+                format!("T{name}"),
+            ]
+        }
+        other => panic!("ANYCABLE_DS_TEST_ENGINE={other}: use sled or nats"),
+    }
+}
+
 /// Arguments most tests want: public streams and a known broadcast key. Everything else is
 /// what a user gets by default (retention on: 100 messages, 300 s); a test about another
 /// setting passes it.
@@ -108,6 +145,7 @@ impl Server {
         command
             .args(["--port", "0", "--data_dir"])
             .arg(&self.data_dir)
+            .args(engine_args(&self.work_dir))
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -62,8 +62,9 @@ const READ_OVERHEAD: usize = 64 * 1024;
 const READ_BATCH: usize = 10_000;
 /// Stream tails remembered by the publisher (beyond it the map is cleared and re-learned).
 const MAX_TAILS: usize = 100_000;
-/// Attempts when another node wrote the same stream in between (expected sequence moved).
-const PUBLISH_ATTEMPTS: usize = 8;
+/// Attempts when another node wrote the same stream in between (expected sequence moved);
+/// `nats.publish_timeout` bounds them too.
+const PUBLISH_ATTEMPTS: usize = 100;
 
 /// Cheap-to-clone handle to the shared log.
 #[derive(Clone)]
@@ -315,11 +316,17 @@ impl Cluster {
                     return Ok(());
                 }
                 Err(Publish::Moved) => {
-                    // Another node wrote one of these streams since: learn and try again.
+                    // Another node wrote one of these streams since: learn and try again,
+                    // after a short random pause once it keeps happening (two nodes
+                    // retrying in lockstep would keep colliding).
                     for message in messages {
                         self.forget_tail(&message.stream);
                     }
                     log::debug!("expected sequence moved (attempt {attempt}); retrying");
+                    if attempt > 2 {
+                        let pause = rand::random_range(0..(attempt as u64).min(20));
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
                 }
                 Err(Publish::Failed(e)) => return Err(e),
             }
@@ -359,7 +366,9 @@ impl Cluster {
             .map_err(|e| Publish::Failed(StorageError::Unavailable(e.to_string())))?;
         match ack.await {
             Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => Err(Publish::Moved),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence || moved(&e) => {
+                Err(Publish::Moved)
+            }
             Err(e) => Err(Publish::Failed(StorageError::Unavailable(e.to_string()))),
         }
     }
@@ -584,6 +593,20 @@ enum Publish {
     /// The expected last sequence of a subject moved (another writer): retry.
     Moved,
     Failed(StorageError),
+}
+
+/// Whether a publish failed on an expected-sequence guard that async-nats does not name
+/// (10164 "wrong last sequence", which nats-server also answers for single publishes).
+fn moved(error: &jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    let mut source = error.source();
+    while let Some(e) = source {
+        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
+            return matches!(js.error_code().0, 10071 | 10164);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The commit reply of an atomic batch: `{"stream","seq","batch","count"}` or `{"error":…}`.

@@ -145,7 +145,7 @@ impl Server {
         command
             .args(["--port", "0", "--data_dir"])
             .arg(&self.data_dir)
-            .args(engine_args(&self.work_dir))
+            .args(if self.args.iter().any(|a| a == "--broker") { Vec::new() } else { engine_args(&self.work_dir) })
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -38,6 +38,23 @@ after(() => {
   }, 3_000).unref();
 });
 
+/**
+ * The engine under test: `sled` (default) or `nats` (cluster mode) from ANYCABLE_DS_TEST_ENGINE,
+ * with ANYCABLE_DS_TEST_NATS naming the NATS cluster (scripts/test starts one). In cluster mode
+ * each server gets its own JetStream stream, named after its working directory, so a restart
+ * on the same directory finds its history again.
+ */
+export const ENGINE = process.env.ANYCABLE_DS_TEST_ENGINE || "sled";
+
+function engineArgs(cwd) {
+  if (ENGINE === "sled") return [];
+  if (ENGINE !== "nats") throw new Error(`ANYCABLE_DS_TEST_ENGINE=${ENGINE}: use sled or nats`);
+  const servers = process.env.ANYCABLE_DS_TEST_NATS;
+  if (!servers) throw new Error("ANYCABLE_DS_TEST_ENGINE=nats needs ANYCABLE_DS_TEST_NATS=<nats urls> (scripts/test starts a cluster)");
+  const name = `E${cwd.split("/").pop().replace(/[^A-Za-z0-9]/g, "")}`;
+  return ["--broker", "nats", "--nats_servers", servers, "--nats_stream", name];
+}
+
 /** A fresh temporary directory (the server's working directory and data parent). */
 export function tempDir() {
   return mkdtemp(join(tmpdir(), "anycable-ds-e2e-"));
@@ -80,6 +97,7 @@ export async function startServer({ dir, args = [], port = 0 } = {}) {
     "--data_dir", dataDir,
     "--secret", SECRET,
     "--broadcast_key", BROADCAST_KEY,
+    ...engineArgs(cwd),
     ...args,
   ];
   const child = spawn(BIN, argv, { cwd, env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"] });

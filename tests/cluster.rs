@@ -317,3 +317,57 @@ async fn losing_nats_servers_loses_no_acknowledged_message_and_recovers_without_
     let (messages, _, _) = b.read("f", &offset).await;
     assert_eq!(messages.last(), Some(&json!({"after": true})));
 }
+
+#[tokio::test]
+async fn waiting_readers_re_read_after_their_node_reconnects_to_nats() {
+    let mut cluster = NatsCluster::start();
+    let (da, db) = (temp_dir(), temp_dir());
+    // B knows one NATS server only (it learns the others from it); A another one.
+    let a = {
+        let mut args = vec!["--public_streams", "--broadcast_key", KEY, "--broker", "nats", "--nats_stream", "N"];
+        let url = cluster.url(0);
+        args.extend(["--nats_servers", url.as_str()]);
+        Server::start(da.path(), &args)
+    };
+    let b = {
+        let url = cluster.url(2);
+        let args = [
+            "--public_streams",
+            "--broadcast_key",
+            KEY,
+            "--broker",
+            "nats",
+            "--nats_stream",
+            "N",
+            "--nats_servers",
+            url.as_str(),
+            "--ds_poll_interval",
+            "60",
+        ];
+        Server::start(db.path(), &args)
+    };
+    a.publish("n", numbered(1..=1)).await;
+    let tail = b.tail("n").await;
+    let mut sse = SseClient::open(&b, &format!("n?offset={tail}&live=sse")).await;
+    sse.next_batch(WAIT).await.expect("the first control event");
+    let poll = tokio::spawn(b.client.get(b.ds(&format!("n?offset={tail}&live=long-poll"))).send());
+    b.wait_for_metric("ds_poll_clients_num", 1.0, WAIT).await;
+    // B's server goes away; while B reconnects elsewhere, a broadcast lands through A. Its
+    // wake-up may never reach B: B's readers must re-read on their own once B is back.
+    cluster.kill(2);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _) = a.broadcast(&json!({"stream": "n", "data": "{\"n\":2}"}).to_string()).await;
+        if status == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes did not resume after losing one NATS server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (messages, _) = sse.next_batch(WAIT).await.expect("the SSE reader on B got the message");
+    assert_eq!(messages, numbered(2..=2));
+    let response = poll.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Vec<Value>>().await.unwrap(), numbered(2..=2));
+    assert!(b.logs().contains("NATS connection (re)established"), "{}", b.logs());
+}

@@ -48,6 +48,10 @@ struct Options {
     peer_bin: String,
     fsync: bool,
     plot: Option<String>,
+    /// Cluster mode: NATS URLs for ours (`--broker nats`).
+    nats: Option<String>,
+    /// Cluster mode: live readers on a second node, the publisher on the first.
+    cross_node: bool,
 }
 
 fn parse_options() -> Options {
@@ -67,6 +71,8 @@ fn parse_options() -> Options {
         peer_bin: std::env::var("DS_PEER_BIN").unwrap_or_else(|_| "durable-streams-server".into()),
         fsync: true,
         plot: None,
+        nats: None,
+        cross_node: false,
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -84,6 +90,8 @@ fn parse_options() -> Options {
             "--peer-bin" => options.peer_bin = value(),
             "--no-fsync" => options.fsync = false,
             "--plot" => options.plot = Some(value()),
+            "--nats" => options.nats = Some(value()),
+            "--cross-node" => options.cross_node = true,
             workload if !workload.starts_with("--") && options.workload.is_empty() => {
                 options.workload = workload.into()
             }
@@ -149,6 +157,13 @@ impl Server {
                 args.extend(["--storage_fsync".into(), options.fsync.to_string()]);
                 args.extend(["--ds_poll_interval".into(), live_wait_secs.to_string()]);
                 args.extend(["--ds_sse_ttl".into(), live_wait_secs.to_string()]);
+                if let Some(urls) = &options.nats {
+                    // Cluster mode: a JetStream stream of its own per run.
+                    let stream = format!("BENCH{}", std::process::id() as u64 * 1000 + free_port() as u64);
+                    args.extend(
+                        ["--broker", "nats", "--nats_servers", urls, "--nats_stream", &stream].map(String::from),
+                    );
+                }
                 (options.ours_bin.clone(), args)
             }
             Kind::Peer => {
@@ -195,6 +210,20 @@ impl Server {
         self.base = format!("http://{}", rx.recv_timeout(Duration::from_secs(600)).expect("server ready"));
         self.child = Some(child);
         started.elapsed()
+    }
+
+    /// Another node on the same log (cluster mode): same settings, same JetStream stream.
+    fn another_node(&self) -> Server {
+        let mut server = Server {
+            kind: self.kind,
+            child: None,
+            base: String::new(),
+            dir: tempfile::tempdir().unwrap(),
+            args: self.args.clone(),
+            bin: self.bin.clone(),
+        };
+        server.spawn();
+        server
     }
 
     fn stop(&mut self) {
@@ -491,7 +520,9 @@ async fn live_load(kind: Kind, options: &Options, sse: usize, poll: usize, idle:
         idle_connections.push(response.bytes_stream());
     }
     let readers = sse + poll;
-    let url = server.read_url("fan");
+    // Cross-node: readers on a second node, woken by broadcasts to the first.
+    let reading_node = (options.cross_node && options.nats.is_some()).then(|| server.another_node());
+    let url = reading_node.as_ref().unwrap_or(&server).read_url("fan");
     let epoch = Instant::now();
     let latencies = Arc::new(Mutex::new(histogram()));
     let received = Arc::new(AtomicU64::new(0));

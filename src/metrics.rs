@@ -51,6 +51,9 @@ pub struct Metrics {
     pub rpc_breaker_refused: IntCounter,
     pub rpc_cache_hits: IntCounter,
     pub rpc_cache_entries: IntGauge,
+    pub nats_connected: IntGauge,
+    pub nats_publish_seconds: Histogram,
+    pub nats_read_seconds: Histogram,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -226,6 +229,26 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         rpc_cache_entries: register(
             &r,
             IntGauge::new("rpc_cache_entries_num", "Successful authentications kept by the cache").unwrap(),
+        ),
+        nats_connected: register(
+            &r,
+            IntGauge::new("nats_connected", "Cluster mode: 1 while connected to NATS, else 0").unwrap(),
+        ),
+        nats_publish_seconds: register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new("nats_publish_seconds", "Cluster mode: one broadcast from publish to JetStream ack")
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
+            )
+            .unwrap(),
+        ),
+        nats_read_seconds: register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new("nats_read_seconds", "Cluster mode: one read (leader lookup and Direct Get)")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0]),
+            )
+            .unwrap(),
         ),
         registry: r,
     }

@@ -350,10 +350,24 @@ async fn waiting_readers_re_read_after_their_node_reconnects_to_nats() {
     let tail = b.tail("n").await;
     let mut sse = SseClient::open(&b, &format!("n?offset={tail}&live=sse")).await;
     sse.next_batch(WAIT).await.expect("the first control event");
-    let poll = tokio::spawn(b.client.get(b.ds(&format!("n?offset={tail}&live=long-poll"))).send());
+    // A long-poll that waits 60 s: only a re-read after the reconnect answers it in time.
+    let poll = {
+        let (client, url) = (b.client.clone(), b.ds("n"));
+        let tail = tail.clone();
+        tokio::spawn(async move {
+            loop {
+                let response = client.get(format!("{url}?offset={tail}&live=long-poll")).send().await.unwrap();
+                // 503 while the stream elects a new leader: the client asks again.
+                if response.status() != 503 {
+                    return response;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     b.wait_for_metric("ds_poll_clients_num", 1.0, WAIT).await;
     // B's server goes away; while B reconnects elsewhere, a broadcast lands through A. Its
-    // wake-up may never reach B: B's readers must re-read on their own once B is back.
+    // wake-up may never reach B: B's waiting readers must re-read on their own once B is back.
     cluster.kill(2);
     let deadline = Instant::now() + WAIT;
     loop {
@@ -364,10 +378,41 @@ async fn waiting_readers_re_read_after_their_node_reconnects_to_nats() {
         assert!(Instant::now() < deadline, "writes did not resume after losing one NATS server");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (messages, _) = sse.next_batch(WAIT).await.expect("the SSE reader on B got the message");
-    assert_eq!(messages, numbered(2..=2));
-    let response = poll.await.unwrap().unwrap();
+    let response = tokio::time::timeout(WAIT, poll).await.expect("the long-poll on B was answered in time").unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.json::<Vec<Value>>().await.unwrap(), numbered(2..=2));
+    // The SSE reader gets it too; if a read failed during the election its response ended,
+    // and it comes back from its offset, as clients do.
+    let mut offset = tail.clone();
+    let messages = loop {
+        match sse.next_batch(WAIT).await {
+            Some((messages, _)) if !messages.is_empty() => break messages,
+            Some((_, control)) => offset = control["streamNextOffset"].as_str().unwrap().to_string(),
+            None => {
+                assert!(Instant::now() < deadline + WAIT, "the SSE reader on B never got the message");
+                sse = SseClient::open(&b, &format!("n?offset={offset}&live=sse")).await;
+            }
+        }
+    };
+    assert_eq!(messages, numbered(2..=2));
     assert!(b.logs().contains("NATS connection (re)established"), "{}", b.logs());
+}
+
+#[tokio::test]
+async fn the_readers_of_a_lost_node_resume_on_another_with_exactly_the_rest() {
+    let cluster = NatsCluster::start();
+    let (da, db) = (temp_dir(), temp_dir());
+    let mut a = node(da.path(), &cluster, "L", &[]);
+    let b = node(db.path(), &cluster, "L", &[]);
+    b.publish("l", numbered(1..=3)).await;
+    let mut sse = SseClient::open(&a, "l?offset=-1&live=sse").await;
+    let (messages, control) = sse.next_batch(WAIT).await.expect("the backlog from node A");
+    assert_eq!(messages, numbered(1..=3));
+    let offset = control["streamNextOffset"].as_str().unwrap().to_string();
+    a.kill();
+    b.publish("l", numbered(4..=6)).await;
+    // The reader comes back through node B with its last offset: exactly the rest.
+    let mut sse = SseClient::open(&b, &format!("l?offset={offset}&live=sse")).await;
+    let (messages, _) = sse.next_batch(WAIT).await.expect("the rest from node B");
+    assert_eq!(messages, numbered(4..=6));
 }

@@ -58,8 +58,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Bytes allowed per read on top of twice the JSON budget, for stored headers.
 const READ_OVERHEAD: usize = 64 * 1024;
-/// Most messages one Direct Get batch returns (the byte budget usually ends it first).
-const READ_BATCH: usize = 10_000;
+/// Most messages one read asks for. Each comes as its own NATS message with ~200 bytes of
+/// headers; bigger batches from several readers at once overran the reply subscription.
+const READ_BATCH: usize = 1000;
 /// Stream tails remembered by the publisher (beyond it the map is cleared and re-learned).
 const MAX_TAILS: usize = 100_000;
 /// Attempts when another node wrote the same stream in between (expected sequence moved);
@@ -110,6 +111,9 @@ impl Cluster {
         let events = (connected.clone(), hub.clone());
         let client = async_nats::ConnectOptions::new()
             .name("anycable-ds")
+            // Room for the replies of many concurrent Direct Gets (READ_BATCH messages each)
+            // before async-nats would drop them as a slow consumer's.
+            .subscription_capacity(1 << 18)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let (connected, hub) = events.clone();
@@ -117,6 +121,7 @@ impl Cluster {
                     match event {
                         async_nats::Event::Connected => {
                             connected.store(true, Ordering::Release);
+                            crate::metrics::get().nats_connected.set(1);
                             // Wake-ups published while we were away are lost: every waiting
                             // reader re-reads from its own offset.
                             hub.wake_all();
@@ -124,6 +129,7 @@ impl Cluster {
                         }
                         async_nats::Event::Disconnected => {
                             connected.store(false, Ordering::Release);
+                            crate::metrics::get().nats_connected.set(0);
                             log::warn!("NATS connection lost; reconnecting");
                         }
                         other => log::debug!("NATS: {other}"),
@@ -134,6 +140,9 @@ impl Cluster {
             .await
             .map_err(|e| ConnectError::Connect { servers: servers.clone(), message: e.to_string() })?;
         connected.store(true, Ordering::Release);
+        crate::metrics::get().nats_connected.set(1);
+        check_version(&client.server_info().version)
+            .map_err(|message| ConnectError::Connect { servers: servers.clone(), message })?;
         let js = jetstream::new(client.clone());
         let name = config.nats.stream.clone();
         let stream_error = |message: String| ConnectError::Stream { stream: name.clone(), message };
@@ -272,10 +281,13 @@ impl Cluster {
             return Ok(());
         }
         let timeout = self.inner.publish_timeout;
-        match tokio::time::timeout(timeout, self.append_inner(&messages)).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(timeout, self.append_inner(&messages)).await {
             Ok(result) => result,
             Err(_) => Err(StorageError::Unavailable(format!("no acknowledgement from JetStream within {timeout:?}"))),
-        }
+        };
+        crate::metrics::get().nats_publish_seconds.observe(started.elapsed().as_secs_f64());
+        result
     }
 
     async fn append_inner(&self, messages: &[NewMessage]) -> Result<(), StorageError> {
@@ -464,6 +476,13 @@ impl Cluster {
     }
 
     pub async fn read(&self, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ReadError> {
+        let started = std::time::Instant::now();
+        let result = self.read_inner(stream, offset, max_bytes).await;
+        crate::metrics::get().nats_read_seconds.observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn read_inner(&self, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ReadError> {
         let epoch = self.inner.epoch;
         let at = |seq| Position { epoch, seq };
         let (after, from_token) = match offset {
@@ -621,6 +640,18 @@ fn parse_batch_ack(payload: &[u8]) -> Result<u64, Publish> {
         Some(10071) | Some(10164) => Err(Publish::Moved),
         Some(10199) => Err(Publish::Failed(StorageError::BatchTooLarge(MAX_BATCH))),
         _ => Err(Publish::Failed(StorageError::Unavailable(format!("batch refused: {answer}")))),
+    }
+}
+
+/// Refuses NATS servers older than 2.12: they have no atomic batch publish, and their
+/// clustered per-subject expected-sequence checks are not serialized.
+fn check_version(version: &str) -> Result<(), String> {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= (2, 12) {
+        Ok(())
+    } else {
+        Err(format!("nats-server {version} is too old: cluster mode needs 2.12 or newer (atomic batches)"))
     }
 }
 

@@ -218,6 +218,11 @@ impl NatsCluster {
         self.nodes[i].child.is_some()
     }
 
+    /// The process id of server `i` while it runs (for memory figures).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL server `i` (no flush, no goodbye to its peers) and reap it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {

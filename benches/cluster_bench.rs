@@ -6,7 +6,6 @@
 //! cargo bench --bench cluster_bench -- rejoin                     # a killed NATS server rejoins
 //! ```
 
-#[allow(dead_code)]
 #[path = "../tests/common/nats.rs"]
 mod nats;
 

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench cluster_bench -- streams --streams 100000   # memory per node and NATS server
 //! cargo bench --bench cluster_bench -- rejoin                     # a killed NATS server rejoins
+//! cargo bench --bench cluster_bench -- sync                       # cost of sync_interval: always
 //! ```
 
 #[path = "../tests/common/nats.rs"]
@@ -82,6 +83,7 @@ fn main() {
         match workload.as_str() {
             "streams" => many_streams(streams).await,
             "rejoin" => rejoin().await,
+            "sync" => sync_cost().await,
             other => panic!("unknown workload {other:?}: streams or rejoin"),
         }
     });
@@ -155,4 +157,45 @@ async fn rejoin() {
     let started = Instant::now();
     cluster.restart(leader);
     println!("the meta leader killed and restarted: cluster ready with it current in {:.2?}", started.elapsed());
+}
+
+/// Durable ingest (single messages from 1 and 32 connections, 5 s each) on a cluster with
+/// NATS's default sync (every 2 min) and with `sync_interval: always`.
+async fn sync_cost() {
+    for always in [false, true] {
+        if always {
+            std::env::set_var("ANYCABLE_DS_NATS_SYNC_ALWAYS", "1");
+        }
+        let cluster = nats::NatsCluster::start();
+        let node = Node::start(&cluster, &["--history_limit", "0"]);
+        for conns in [1usize, 32] {
+            let http = reqwest::Client::builder().pool_max_idle_per_host(conns).build().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let started = Instant::now();
+            let workers = (0..conns).map(|c| {
+                let (http, url) = (http.clone(), format!("{}/_broadcast", node.base));
+                async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let body = json!({"stream": format!("sync-{}", c % 16), "data": "{\"n\":1}"}).to_string();
+                        let t = Instant::now();
+                        let response = http.post(&url).bearer_auth(KEY).body(body).send().await.unwrap();
+                        assert_eq!(response.status(), 201);
+                        latencies.push(t.elapsed());
+                    }
+                    latencies
+                }
+            });
+            let mut latencies: Vec<Duration> = futures_util::future::join_all(workers).await.concat();
+            latencies.sort();
+            let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+            println!(
+                "sync {}: {conns} conns: {:.0} msgs/s, ack p50 {:.2} ms, p99 {:.2} ms",
+                if always { "always" } else { "default (2 min)" },
+                latencies.len() as f64 / started.elapsed().as_secs_f64(),
+                at(0.5),
+                at(0.99)
+            );
+        }
+    }
 }

@@ -528,6 +528,26 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(attempt.min(10))).await;
         };
+        // Fill the chunk up to its byte budget, as the sled engine does: more batches while
+        // messages are pending.
+        let mut batch = batch;
+        let mut bytes: usize = batch.messages.iter().map(|m| m.payload.len() + 1).sum();
+        while batch.pending > 0 && bytes < max_bytes {
+            let Some(last) = batch.messages.last().and_then(|m| header_u64(m, "Nats-Sequence")) else { break };
+            let budget = (max_bytes - bytes).saturating_mul(2).saturating_add(READ_OVERHEAD);
+            let more = self
+                .inner
+                .direct
+                .batch(&subject, last + 1, READ_BATCH, budget, READ_TIMEOUT)
+                .await
+                .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+            if more.messages.is_empty() {
+                break;
+            }
+            bytes += more.messages.iter().map(|m| m.payload.len() + 1).sum::<usize>();
+            batch.pending = more.pending;
+            batch.messages.extend(more.messages);
+        }
         let Some(first) = batch.messages.first() else {
             return Err(StorageError::Unavailable(format!("a replica still lacks message {must}")).into());
         };

@@ -165,7 +165,15 @@ impl NatsCluster {
         let node = &mut self.nodes[i];
         fs::create_dir_all(&node.store).expect("NATS storage dir");
         let log = File::options().create(true).append(true).open(&node.log).expect("NATS log file");
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        if std::env::var_os("ANYCABLE_DS_NATS_SYNC_ALWAYS").is_some() {
+            // fsync every write before it counts (JetStream's `sync_interval: always`), for the
+            // power-loss figures in docs/DURABILITY.md; the flags below still apply.
+            let config = self.dir.path().join("sync-always.conf");
+            fs::write(&config, "jetstream {\n  sync_interval: always\n}\n").expect("NATS config file");
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["--addr", "127.0.0.1", "--server_name", &node.name])
             .args(["--port", &node.client_port.to_string()])
             .args(["--http_port", &node.monitor_port.to_string()])
@@ -234,16 +242,20 @@ impl NatsCluster {
     /// Starts server `i` again with the same ports and storage, and waits until the cluster
     /// is ready again with it caught up.
     pub fn restart(&mut self, i: usize) {
-        assert!(!self.is_running(i), "kill server {i} before restarting it");
-        {
-            let _guard = PORTS.lock().unwrap_or_else(|e| e.into_inner());
-            self.spawn(nats_server_bin(), i);
-            self.wait_listening(&[i]);
-        }
+        self.revive(i);
         if let Err(why) = self.wait_until_ready(READY_TIMEOUT) {
             let name = self.nodes[i].name.clone();
             self.fail(&format!("NATS server {name} did not come back: {why}"));
         }
+    }
+
+    /// Starts server `i` again (same ports and storage) and waits only until it listens: for
+    /// bringing back a cluster with no quorum, one server after the other; then `wait_ready`.
+    pub fn revive(&mut self, i: usize) {
+        assert!(!self.is_running(i), "kill server {i} before restarting it");
+        let _guard = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        self.spawn(nats_server_bin(), i);
+        self.wait_listening(&[i]);
     }
 
     /// Waits until the meta group and every stream and consumer group have a running leader

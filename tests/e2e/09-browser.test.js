@@ -12,12 +12,11 @@ import assert from "node:assert/strict";
 import { broadcaster, identificator } from "./lib/anycable.js";
 import { startServer, BROADCAST_KEY, SECRET } from "./lib/server.js";
 import { signedStream } from "./lib/tokens.js";
-import { launchChromium, openPage } from "./browser/chromium.js";
+import { launchChromium, openPage, until, nextResponseHeaders, WAIT_MS } from "./browser/chromium.js";
 import { startPageServer } from "./browser/page-server.js";
 
 const JWT_SECRET = "e2e-browser-jwt-secret";
 const PUBLIC_CACHE_CONTROL = "public, max-age=60, stale-while-revalidate=300";
-const WAIT_MS = 10_000;
 
 /** The tail offset of a stream, from Node (HEAD, no Origin: not subject to CORS). */
 async function tail(server, name, headers = {}) {
@@ -37,26 +36,7 @@ async function requestCount(server, mode, status) {
   return total;
 }
 
-/**
- * Waits in the page until `fn(arg)` returns something truthy (evaluated every 20 ms, an event
- * poll, not a sleep); `fn` may throw to fail at once. On timeout the error names `what` and
- * carries the page's console and errors.
- */
-async function until(page, fn, arg, what, timeout = WAIT_MS) {
-  try {
-    return await (await page.waitForFunction(fn, arg, { timeout, polling: 20 })).jsonValue();
-  } catch (err) {
-    err.message = `waiting for ${what}: ${err.message}\n  page diagnostics:\n  ${page.diagnostics.slice(-30).join("\n  ")}`;
-    throw err;
-  }
-}
 
-/** Resolves with the headers of the next network response (as Chromium got it) for `url`. */
-function nextResponseHeaders(page, url) {
-  return page
-    .waitForResponse((res) => res.url() === url && res.request().method() === "GET", { timeout: WAIT_MS })
-    .then((res) => res.allHeaders());
-}
 
 /** The names listed by a Vary header value, lower-cased. */
 const varyNames = (vary) => (vary ?? "").split(/[,\n]/).map((s) => s.trim().toLowerCase()).filter(Boolean);

@@ -16,13 +16,12 @@ import { broadcaster } from "./lib/anycable.js";
 import { startServer, BROADCAST_KEY, SECRET } from "./lib/server.js";
 import { signedStream } from "./lib/tokens.js";
 import { startRpcApp } from "./lib/rpc-app.js";
-import { launchChromium, openPage } from "./browser/chromium.js";
+import { launchChromium, openPage, until, nextResponseHeaders, WAIT_MS } from "./browser/chromium.js";
 import { startPageServer } from "./browser/page-server.js";
 
 const RPC_SECRET = "e2e-browser-rpc-secret";
 const SESSION = "s3ss10n-browser-alice";
 const GOOD_COOKIE = `session=${SESSION}`;
-const WAIT_MS = 10_000;
 
 /** The app's calls for reads of stream `name` (by the path of env.url). */
 function callsFor(app, name) {
@@ -35,22 +34,7 @@ function callsFor(app, name) {
   });
 }
 
-/** Waits in the page until `fn(arg)` is truthy (polled every 20 ms); see 09-browser.test.js. */
-async function until(page, fn, arg, what, timeout = WAIT_MS) {
-  try {
-    return await (await page.waitForFunction(fn, arg, { timeout, polling: 20 })).jsonValue();
-  } catch (err) {
-    err.message = `waiting for ${what}: ${err.message}\n  page diagnostics:\n  ${page.diagnostics.slice(-30).join("\n  ")}`;
-    throw err;
-  }
-}
 
-/** Resolves with the headers of the next network response (as Chromium got it) for `url`. */
-function nextResponseHeaders(page, url) {
-  return page
-    .waitForResponse((res) => res.url() === url && res.request().method() === "GET", { timeout: WAIT_MS })
-    .then((res) => res.allHeaders());
-}
 
 /** What the server answers `origin` for a cookie read, seen from Node (no CORS enforcement). */
 async function corsHeadersFor(url, origin) {

@@ -77,3 +77,27 @@ export async function openPage(browser, url) {
   }
   return page;
 }
+
+/** How long the page-side waits of the browser suites wait. */
+export const WAIT_MS = 10_000;
+
+/**
+ * Waits in the page until `fn(arg)` returns something truthy (evaluated every 20 ms, an event
+ * poll, not a sleep); `fn` may throw to fail at once. On timeout the error names `what` and
+ * carries the page's console and errors.
+ */
+export async function until(page, fn, arg, what, timeout = WAIT_MS) {
+  try {
+    return await (await page.waitForFunction(fn, arg, { timeout, polling: 20 })).jsonValue();
+  } catch (err) {
+    err.message = `waiting for ${what}: ${err.message}\n  page diagnostics:\n  ${page.diagnostics.slice(-30).join("\n  ")}`;
+    throw err;
+  }
+}
+
+/** Resolves with the headers of the next network response (as Chromium got it) for `url`. */
+export function nextResponseHeaders(page, url) {
+  return page
+    .waitForResponse((res) => res.url() === url && res.request().method() === "GET", { timeout: WAIT_MS })
+    .then((res) => res.allHeaders());
+}

@@ -146,6 +146,7 @@ async fn a_batch_above_the_atomic_limit_is_413_and_stores_nothing() {
     let (status, body) = a.broadcast(&Value::Array(items.clone()).to_string()).await;
     assert_eq!(status, 413, "{body}");
     assert!(body["error"].as_str().unwrap().contains("1000"), "{body}");
+    assert_eq!(a.metric("broadcast_rejected_total{reason=\"too_large\"}").await, 1.0);
     assert!(a.read("big", "-1").await.0.is_empty());
     let (status, _) = a.broadcast(&Value::Array(items[..1000].to_vec()).to_string()).await;
     assert_eq!(status, 201);

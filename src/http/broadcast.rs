@@ -59,7 +59,12 @@ pub async fn handle(
         let context = format!("broadcast to {streams:?} not stored");
         // Hands the messages to the writer thread (no blocking here) and waits for the group
         // flush that makes them durable.
-        state.engine.append(broadcast.stored).await.map_err(|e| ApiError::unavailable(&e, &context))?;
+        state.engine.append(broadcast.stored).await.map_err(|e| {
+            if let crate::storage::StorageError::BatchTooLarge(_) = e {
+                metrics::get().broadcast_rejected.with_label_values(&["too_large"]).inc();
+            }
+            ApiError::unavailable(&e, &context)
+        })?;
     }
     deliver_transient(&state, broadcast.transient);
     let m = metrics::get();

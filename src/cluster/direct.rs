@@ -28,10 +28,22 @@ struct Request<'a> {
     max_bytes: usize,
 }
 
+/// One stored message, as much of it as a read needs. The payload is copied out of the
+/// connection's read buffer and the rest of the NATS message is dropped at once: a reply of
+/// 1000 messages holds about their payloads, not 1000 header maps.
+#[derive(Debug)]
+pub struct Item {
+    pub seq: u64,
+    /// The `Ds-Prev` and `Ds-Prev-Back` headers (see the cluster module docs).
+    pub prev: Option<u64>,
+    pub prev_back: Option<u64>,
+    pub payload: bytes::Bytes,
+}
+
 /// What one batched get returned.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub messages: Vec<Message>,
+    pub messages: Vec<Item>,
     /// Messages of the subject left after the last one returned (from the answering replica).
     pub pending: u64,
 }
@@ -117,7 +129,12 @@ impl DirectGet {
             match message.status.map(|s| s.as_u16()) {
                 None => {
                     out.pending = header_u64(&message, "Nats-Num-Pending").unwrap_or(0);
-                    out.messages.push(message);
+                    out.messages.push(Item {
+                        seq: header_u64(&message, "Nats-Sequence").unwrap_or(0),
+                        prev: header_u64(&message, super::PREV),
+                        prev_back: header_u64(&message, super::PREV_BACK),
+                        payload: bytes::Bytes::copy_from_slice(&message.payload),
+                    });
                 }
                 Some(204) => {
                     out.pending = header_u64(&message, "Nats-Num-Pending").unwrap_or(out.pending);

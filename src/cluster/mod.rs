@@ -50,8 +50,8 @@ pub const MAX_BATCH: usize = 1000;
 /// Stream metadata key holding the epoch of the stream's tokens.
 const EPOCH_KEY: &str = "anycable_ds_epoch";
 /// Predecessor headers (see the module docs).
-const PREV: &str = "Ds-Prev";
-const PREV_BACK: &str = "Ds-Prev-Back";
+pub(crate) const PREV: &str = "Ds-Prev";
+pub(crate) const PREV_BACK: &str = "Ds-Prev-Back";
 /// How long a read waits for one Direct Get or leader lookup.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long JetStream remembers message ids, so a retried publish is not stored twice.
@@ -61,6 +61,8 @@ const READ_OVERHEAD: usize = 64 * 1024;
 /// Most messages one read asks for. Each comes as its own NATS message with ~200 bytes of
 /// headers; bigger batches from several readers at once overran the reply subscription.
 const READ_BATCH: usize = 1000;
+/// Reads that talk to JetStream at once on one node; more wait (within READ_TIMEOUT).
+const READS_AT_ONCE: usize = 64;
 /// Stream tails remembered by the publisher (beyond it the map is cleared and re-learned).
 const MAX_TAILS: usize = 100_000;
 /// Attempts when another node wrote the same stream in between (expected sequence moved);
@@ -90,6 +92,7 @@ struct Inner {
     /// Appends in progress per stream on this node (see `take_turns`).
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connected: Arc<AtomicBool>,
+    reads: tokio::sync::Semaphore,
     /// The stream has a leader (quorum), as last checked.
     leader: Arc<AtomicBool>,
 }
@@ -165,6 +168,7 @@ impl Cluster {
                 tails: Mutex::new(HashMap::new()),
                 turns: Mutex::new(HashMap::new()),
                 connected,
+                reads: tokio::sync::Semaphore::new(READS_AT_ONCE),
                 leader: Arc::new(AtomicBool::new(true)),
             }),
         };
@@ -494,6 +498,12 @@ impl Cluster {
             Offset::At(position) if position.epoch != epoch => return Err(ReadError::Gone),
             Offset::At(position) => (position.seq, true),
         };
+        // At most READS_AT_ONCE reads talk to JetStream at a time: each holds up to a chunk
+        // of replies in memory while it is assembled.
+        let _permit = tokio::time::timeout(READ_TIMEOUT, self.inner.reads.acquire())
+            .await
+            .map_err(|_| StorageError::Unavailable("too many reads waiting for JetStream".into()))?
+            .map_err(|_| StorageError::Closed)?;
         let subject = self.subject(stream);
         // What the answer must reach: the tail this node was woken for, else the leader's.
         let woken = self.inner.hub.tail(stream);
@@ -519,7 +529,7 @@ impl Cluster {
                 .batch(&subject, after + 1, READ_BATCH, budget, READ_TIMEOUT)
                 .await
                 .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-            let last = batch.messages.last().and_then(|m| header_u64(m, "Nats-Sequence")).unwrap_or(0);
+            let last = batch.messages.last().map_or(0, |m| m.seq);
             // A replica behind the leader: it ended (nothing pending) before what must be there.
             let behind = last < must && batch.pending == 0;
             attempt += 1;
@@ -533,7 +543,7 @@ impl Cluster {
         let mut batch = batch;
         let mut bytes: usize = batch.messages.iter().map(|m| m.payload.len() + 1).sum();
         while batch.pending > 0 && bytes < max_bytes {
-            let Some(last) = batch.messages.last().and_then(|m| header_u64(m, "Nats-Sequence")) else { break };
+            let Some(last) = batch.messages.last().map(|m| m.seq) else { break };
             let budget = (max_bytes - bytes).saturating_mul(2).saturating_add(READ_OVERHEAD);
             let more = self
                 .inner
@@ -552,10 +562,9 @@ impl Cluster {
             return Err(StorageError::Unavailable(format!("a replica still lacks message {must}")).into());
         };
         if from_token {
-            let first_seq = header_u64(first, "Nats-Sequence").unwrap_or(0);
-            let prev = match (header_u64(first, PREV), header_u64(first, PREV_BACK)) {
+            let prev = match (first.prev, first.prev_back) {
                 (Some(prev), _) => prev,
-                (None, Some(back)) => first_seq.saturating_sub(back),
+                (None, Some(back)) => first.seq.saturating_sub(back),
                 (None, None) => 0,
             };
             if prev > after {
@@ -584,7 +593,7 @@ impl Cluster {
                 body.put_u8(b',');
             }
             body.put_slice(&message.payload);
-            next = header_u64(message, "Nats-Sequence").unwrap_or(next);
+            next = message.seq;
         }
         body.put_u8(b']');
         let complete = count == batch.messages.len() && batch.pending == 0;

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { stream, FetchError } from "@durable-streams/client";
 import { broadcaster, identificator } from "./lib/anycable.js";
 import { startServer, countingFetch, withTimeout, linkedController, BROADCAST_KEY, SECRET } from "./lib/server.js";
-import { startRpcApp, derivedRpcSecret, parseCookies } from "./lib/rpc-app.js";
+import { startRpcApp, derivedRpcSecret, parseCookies, callsFor } from "./lib/rpc-app.js";
 import { signedStream } from "./lib/tokens.js";
 import { record } from "./lib/recorder.js";
 
@@ -20,16 +20,6 @@ const SESSION = "s3ss10n-alice-7f3a";
 const SESSIONS = { [SESSION]: "alice" };
 const GOOD_COOKIE = `session=${SESSION}`;
 
-/** The app's calls for reads of stream `name` (by the path of env.url). */
-function callsFor(app, name) {
-  return app.calls.filter((c) => {
-    try {
-      return new URL(c.body?.env?.url).pathname === `/ds/${name}`;
-    } catch {
-      return false;
-    }
-  });
-}
 
 /** A plain read from Node: { status, headers, body (parsed JSON when it is JSON) }. */
 async function rawRead(url, { method = "GET", headers = {} } = {}) {

@@ -15,7 +15,7 @@ import assert from "node:assert/strict";
 import { broadcaster } from "./lib/anycable.js";
 import { startServer, BROADCAST_KEY, SECRET } from "./lib/server.js";
 import { signedStream } from "./lib/tokens.js";
-import { startRpcApp } from "./lib/rpc-app.js";
+import { startRpcApp, callsFor } from "./lib/rpc-app.js";
 import { launchChromium, openPage, until, nextResponseHeaders, WAIT_MS } from "./browser/chromium.js";
 import { startPageServer } from "./browser/page-server.js";
 
@@ -23,16 +23,6 @@ const RPC_SECRET = "e2e-browser-rpc-secret";
 const SESSION = "s3ss10n-browser-alice";
 const GOOD_COOKIE = `session=${SESSION}`;
 
-/** The app's calls for reads of stream `name` (by the path of env.url). */
-function callsFor(app, name) {
-  return app.calls.filter((c) => {
-    try {
-      return new URL(c.body?.env?.url).pathname === `/ds/${name}`;
-    } catch {
-      return false;
-    }
-  });
-}
 
 
 

@@ -219,3 +219,14 @@ export async function startRpcApp({ secret, sessions = {}, jwtSecret = null, pat
   app.close = app.stop;
   return app;
 }
+
+/** The app's calls for reads of stream `name` (by the path of env.url). */
+export function callsFor(app, name) {
+  return app.calls.filter((c) => {
+    try {
+      return new URL(c.body?.env?.url).pathname === `/ds/${name}`;
+    } catch {
+      return false;
+    }
+  });
+}

@@ -229,10 +229,8 @@ impl Cluster {
         tokio::spawn(async move {
             loop {
                 let ok = match tokio::time::timeout(Duration::from_secs(2), js.get_stream(&name)).await {
-                    Ok(Ok(mut stream)) => match stream.info().await {
-                        Ok(info) => info.cluster.as_ref().is_none_or(|c| c.leader.is_some()),
-                        Err(_) => false,
-                    },
+                    // `get_stream` is one STREAM.INFO request; its answer is the stream's info.
+                    Ok(Ok(stream)) => stream.cached_info().cluster.as_ref().is_none_or(|c| c.leader.is_some()),
                     _ => false,
                 };
                 if leader.swap(ok, Ordering::AcqRel) != ok {
@@ -449,10 +447,9 @@ impl Cluster {
 
     /// The stream's state: sequences, messages, bytes, subjects.
     async fn state(&self) -> Result<stream::State, StorageError> {
-        let mut stream =
+        let stream =
             self.inner.js.get_stream(&self.inner.stream).await.map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let info = stream.info().await.map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        Ok(info.state.clone())
+        Ok(stream.cached_info().state.clone())
     }
 
     /// The last sequence of the whole stream (a position after everything stored so far).
@@ -718,7 +715,7 @@ async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<Epoch
         ..Default::default()
     };
     let existing = match js.get_stream(name).await {
-        Ok(mut stream) => Some(stream.info().await.map_err(|e| e.to_string())?.config.clone()),
+        Ok(stream) => Some(stream.cached_info().config.clone()),
         Err(e)
             if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js)
                 if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
@@ -733,7 +730,7 @@ async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<Epoch
             Ok(created) => return stream_epoch(&created.cached_info().config),
             // Another node may have created it first: use theirs.
             Err(create) => match js.get_stream(name).await {
-                Ok(mut stream) => stream.info().await.map_err(|e| e.to_string())?.config.clone(),
+                Ok(stream) => stream.cached_info().config.clone(),
                 Err(_) => return Err(format!("cannot create it: {create}")),
             },
         },

@@ -389,7 +389,7 @@ impl SseStream {
             }
             if self.more_backlog {
                 self.more_backlog = false;
-                self.pending = self.read().await;
+                self.pending = Box::pin(self.read()).await;
                 self.ended = self.pending.is_none();
                 continue;
             }
@@ -410,7 +410,7 @@ impl SseStream {
             tokio::select! {
                 _ = self.subscription.changed() => {
                     let transient = self.subscription.take_transient();
-                    self.pending = Some(self.read().await?);
+                    self.pending = Some(Box::pin(self.read()).await?);
                     if !transient.is_empty() {
                         return Some(self.transient_frame(&transient));
                     }

@@ -78,6 +78,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     // Notice clients that go away while an SSE or long-poll response is idle, so their
     // waiters are freed at once (PITFALLS.md).
     .h1_allow_half_closed(false)
+    // actix-web 4.18 leaves Nagle's algorithm on unless told. With it on, the last, short
+    // segment of a response (or an SSE frame right after another) waits for the client's
+    // delayed ACK, up to 40 ms on Linux; every response here is written whole, so nothing is
+    // gained by delaying segments.
+    .tcp_nodelay(true)
     // Each connection's socket, for the watchdog that closes connections whose client stopped
     // reading (`http/watchdog.rs`).
     .on_connect(|connection, data| {

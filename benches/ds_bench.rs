@@ -604,6 +604,7 @@ async fn live_load(kind: Kind, options: &Options, sse: usize, poll: usize, idle:
     // Let the last connections reach their wait.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss = server.rss_mib();
+    let cpu_before = server.cpu_seconds();
     for n in 0..total {
         let t = epoch.elapsed().as_micros() as u64;
         server.write(&setup, "fan", &[json!({"n": n, "t": t})]).await;
@@ -612,6 +613,9 @@ async fn live_load(kind: Kind, options: &Options, sse: usize, poll: usize, idle:
     if tokio::time::timeout(Duration::from_secs(60), futures_util::future::join_all(tasks)).await.is_err() {
         eprintln!("{}: some readers did not get every message", kind.name());
     }
+    // Server CPU from the first broadcast until every reader has every message, per message
+    // delivered to one reader (includes the broadcasts and, for long-poll, the re-polls).
+    let cpu_per_delivery = (server.cpu_seconds() - cpu_before) / (total * readers as u64) as f64 * 1e6;
     let h = latencies.lock().unwrap();
     let delivered = received.load(Ordering::Relaxed) as f64 / (total * readers as u64) as f64 * 100.0;
     drop(idle_connections);
@@ -619,6 +623,7 @@ async fn live_load(kind: Kind, options: &Options, sse: usize, poll: usize, idle:
         figure(format!("{label} delivered"), delivered, "%", true),
         figure(format!("{label} p50"), ms(h.value_at_quantile(0.5)), "ms", false),
         figure(format!("{label} p99"), ms(h.value_at_quantile(0.99)), "ms", false),
+        figure(format!("{label} server CPU per delivery"), cpu_per_delivery, "µs", false),
         figure(format!("{label} RSS"), rss, "MiB", false),
     ]
 }

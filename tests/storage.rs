@@ -23,6 +23,24 @@ fn message(stream: &str, json: &str) -> NewMessage {
     NewMessage { stream: stream.into(), json: bytes::Bytes::copy_from_slice(json.as_bytes()) }
 }
 
+/// Opens a store that this process just closed. sled releases its directory lock when the
+/// last reference to its file goes, and tasks on its I/O thread pool (a log write, a file
+/// truncation after a trim) and epoch-deferred drops can hold one for a moment after the `Db`
+/// is dropped; sled's own test builds wait for the lock for the same reason. So this waits
+/// for the lock (up to 10 s); any other error fails at once.
+fn reopen(dir: &std::path::Path, options: StorageOptions) -> Storage {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Storage::open(dir, options.clone(), Hub::default()) {
+            Ok(storage) => return storage,
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
 /// Exactly the interleaving a live reader fears: it subscribes, reads nothing, an append lands
 /// before it starts waiting, then it waits. The wait must return at once.
 #[tokio::test]
@@ -71,7 +89,7 @@ async fn live_readers_find_the_new_batch_in_memory_exactly_as_on_disk() {
     storage.close().unwrap();
     drop(storage);
 
-    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
+    let reopened = reopen(dir.path(), options(Retention::default()));
     assert_eq!(reopened.read("s", Offset::At(before), 4 * 1024 * 1024).unwrap(), live);
 }
 
@@ -104,7 +122,7 @@ fn batches_span_streams_and_survive_reopen() {
     storage.close().unwrap();
     drop(storage);
 
-    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
+    let reopened = reopen(dir.path(), options(Retention::default()));
     assert_eq!(&reopened.read("a", Offset::Start, 1024).unwrap().body[..], b"[1,3]");
     assert_eq!(reopened.tail("a").unwrap().seq, 2);
 }
@@ -126,7 +144,7 @@ fn the_retention_task_deletes_what_reads_already_hide() {
     storage.close().unwrap();
     drop(storage);
     // Without retention, a read shows everything still on disk: exactly the window.
-    let reopened = Storage::open(dir.path(), options(Retention::default()), Hub::default()).unwrap();
+    let reopened = reopen(dir.path(), options(Retention::default()));
     let chunk = reopened.read("s", Offset::Start, 1024).unwrap();
     assert_eq!((&chunk.body[..], chunk.start.seq, chunk.next.seq), (&b"[4,5]"[..], 3, 5));
 }
@@ -160,7 +178,7 @@ fn sequence_numbers_survive_the_expiry_of_every_message_and_a_reopen() {
     drop(storage);
 
     // Reopened, the stream starts again above every number it handed out.
-    let reopened = Storage::open(dir.path(), options(retention), Hub::default()).unwrap();
+    let reopened = reopen(dir.path(), options(retention));
     futures_executor(reopened.append(vec![message("s", "5")]).unwrap().durable()).unwrap();
     let chunk = reopened.read("s", Offset::Start, 1024).unwrap();
     assert_eq!((&chunk.body[..], chunk.next.seq), (&b"[5]"[..], 5));
@@ -235,7 +253,7 @@ proptest::proptest! {
         let epoch = storage.epoch();
         let mut storage = Some(storage);
         for pass in ["before trim", "after trim and reopen"] {
-            let store = storage.take().unwrap_or_else(|| Storage::open(dir.path(), options.clone(), Hub::default()).unwrap());
+            let store = storage.take().unwrap_or_else(|| reopen(dir.path(), options.clone()));
             let all = read_all(&store, "s", Offset::Start, max_bytes).unwrap();
             proptest::prop_assert_eq!(&all[..], &written[first_kept as usize - 1..], "{}", pass);
             for &at in &offsets {

@@ -234,11 +234,21 @@ impl Server {
     }
 
     fn rss_mib(&self) -> f64 {
+        self.status_mib("VmRSS:")
+    }
+
+    /// The part of RSS that is the process's own memory (heap, stacks), without the pages of
+    /// the binary and libraries mapped from files (shared and reclaimable).
+    fn anon_rss_mib(&self) -> f64 {
+        self.status_mib("RssAnon:")
+    }
+
+    fn status_mib(&self, field: &str) -> f64 {
         let pid = self.child.as_ref().unwrap().id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let kib: f64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
@@ -721,7 +731,7 @@ async fn restart(kind: Kind, options: &Options) -> Vec<Figure> {
     let head = client.head(server.read_url("r-0")).send().await.unwrap();
     assert!(head.status().is_success());
     let first_read = ready + started.elapsed();
-    let rss = server.rss_mib();
+    let (rss, anon) = (server.rss_mib(), server.anon_rss_mib());
     vec![
         figure(
             format!("restart with {} msgs: ready", options.messages),
@@ -730,6 +740,7 @@ async fn restart(kind: Kind, options: &Options) -> Vec<Figure> {
             false,
         ),
         figure(format!("restart with {} msgs: RSS at rest", options.messages), rss, "MiB", false),
+        figure(format!("restart with {} msgs: anonymous RSS at rest", options.messages), anon, "MiB", false),
     ]
 }
 

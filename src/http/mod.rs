@@ -198,10 +198,15 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
         let config = state.config.clone();
         let ds_path = config.ds.path.clone();
         cfg.app_data(web::Data::new(state))
-            .service(web::resource([ds_path.clone(), format!("{ds_path}/{{stream:.*}}")]).to(ds::handle))
             .service(web::resource(config.http_broadcast.path.clone()).to(broadcast::handle))
             .service(web::resource(config.server.health_path.clone()).to(ops::health))
             .service(web::resource(config.metrics.http_path.clone()).to(ops::metrics))
+            // Everything under the DS prefix (`/ds` itself and `/ds/...`, on segment boundaries)
+            // goes to the DS handler, which takes the stream name from the raw path itself. A
+            // scope matches by plain prefix comparison; the `{stream:.*}` resource it replaces
+            // ran a regex over every request's path (visible in profiles of live fan-out).
+            // Registered last, so the exact paths above win should one lie under the prefix.
+            .service(web::scope(&ds_path).default_service(web::to(ds::handle)))
             .default_service(web::to(not_found));
     }
 }

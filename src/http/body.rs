@@ -1,10 +1,12 @@
 //! Response bodies that hold little memory for a client that reads slowly or not at all.
 //!
 //! actix copies each piece a body yields into the connection's write buffer and keeps polling
-//! while that buffer is under 32 KiB. A 4 MiB chunk yielded at once would be copied whole into
-//! every connection that sends it, and stay there until the client reads it. So bodies here
-//! yield slices of at most [`PIECE`] bytes of a shared buffer (the chunk cache's): a connection
-//! holds actix's buffer, a reference, and the kernel's socket buffer; nothing more.
+//! while that buffer is under 32 KiB; only large chunks of sized bodies are written from their
+//! own buffer (our actix-http patch). A 4 MiB SSE frame yielded at once would be copied whole
+//! into every connection that sends it, and stay there until the client reads it. So SSE
+//! frames yield slices of at most [`PIECE`] bytes of a shared buffer (the chunk cache's), and
+//! sized bodies hand actix the shared buffer itself ([`SharedBody`]): a connection holds
+//! actix's buffer, a reference, and the kernel's socket buffer; nothing more.
 //!
 //! What the references keep alive is bounded in total by [`Unsent`] (`ds.max_unsent_bytes`):
 //! a buffer counts once however many responses share it (the usual case: many readers of the
@@ -104,38 +106,56 @@ pub fn share(data: &Bytes) -> Result<Option<Share>, OverBudget> {
     Ok(Some(Share { key, _buffer: data.clone() }))
 }
 
-/// A sized body (with `Content-Length`) sent in slices of a shared buffer.
-pub struct SlicedBody {
-    data: Bytes,
-    sent: usize,
-    _share: Option<Share>,
-    _watch: Option<WatchGuard>,
+/// A sized body (with `Content-Length`) sent straight from a shared buffer.
+///
+/// The body hands actix the whole buffer as one piece, and the piece owns the body's share of
+/// the budget and its watchdog guard. Our actix-http (see `vendor/`, DECISIONS.md) writes a
+/// large chunk of a sized body from the chunk's own buffer instead of copying it into the
+/// connection's write buffer, and drops it once the socket has taken all of it: only then are
+/// the share and the guard released. So a client that stops reading holds a reference, counted
+/// in the budget and watched, and no copy; a client that reads gets the body in as few socket
+/// writes as its socket buffer allows.
+pub struct SharedBody {
+    len: u64,
+    rest: Option<Piece>,
 }
 
-impl SlicedBody {
-    pub fn new(data: Bytes, share: Option<Share>, watch: Option<WatchGuard>) -> SlicedBody {
-        SlicedBody { data, sent: 0, _share: share, _watch: watch }
+/// What a [`SharedBody`] hands to actix: the data and what must live as long as it does.
+struct Piece {
+    data: Bytes,
+    _share: Option<Share>,
+    watch: Option<WatchGuard>,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
     }
 }
 
-impl MessageBody for SlicedBody {
+impl SharedBody {
+    pub fn new(data: Bytes, share: Option<Share>, watch: Option<WatchGuard>) -> SharedBody {
+        SharedBody { len: data.len() as u64, rest: Some(Piece { data, _share: share, watch }) }
+    }
+}
+
+impl MessageBody for SharedBody {
     type Error = std::convert::Infallible;
 
     fn size(&self) -> BodySize {
-        BodySize::Sized(self.data.len() as u64)
+        BodySize::Sized(self.len)
     }
 
     fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        if self.sent >= self.data.len() {
-            return Poll::Ready(None);
+        match self.rest.take() {
+            Some(piece) if !piece.data.is_empty() => {
+                if let Some(watch) = &piece.watch {
+                    watch.yielded();
+                }
+                Poll::Ready(Some(Ok(Bytes::from_owner(piece))))
+            }
+            _ => Poll::Ready(None),
         }
-        let end = (self.sent + PIECE).min(self.data.len());
-        let piece = self.data.slice(self.sent..end);
-        self.sent = end;
-        if let Some(watch) = &self._watch {
-            watch.yielded();
-        }
-        Poll::Ready(Some(Ok(piece)))
     }
 }
 

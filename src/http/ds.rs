@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
 use tokio::time::Instant;
 
-use super::body::{self, SlicedBody};
+use super::body::{self, SharedBody};
 use super::watchdog::{self, ConnSocket};
 use super::{authorize, Access, ApiError, AppState};
 use crate::cursor;
@@ -189,11 +189,11 @@ fn chunk_response(req: &HttpRequest, read: &Read, chunk: Chunk) -> Result<HttpRe
     if chunk.body.len() <= body::SMALL {
         return Ok(builder.body(chunk.body));
     }
-    // Big enough to wait in this process for a slow client: sent in slices, counted against
-    // ds.max_unsent_bytes, and watched for a client that stops reading.
+    // Big enough to wait in this process for a slow client: sent from the shared buffer,
+    // counted against ds.max_unsent_bytes, and watched for a client that stops reading.
     let share = body::share(&chunk.body).map_err(|_| unsent_budget_full())?;
     let watch = watchdog::watch(read.socket, "read", None);
-    Ok(builder.body(SlicedBody::new(chunk.body, share, watch)))
+    Ok(builder.body(SharedBody::new(chunk.body, share, watch)))
 }
 
 fn unsent_budget_full() -> ApiError {

@@ -48,6 +48,11 @@ impl fmt::Debug for Codec {
 }
 
 impl Codec {
+    /// anycable-ds patch: see `MessageEncoder::take_sized_chunk`.
+    pub(crate) fn take_sized_chunk(&mut self, len: usize) -> bool {
+        self.encoder.take_sized_chunk(len)
+    }
+
     /// Create HTTP/1 codec.
     ///
     /// `keepalive_enabled` how response `connection` header get generated.

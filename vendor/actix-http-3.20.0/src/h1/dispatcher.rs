@@ -11,7 +11,7 @@ use std::{
 use actix_codec::{Framed, FramedParts};
 use actix_service::Service;
 use bitflags::bitflags;
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_core::ready;
 use pin_project_lite::pin_project;
 use tokio::{
@@ -38,6 +38,10 @@ use crate::{
 
 const LW_BUFFER_SIZE: usize = 1024;
 const HW_BUFFER_SIZE: usize = 1024 * 8;
+
+/// anycable-ds patch: body chunks of sized responses from this size up are written from their
+/// own buffer instead of being copied into the write buffer.
+const ZERO_COPY_MIN: usize = 1024 * 16;
 const MAX_PIPELINED_MESSAGES: usize = 16;
 
 /// Write buffer capacity at which we reallocate it after flushing.
@@ -186,6 +190,10 @@ pin_project! {
         read_buf: BytesMut,
         write_buf: BytesMut,
 
+        // anycable-ds patch: large body chunks of sized responses, written as they are (no copy
+        // into `write_buf`). Everything in this queue goes out before `write_buf`.
+        write_queue: VecDeque<Bytes>,
+
         // Number of bytes to busy-buffer before flushing.
         h1_write_buffer_size: usize,
 
@@ -306,6 +314,7 @@ where
                     io: Some(io),
                     read_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
                     write_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
+                    write_queue: VecDeque::new(),
                     h1_write_buffer_size: config.h1_write_buffer_size(),
                     write_buf_needs_reset: false,
                     codec: Codec::new(config),
@@ -362,11 +371,27 @@ where
         let InnerDispatcherProj {
             io,
             write_buf,
+            write_queue,
             h1_write_buffer_size,
             write_buf_needs_reset,
             ..
         } = self.project();
         let mut io = Pin::new(io.as_mut().unwrap());
+
+        // anycable-ds patch: queued body chunks first, in order, each straight from its buffer.
+        while let Some(chunk) = write_queue.front_mut() {
+            match io.as_mut().poll_write(cx, chunk)? {
+                Poll::Ready(0) => {
+                    error!("write zero; closing");
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::WriteZero, "")));
+                }
+                Poll::Ready(n) if n >= chunk.len() => {
+                    write_queue.pop_front();
+                }
+                Poll::Ready(n) => chunk.advance(n),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
 
         // Allow normal buffer growth, but do not retain allocations caused by large response
         // chunks on idle connections.
@@ -684,6 +709,20 @@ where
                     // get blocked or finished.
                     while this.write_buf.len() < *this.h1_write_buffer_size {
                         match body.as_mut().poll_next(cx) {
+                            // anycable-ds patch: a large chunk of a sized body is queued as it
+                            // is (a reference to its buffer) rather than copied into the write
+                            // buffer; what the write buffer holds so far goes before it.
+                            Poll::Ready(Some(Ok(item)))
+                                if item.len() >= ZERO_COPY_MIN
+                                    && this.codec.take_sized_chunk(item.len()) =>
+                            {
+                                if !this.write_buf.is_empty() {
+                                    this.write_queue.push_back(this.write_buf.split().freeze());
+                                }
+                                this.write_queue.push_back(item);
+                                return Ok(PollResponse::DrainWriteBuf);
+                            }
+
                             Poll::Ready(Some(Ok(item))) => {
                                 this.codec
                                     .encode(Message::Chunk(Some(item)), this.write_buf)?;
@@ -1281,7 +1320,14 @@ where
             mem::take(this.codec),
             mem::take(this.read_buf),
         );
-        parts.write_buf = mem::take(this.write_buf);
+        // anycable-ds patch: queued chunks (none in practice: an upgrade follows a finished
+        // response) keep their place before the write buffer.
+        let mut write_buf = BytesMut::new();
+        for chunk in this.write_queue.drain(..) {
+            write_buf.extend_from_slice(&chunk);
+        }
+        write_buf.extend_from_slice(this.write_buf);
+        parts.write_buf = write_buf;
         let framed = Framed::from_parts(parts);
         this.flow.upgrade.as_ref().unwrap().call((req, framed))
     }
@@ -1467,7 +1513,7 @@ where
                     }
 
                     // keep-alive and stream errors
-                    if state_is_none && inner_p.write_buf.is_empty() {
+                    if state_is_none && inner_p.write_buf.is_empty() && inner_p.write_queue.is_empty() {
                         if let Some(err) = inner_p.error.take() {
                             error!("stream error: {}", &err);
                             return Poll::Ready(Err(err));

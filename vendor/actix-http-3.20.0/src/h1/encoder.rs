@@ -349,6 +349,20 @@ impl MessageType for RequestHeadType {
 }
 
 impl<T: MessageType> MessageEncoder<T> {
+    /// anycable-ds patch: counts a body chunk of a sized response (Content-Length) that the
+    /// dispatcher writes itself, straight from its shared buffer, as if it had been encoded
+    /// (identity encoding adds no framing). False when the response is not sized or the chunk
+    /// would overrun the length; the chunk must then go through `encode_chunk`.
+    pub fn take_sized_chunk(&mut self, len: usize) -> bool {
+        match self.te.kind {
+            TransferEncodingKind::Length(ref mut remaining) if len > 0 && *remaining >= len as u64 => {
+                *remaining -= len as u64;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Encode chunk.
     pub fn encode_chunk(&mut self, msg: &[u8], buf: &mut BytesMut) -> io::Result<bool> {
         self.te.encode(msg, buf)

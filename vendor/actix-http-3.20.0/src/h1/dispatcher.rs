@@ -707,7 +707,14 @@ where
                 StateProj::SendPayload { mut body } => {
                     // keep populate writer buffer until buffer size limit hit,
                     // get blocked or finished.
-                    while this.write_buf.len() < *this.h1_write_buffer_size {
+                    //
+                    // anycable-ds patch: nor while a queued chunk waits to be written, so a
+                    // body that yields many large chunks cannot queue more than one of them
+                    // for a client that does not read (and the body ends only once its last
+                    // chunk is written).
+                    while this.write_buf.len() < *this.h1_write_buffer_size
+                        && this.write_queue.is_empty()
+                    {
                         match body.as_mut().poll_next(cx) {
                             // anycable-ds patch: a large chunk of a sized body is queued as it
                             // is (a reference to its buffer) rather than copied into the write

@@ -3,8 +3,9 @@
 //! `POST …/connect` as an AnyCable application does, and records every call.
 //!
 //! Its `connect` decides by the `session` cookie it is shown: `session=good…` is SUCCESS,
-//! `session=expired` is FAILURE with AnyCable's `token_expired` disconnect, anything else is
-//! FAILURE. A test can switch it to misbehave (HTTP 500, status ERROR, slow answers). The
+//! `session=expired` is FAILURE with AnyCable's `token_expired` disconnect, `session=boom` is
+//! ERROR (what anycable-rails answers when `connect` raises), `session=crash` is HTTP 500,
+//! anything else is FAILURE. A test can switch it to misbehave (HTTP 500, status ERROR, slow answers). The
 //! end-to-end suite runs the real `@anycable/serverless-js` instead (tests/e2e).
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix_web::http::KeepAlive;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::{json, Value};
 
@@ -57,6 +59,7 @@ struct Shared {
 pub struct RpcApp {
     /// Base URL to give as `--rpc_host` (with a path prefix, as Rails mounts it).
     pub url: String,
+    addr: std::net::SocketAddr,
     shared: Arc<Shared>,
     handle: actix_web::dev::ServerHandle,
 }
@@ -69,8 +72,11 @@ impl RpcApp {
         std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let data = web::Data::from(app_shared);
+                // No keep-alive: once stopped, nothing answers, not even a connection the server
+                // under test kept open from an earlier call.
                 let server =
                     HttpServer::new(move || App::new().app_data(data.clone()).default_service(web::to(connect)))
+                        .keep_alive(KeepAlive::Disabled)
                         .workers(2)
                         .bind(("127.0.0.1", 0))
                         .expect("bind the test application");
@@ -81,7 +87,7 @@ impl RpcApp {
             })
         });
         let (addr, handle) = rx.recv_timeout(Duration::from_secs(10)).expect("test application started");
-        RpcApp { url: format!("http://{addr}/_anycable"), shared, handle }
+        RpcApp { url: format!("http://{addr}/_anycable"), addr, shared, handle }
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -106,9 +112,16 @@ impl RpcApp {
         self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
-    /// Stops answering (connections are then refused).
+    /// Stops answering, and returns once connections to its port are refused: a stop is
+    /// not immediate (the listener closes after the call returns), and a test that reads
+    /// right after it must find the application down.
     pub async fn stop(&self) {
         self.handle.stop(false).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+            assert!(std::time::Instant::now() < deadline, "the test application still accepts connections");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -137,6 +150,8 @@ async fn connect(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) 
         Mode::Normal => {
             let session = cookie.split(';').map(str::trim).find_map(|pair| pair.strip_prefix("session="));
             let answer = match session {
+                Some("boom") => json!({"status": 0, "error_msg": "NoMethodError in connect"}),
+                Some("crash") => return HttpResponse::InternalServerError().body("<html>crash</html>"),
                 Some(s) if s.starts_with("good") => json!({
                     "status": 1,
                     "identifiers": "{\"user_id\":42}",

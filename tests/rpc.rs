@@ -255,14 +255,23 @@ async fn at_most_rpc_concurrency_calls_under_200_readers() {
     assert_eq!(server.metric("rpc_pending_num").await, 0.0);
 }
 
+/// A client whose connections come from loopback address `127.0.0.{n}`: the server sees
+/// another client address (Linux routes all of 127/8 to the loopback interface).
+fn client_from(n: u8) -> reqwest::Client {
+    reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, n])).build().unwrap()
+}
+
 #[tokio::test]
 async fn a_failing_application_is_not_stampeded_and_is_used_again_once_it_answers() {
     let app = RpcApp::start();
     app.set_mode(Mode::Http500);
     let dir = temp_dir();
     let server = start(dir.path(), &app, &[]);
-    for _ in 0..40 {
-        assert_eq!(get(&server, "a?offset=-1", Some(GOOD)).await.status(), 503);
+    // Forty readers, each from an address of its own: HTTP 500 to all of them is the
+    // application failing (one client's 500s could be about its own input: next test).
+    for i in 0..40 {
+        let response = client_from(2 + i).get(server.ds("a?offset=-1")).header("cookie", GOOD).send().await.unwrap();
+        assert_eq!(response.status(), 503);
     }
     let calls = app.call_count();
     assert!(calls <= 12, "{calls} calls reached the failing application for 40 reads");
@@ -287,6 +296,29 @@ async fn a_failing_application_is_not_stampeded_and_is_used_again_once_it_answer
         assert_eq!(get(&server, "a?offset=-1", Some(GOOD)).await.status(), 200);
     }
     assert_eq!(server.metric("rpc_breaker_open").await, 0.0);
+}
+
+#[tokio::test]
+async fn one_client_flooding_a_cookie_the_application_fails_on_cannot_switch_reads_off() {
+    let app = RpcApp::start();
+    let dir = temp_dir();
+    let server = start(dir.path(), &app, &[]);
+    server.publish("room", numbered(1..=1)).await;
+    // `session=boom` makes the application answer ERROR (an exception in `connect`),
+    // `session=crash` HTTP 500: input in the client's hands, 503 for that client alone.
+    let flooder = client_from(66);
+    for round in 0..60 {
+        let cookie = if round % 2 == 0 { "session=boom" } else { "session=crash" };
+        let response = flooder.get(server.ds("room?offset=-1")).header("cookie", cookie).send().await.unwrap();
+        assert_eq!(error_of(response).await, (503, "auth_unavailable".into()), "round {round}");
+        if round % 10 == 9 {
+            let good = get(&server, "room?offset=-1", Some(GOOD)).await;
+            assert_eq!(good.status(), 200, "a good cookie during the flood (round {round})");
+        }
+    }
+    assert_eq!(server.metric("rpc_breaker_open").await, 0.0);
+    assert_eq!(server.metric("rpc_breaker_refused_total").await, 0.0);
+    assert_eq!(app.call_count(), 66, "every read asked the application");
 }
 
 #[tokio::test]

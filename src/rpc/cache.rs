@@ -119,7 +119,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn env(url: &str, cookie: &str) -> Env {
-        Env { url: url.into(), headers: BTreeMap::from([("cookie".to_string(), cookie.to_string())]) }
+        Env { url: url.into(), headers: BTreeMap::from([("cookie".to_string(), cookie.to_string())]), client: None }
     }
 
     #[test]

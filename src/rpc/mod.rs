@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use crate::auth::AuthError;
 use crate::config::Config;
 use crate::metrics;
-use breaker::{Breaker, Outcome};
+use breaker::{Breaker, Client, Outcome};
 
 /// AnyCable's RPC protocol version, sent as `X-Anycable-Meta-Protov`.
 const PROTO_VERSION: &str = "v1";
@@ -77,6 +77,9 @@ pub struct Env {
     pub url: String,
     /// The proxied request headers (lower-case names) and `REMOTE_ADDR`.
     pub headers: BTreeMap<String, String>,
+    /// The reader's address, for the circuit breaker's blame (not sent).
+    #[serde(skip)]
+    pub client: Option<IpAddr>,
 }
 
 /// Why the application did not authenticate a read.
@@ -182,7 +185,7 @@ impl Rpc {
         if let Some(ip) = remote {
             proxied.insert("REMOTE_ADDR".into(), ip.to_string());
         }
-        Env { url, headers: proxied }
+        Env { url, headers: proxied, client: remote }
     }
 
     /// Asks the application whether this reader may connect: `Ok(identifiers)` when it may.
@@ -234,6 +237,7 @@ impl Rpc {
         let _in_flight = metrics::GaugeGuard::new(&m.rpc_in_flight);
         m.rpc_calls.inc();
         let started = Instant::now();
+        let client = Client::of(env.client);
         let answer = tokio::time::timeout_at(deadline, self.post(&env)).await;
         drop(env); // the cookie is not kept past the call
         m.rpc_seconds.observe(started.elapsed().as_secs_f64());
@@ -250,7 +254,7 @@ impl Rpc {
                 verdict
             }
             Err(failure) => {
-                ticket.report(Outcome::Failed);
+                ticket.report(failure.outcome(client));
                 m.rpc_errors.inc();
                 self.warn(&failure.to_string());
                 Err(RpcError::Unavailable)
@@ -374,6 +378,19 @@ enum Failure {
     Answer(String),
     #[error("the application answered ERROR: {0}")]
     AppError(String),
+}
+
+impl Failure {
+    /// How the circuit breaker counts it (breaker.rs): no answer at all is the application
+    /// failing; an answer that is no verdict may be about this client's input.
+    fn outcome(&self, client: Client) -> Outcome {
+        match self {
+            Failure::Unreachable(_) | Failure::Timeout => Outcome::Failed,
+            Failure::Encode | Failure::Status(_) | Failure::Answer(_) | Failure::AppError(_) => {
+                Outcome::Unusable(client)
+            }
+        }
+    }
 }
 
 /// Reads a connect answer. `status` is AnyCable's enum, as a number (`@anycable/serverless-js`

@@ -68,6 +68,12 @@ pub struct ServerConfig {
     /// Seconds a response may go without the client taking any of it before the connection
     /// is closed (a client that stops reading holds no memory beyond this).
     pub write_timeout: u64,
+    /// Seconds a request body (a broadcast) may take to arrive in full; then `408` and the
+    /// connection is closed.
+    pub body_timeout: u64,
+    /// Most bytes of request bodies received and held at once, all connections together;
+    /// beyond it requests with a body get `503` + `Retry-After`.
+    pub max_body_bytes_in_flight: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +225,8 @@ impl Default for ServerConfig {
             workers: 0,
             max_connections: 0,
             write_timeout: 30,
+            body_timeout: 30,
+            max_body_bytes_in_flight: 64 * 1024 * 1024,
         }
     }
 }
@@ -341,6 +349,12 @@ pub struct Cli {
     /// Seconds a response may make no progress before its connection is closed (server.write_timeout) [default: 30]
     #[arg(long = "write_timeout", env = "ANYCABLE_WRITE_TIMEOUT")]
     pub write_timeout: Option<u64>,
+    /// Seconds a request body may take to arrive in full, then 408 (server.body_timeout) [default: 30]
+    #[arg(long = "body_timeout", env = "ANYCABLE_BODY_TIMEOUT")]
+    pub body_timeout: Option<u64>,
+    /// Most request body bytes held at once, all connections together (server.max_body_bytes_in_flight) [default: 67108864]
+    #[arg(long = "max_body_bytes_in_flight", env = "ANYCABLE_MAX_BODY_BYTES_IN_FLIGHT")]
+    pub max_body_bytes_in_flight: Option<u64>,
 
     /// URL prefix of Durable Streams reads (ds.path) [default: /ds]
     #[arg(long = "ds_path", env = "ANYCABLE_DS_PATH")]
@@ -494,6 +508,8 @@ impl Cli {
         push(&mut out, "server.workers", &self.workers.map(|v| v as u64));
         push(&mut out, "server.max_connections", &self.max_connections);
         push(&mut out, "server.write_timeout", &self.write_timeout);
+        push(&mut out, "server.body_timeout", &self.body_timeout);
+        push(&mut out, "server.max_body_bytes_in_flight", &self.max_body_bytes_in_flight);
         push(&mut out, "ds.path", &self.ds_path);
         push(&mut out, "ds.skip_auth", &self.ds_skip_auth);
         push(&mut out, "ds.poll_interval", &self.ds_poll_interval);
@@ -644,6 +660,8 @@ impl Config {
             ("storage.cache_capacity", self.storage.cache_capacity, 1 << 20..=TIB, " bytes"),
             ("storage.read_cache_bytes", self.storage.read_cache_bytes, 0..=TIB, " bytes (0 = off)"),
             ("server.write_timeout", self.server.write_timeout, 1..=3600, " seconds"),
+            ("server.body_timeout", self.server.body_timeout, 1..=3600, " seconds"),
+            ("server.max_body_bytes_in_flight", self.server.max_body_bytes_in_flight, 1 << 20..=TIB, " bytes"),
             ("ds.max_unsent_bytes", self.ds.max_unsent_bytes, 1 << 20..=TIB, " bytes"),
             ("ds.max_transient_bytes", self.ds.max_transient_bytes, 0..=TIB, " bytes"),
             ("storage.max_streams_loaded", self.storage.max_streams_loaded, 1..=1 << 32, ""),

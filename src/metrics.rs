@@ -39,6 +39,10 @@ pub struct Metrics {
     pub transient_dropped: IntCounter,
     pub live_readers_refused: IntCounter,
     pub stalled_disconnects: IntCounterVec,
+    pub body_bytes: IntGauge,
+    pub body_capacity: IntGauge,
+    pub body_refused: IntCounter,
+    pub body_timeouts: IntCounter,
     pub rpc_calls: IntCounter,
     pub rpc_results: IntCounterVec,
     pub rpc_errors: IntCounter,
@@ -177,6 +181,31 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
                 &["reason"],
             )
             .unwrap(),
+        ),
+        body_bytes: register(
+            &r,
+            IntGauge::new("http_body_bytes", "Bytes of request bodies being received and held now").unwrap(),
+        ),
+        body_capacity: register(
+            &r,
+            IntGauge::new(
+                "http_body_capacity_bytes",
+                "Most request body bytes held at once (max_body_bytes_in_flight)",
+            )
+            .unwrap(),
+        ),
+        body_refused: register(
+            &r,
+            IntCounter::new(
+                "http_body_refused_total",
+                "Requests refused because server.max_body_bytes_in_flight was reached",
+            )
+            .unwrap(),
+        ),
+        body_timeouts: register(
+            &r,
+            IntCounter::new("http_body_timeout_total", "Requests whose body did not arrive within server.body_timeout")
+                .unwrap(),
         ),
         rpc_calls: register(&r, IntCounter::new("rpc_call_total", "Calls made to the application's RPC").unwrap()),
         rpc_results: register(

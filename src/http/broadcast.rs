@@ -2,9 +2,8 @@
 
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 
-use super::{ApiError, AppState};
+use super::{request_body, ApiError, AppState};
 use crate::{auth, ingest, metrics};
 
 pub async fn handle(
@@ -23,28 +22,17 @@ pub async fn handle(
             }
         }
         let limit = usize::try_from(state.config.http_broadcast.max_body).unwrap_or(usize::MAX);
-        let too_large = || {
-            ("too_large", ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {limit} bytes")))
-        };
-        let declared =
-            req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
-            return Err(too_large());
-        }
-        let mut body = web::BytesMut::new();
-        while let Some(piece) = payload.next().await {
-            let piece = piece.map_err(|e| ("body", ApiError::bad_request(format!("cannot read body: {e}"))))?;
-            if body.len() + piece.len() > limit {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&piece);
-        }
-        let broadcast = ingest::parse(&body).map_err(|e| ("invalid", ApiError::bad_request(e.0)))?;
-        Ok(broadcast)
+        let body = request_body::read(&req, &mut payload, &state.body_budget, limit, "http_broadcast.max_body")
+            .await
+            .map_err(request_body::BodyError::into_api)?;
+        let broadcast = ingest::parse(&body.bytes).map_err(|e| ("invalid", ApiError::bad_request(e.0)))?;
+        Ok((broadcast, body))
     }
     .await;
-    let broadcast = match result {
-        Ok(broadcast) => broadcast,
+    // `_body` keeps the body's share of server.max_body_bytes_in_flight until the broadcast
+    // is stored: the parsed messages are copies of it.
+    let (broadcast, _body) = match result {
+        Ok(parsed) => parsed,
         Err((reason, error)) => {
             metrics::get().broadcast_rejected.with_label_values(&[reason]).inc();
             return Err(error);

@@ -5,6 +5,7 @@ pub mod body;
 mod broadcast;
 mod ds;
 mod ops;
+pub mod request_body;
 pub mod watchdog;
 
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub struct AppState {
     credential_headers: Arc<str>,
     /// The application's RPC, when it authenticates readers.
     rpc: Option<crate::rpc::Rpc>,
+    /// Deadline and shared budget of request bodies.
+    body_budget: request_body::BodyBudget,
 }
 
 impl AppState {
@@ -54,7 +57,12 @@ impl AppState {
                 .extend(config.rpc.proxy_headers.split(',').filter(|h| !h.is_empty()).map(canonical_header_name));
         }
         let credential_headers = Arc::from(credential_headers.join(", "));
+        let body_budget = request_body::BodyBudget::new(
+            config.server.max_body_bytes_in_flight,
+            std::time::Duration::from_secs(config.server.body_timeout),
+        );
         AppState {
+            body_budget,
             engine,
             config,
             broadcast_key,
@@ -101,11 +109,18 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     allow: Option<&'static str>,
+    /// Close the connection after the answer (a request body was left unread).
+    close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), allow: None }
+        ApiError { status, message: message.into(), allow: None, close: false }
+    }
+
+    /// The same answer, and the connection is closed after it.
+    pub fn closing(self) -> ApiError {
+        ApiError { close: true, ..self }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -113,7 +128,12 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(allow: &'static str) -> ApiError {
-        ApiError { status: StatusCode::METHOD_NOT_ALLOWED, message: "method not allowed".into(), allow: Some(allow) }
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: "method not allowed".into(),
+            allow: Some(allow),
+            close: false,
+        }
     }
 
     /// Logs server-side failures (the client only learns the kind).
@@ -149,6 +169,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status);
         if let Some(allow) = self.allow {
             response.insert_header((header::ALLOW, allow));
+        }
+        if self.close {
+            response.force_close();
         }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Busy or recovering: a short pause is enough; clients back off on repeats.

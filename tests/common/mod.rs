@@ -129,8 +129,12 @@ impl Server {
         server
     }
 
+    /// The server binary: this build's, or `ANYCABLE_DS_TEST_BINARY` (to compare builds
+    /// with the same test, e.g. a soak before and after a fix).
     pub fn command(dir: &Path) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_anycable-ds"));
+        let binary = std::env::var_os("ANYCABLE_DS_TEST_BINARY")
+            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_anycable-ds")), PathBuf::from);
+        let mut command = Command::new(binary);
         command.current_dir(dir);
         for (key, _) in std::env::vars() {
             if key.starts_with("ANYCABLE_") || key == "PORT" || key == "RUST_LOG" {

@@ -527,6 +527,7 @@ where
                     && should_close_for_unread_payload(
                         this.payload.as_ref(),
                         *this.payload_drainable,
+                        res.head().keep_alive(),
                     ),
             )
         };
@@ -577,6 +578,7 @@ where
                     && should_close_for_unread_payload(
                         this.payload.as_ref(),
                         *this.payload_drainable,
+                        res.head().keep_alive(),
                     ),
             )
         };
@@ -745,6 +747,7 @@ where
                                 let close_for_unread_payload = should_close_for_unread_payload(
                                     this.payload.as_ref(),
                                     *this.payload_drainable,
+                                    this.codec.keep_alive(),
                                 );
                                 let not_pipelined = this.messages.is_empty();
 
@@ -803,6 +806,7 @@ where
                                 let close_for_unread_payload = should_close_for_unread_payload(
                                     this.payload.as_ref(),
                                     *this.payload_drainable,
+                                    this.codec.keep_alive(),
                                 );
                                 let not_pipelined = this.messages.is_empty();
 
@@ -1566,9 +1570,15 @@ where
 fn should_close_for_unread_payload(
     payload: Option<&PayloadSender>,
     payload_drainable: bool,
+    keep_alive: bool,
 ) -> bool {
     let payload_unfinished = payload.is_some();
-    let drain_payload = payload.is_some_and(|pl| pl.is_dropped()) && payload_drainable;
+    // anycable-ds patch: a dropped chunked payload is drained (read to its end) only to keep
+    // the connection alive; after a response that closes the connection (`force_close`: the
+    // client was too slow or sent too much) it is not waited for, or a client that stalls
+    // mid-body would hold the connection for ever.
+    let drain_payload =
+        payload.is_some_and(|pl| pl.is_dropped()) && payload_drainable && keep_alive;
 
     payload_unfinished && !drain_payload
 }

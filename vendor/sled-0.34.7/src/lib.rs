@@ -241,6 +241,9 @@ mod threadpool {
         promise_filler.fill((work)());
         Ok(promise)
     }
+
+    // anycable-ds patch: see `spawn_truncation` in threadpool.rs; here every task runs in place.
+    pub use self::spawn as spawn_truncation;
 }
 
 #[cfg(all(

@@ -2,7 +2,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -212,6 +215,60 @@ where
 
     if depth > DESIRED_WAITING_THREADS {
         maybe_spawn_new_thread()?;
+    }
+
+    Ok(promise)
+}
+
+// anycable-ds patch: file truncations run on a thread of their own, never on the pool above.
+// The segment accountant waits for a queued truncation while it holds its own lock
+// (`SegmentAccountant::bump_tip`), and every pool thread can be waiting for that lock
+// (`IoBufs::sa_stabilize`); a truncation queued behind them never ran, and sled hung for good.
+// This thread only shortens and syncs the file: it takes no lock of sled's, so it always gets
+// to the truncation. See docs/DECISIONS.md.
+type TruncationQueue = Mutex<Option<mpsc::Sender<Work>>>;
+
+static TRUNCATIONS: Lazy<TruncationQueue, fn() -> TruncationQueue> =
+    Lazy::new(start_truncation_thread);
+
+fn start_truncation_thread() -> TruncationQueue {
+    let (sender, receiver) = mpsc::channel::<Work>();
+    let spawned = thread::Builder::new()
+        .name("sled-truncate".to_string())
+        .spawn(move || {
+            // In order, one at a time; ends only if a task panics, and then the
+            // tasks sent after it run in place (below).
+            for task in receiver {
+                (task)();
+            }
+        });
+    match spawned {
+        Ok(_) => Mutex::new(Some(sender)),
+        Err(e) => {
+            warn!("failed to spawn the file truncation thread: {:?}", e);
+            Mutex::new(None)
+        }
+    }
+}
+
+/// Runs a file truncation on the truncation thread, or on this thread if there is none.
+pub fn spawn_truncation<F, R>(work: F) -> Result<OneShot<R>>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static + Sized,
+{
+    let (promise_filler, promise) = OneShot::pair();
+    let task: Work = Box::new(move || {
+        let result = (work)();
+        promise_filler.fill(result);
+    });
+
+    let unsent = match &*TRUNCATIONS.lock() {
+        Some(sender) => sender.send(task).err().map(|mpsc::SendError(task)| task),
+        None => Some(task),
+    };
+    if let Some(task) = unsent {
+        (task)();
     }
 
     Ok(promise)

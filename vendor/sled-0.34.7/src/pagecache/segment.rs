@@ -1095,7 +1095,9 @@ impl SegmentAccountant {
         let config = self.config.clone();
 
         io_fail!(&config, "file truncation");
-        threadpool::spawn(move || {
+        // anycable-ds patch: not on the shared I/O pool, whose threads can all be waiting for
+        // this accountant while `bump_tip` waits for this truncation (see threadpool.rs).
+        threadpool::spawn_truncation(move || {
             debug!("truncating file to length {}", at);
             let res = config
                 .file

@@ -72,6 +72,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
                 http::allows_credentials(&app_config),
                 actix_web::middleware::from_fn(http::credentials),
             ))
+            .wrap(actix_web::middleware::from_fn(http::json_errors))
             .wrap(http::default_headers())
             .configure(http::configure(state.clone()))
     })

@@ -211,3 +211,56 @@ async fn repeated_parameters_and_undecodable_queries_are_refused() {
     let response = server.get(&format!("s?offset={}", tail.replace('_', "%5F"))).await;
     assert!(common::read_parts(response).await.0.is_empty());
 }
+
+#[tokio::test]
+async fn errors_made_outside_our_handlers_are_json_too() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--allowed_origins", "https://app.example"]);
+    // actix-cors refuses these preflights; its own answer is plain text.
+    for (origin, method, headers) in [
+        ("https://evil.example", "GET", "x-signed"),
+        ("https://app.example", "PATCH", "x-signed"),
+        ("https://app.example", "GET", "x-not-allowed"),
+    ] {
+        let refused = server
+            .client
+            .request(reqwest::Method::OPTIONS, server.ds("s?offset=-1"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", method)
+            .header("Access-Control-Request-Headers", headers)
+            .send()
+            .await
+            .unwrap();
+        let what = format!("preflight from {origin} for {method} with {headers}");
+        assert!(refused.status().is_client_error(), "{what}: {}", refused.status());
+        let status = refused.status().as_u16();
+        expect_error(refused, status, &what).await;
+    }
+    // A URL or headers over actix's head limit, and a request that is not HTTP: the
+    // dispatcher's own answers (431, 400), then the connection closes.
+    let long_url = format!("GET /ds/s?offset=-1&pad={} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(64 * 1024));
+    let big_header = format!("GET /ds/s?offset=-1 HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "b".repeat(256 * 1024));
+    let malformed = "GET /ds/s?offset=-1 HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".to_string();
+    for (what, request, expected) in
+        [("a 64 KiB URL", long_url, 400), ("a 256 KiB header", big_header, 431), ("no HTTP", malformed, 400)]
+    {
+        let (status, text) = raw_exchange(&server, request.as_bytes());
+        assert_eq!(status, expected, "{what}: {}", &text[..text.len().min(300)]);
+        assert!(text.contains("content-type: application/json") && text.contains(r#"{"error":"#), "{what}: {text}");
+    }
+    // The server still answers.
+    assert_eq!(server.get("s?offset=-1").await.status(), 200);
+}
+
+/// Sends `request` on a connection of its own and reads until the server closes it.
+fn raw_exchange(server: &Server, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = server.url("/").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    socket.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    let _ = socket.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    (text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0), text)
+}

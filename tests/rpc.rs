@@ -110,6 +110,30 @@ async fn hostile_header_values_reach_the_application_intact_or_not_at_all() {
 }
 
 #[tokio::test]
+async fn a_host_header_that_is_not_a_plain_host_never_reaches_the_application() {
+    let app = RpcApp::start();
+    let dir = temp_dir();
+    let server = start(dir.path(), &app, &[]);
+    let read = |host: &'static str| {
+        let request = server.client.get(server.ds("room?offset=-1")).header("cookie", GOOD).header("host", host);
+        async move { request.send().await.unwrap() }
+    };
+    // Another stream's URL, a user part, a path, a bad port, spaces: 400, no call.
+    for host in ["evil.com/ds/other?x=", "evil.com@127.0.0.1", "a b", "host:99999", "h:1/x", "[::1]junk", "h?x"] {
+        assert_eq!(error_of(read(host).await).await, (400, "invalid Host header".into()), "{host:?}");
+    }
+    assert_eq!(app.call_count(), 0);
+    // Plain hosts, as proxies and browsers send them: the URL is built from them.
+    for (host, url) in [
+        ("app.example.com", "http://app.example.com/ds/room?offset=-1"),
+        ("[::1]:8080", "http://[::1]:8080/ds/room?offset=-1"),
+    ] {
+        assert_eq!(read(host).await.status(), 200, "{host}");
+        assert_eq!(app.calls().last().unwrap().body["env"]["url"], url);
+    }
+}
+
+#[tokio::test]
 async fn an_explicit_rpc_secret_wins_over_the_derived_one() {
     let app = RpcApp::start();
     let dir = temp_dir();

@@ -4,9 +4,12 @@
 pub mod body;
 mod broadcast;
 mod ds;
+mod json_errors;
 mod ops;
 pub mod request_body;
 pub mod watchdog;
+
+pub use json_errors::json_errors;
 
 use std::sync::Arc;
 
@@ -343,7 +346,7 @@ async fn authorize(
         _ => return Err(AuthError::Unauthorized.into()),
     }
     if let (false, Some(rpc)) = (authenticated, &state.rpc) {
-        let env = rpc.env(request_url(req), req.headers(), req.peer_addr().map(|a| a.ip()));
+        let env = rpc.env(request_url(req)?, req.headers(), req.peer_addr().map(|a| a.ip()));
         let identifiers = rpc.authenticate(env).await?;
         log::debug!("application authenticated client {identifiers:?} for stream {stream:?}");
         access = Access::Private;
@@ -353,10 +356,45 @@ async fn authorize(
 
 /// The full URL of a request, as AnyCable gives it to the application: `http://` (this
 /// server does not terminate TLS), the `Host` the client asked for, the path and query as sent.
-fn request_url(req: &HttpRequest) -> String {
-    let host = header_value(req, "host").unwrap_or_else(|| req.app_config().host());
+/// The application may trust this URL (its path names the stream), so a `Host` that is not a
+/// plain `host[:port]` is refused: `Host: evil.com/ds/other?x=` would show it another URL.
+fn request_url(req: &HttpRequest) -> Result<String, ApiError> {
+    let host = match req.headers().get(header::HOST) {
+        Some(value) => value.to_str().ok().filter(|h| valid_host(h)),
+        None => Some(req.app_config().host()),
+    };
+    let Some(host) = host else {
+        return Err(ApiError::bad_request("invalid Host header"));
+    };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    format!("http://{host}{path}")
+    Ok(format!("http://{host}{path}"))
+}
+
+/// `host[:port]` as RFC 3986 allows it in an `http` URL: a name of letters, digits, `-`, `.`,
+/// `_` and `~` (or an IPv4 address), or an IPv6 address in brackets; the port a number up
+/// to 65535.
+fn valid_host(value: &str) -> bool {
+    let (host, port) = match value.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, after)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => match after {
+                "" => return true,
+                _ => match after.strip_prefix(':') {
+                    Some(port) => ("v6", port),
+                    None => return false,
+                },
+            },
+            _ => return false,
+        },
+        None => match value.rsplit_once(':') {
+            Some((host, port)) => (host, port),
+            None => (value, "80"),
+        },
+    };
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+    let port_ok = port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok();
+    name_ok && port_ok
 }
 
 /// `x-jid` → `X-Jid`, for headers we name in responses.
@@ -407,6 +445,34 @@ fn header_value<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_hosts_make_the_url_shown_to_the_application() {
+        for good in ["localhost", "localhost:8080", "app.example.com", "10.0.0.1:80", "[::1]", "[::1]:8080", "a_b~c"] {
+            assert!(valid_host(good), "{good}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "evil.com/ds/other?x=",
+            "a b",
+            "a@b",
+            "host:",
+            "host:123456",
+            "host:8o",
+            "[::1",
+            "[nope]",
+            "[::1]x",
+            "a:b:c",
+            "h#x",
+            "h\\x",
+            "h%2F",
+            "[::1]:",
+            "\u{e9}t\u{e9}",
+        ] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn origins_match_exactly_or_by_suffix_wildcard() {

@@ -660,7 +660,10 @@ where
                         // send_response would update InnerDispatcher state to SendPayload or None
                         // (If response body is empty)
                         // continue loop to poll it
-                        self.as_mut().send_error_response(res, BoxBody::new(()))?;
+                        // anycable-ds patch: every error answer is JSON, the dispatcher's own
+                        // too (a request head over the limit, a malformed request).
+                        let (res, body) = json_error(res);
+                        self.as_mut().send_error_response(res, body)?;
                     }
 
                     // return with upgrade request and poll it exclusively
@@ -1565,6 +1568,20 @@ where
             }
         }
     }
+}
+
+/// anycable-ds patch: `{"error": "..."}` as the body of an error the dispatcher answers.
+fn json_error(mut res: Response<()>) -> (Response<()>, BoxBody) {
+    let message = match res.status() {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request head too large (URL or headers)",
+        StatusCode::BAD_REQUEST => "malformed HTTP request",
+        _ => "internal server error",
+    };
+    res.headers_mut().insert(
+        crate::header::CONTENT_TYPE,
+        crate::header::HeaderValue::from_static("application/json"),
+    );
+    (res, BoxBody::new(format!("{{\"error\":\"{message}\"}}")))
 }
 
 fn should_close_for_unread_payload(

@@ -1,7 +1,7 @@
 //! The publish path: appends (one message, or one JetStream atomic batch) guarded by each
 //! stream's expected last sequence, which also gives every message its predecessor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,16 +129,20 @@ impl Cluster {
     async fn predecessors<'m>(&self, messages: &'m [NewMessage]) -> Result<HashMap<&'m str, Prev>, StorageError> {
         let mut prevs: HashMap<&str, Prev> = HashMap::new();
         let mut unknown: Vec<&str> = Vec::new();
+        let mut asked: HashSet<&str> = HashSet::new();
         for message in messages {
             let stream = message.stream.as_str();
-            if prevs.contains_key(stream) || unknown.contains(&stream) {
+            if prevs.contains_key(stream) || asked.contains(stream) {
                 continue;
             }
             match self.known_tail(stream) {
                 Some(seq) => {
                     prevs.insert(stream, Prev { expected: seq, chain: seq });
                 }
-                None => unknown.push(stream),
+                None => {
+                    asked.insert(stream);
+                    unknown.push(stream);
+                }
             }
         }
         let answers: Vec<(&str, Result<Option<u64>, StorageError>)> = futures_util::stream::iter(unknown)

@@ -264,3 +264,40 @@ async fn a_reader_whose_messages_all_expired_unread_gets_410() {
 async fn status(server: &Server, token: &str) -> u16 {
     server.get(&format!("s?offset={token}")).await.status().as_u16()
 }
+
+#[tokio::test]
+async fn a_live_reader_at_the_tail_of_a_quiet_stream_reads_on_after_its_messages_expire() {
+    let _turn = TURNS.lock().await;
+    let cluster = NatsCluster::start();
+    let (da, db) = (temp_dir(), temp_dir());
+    let args = ["--history_ttl", "4", "--ds_poll_interval", "1"];
+    let a = node(da.path(), &cluster, "QUIET", &args);
+    let b = node(db.path(), &cluster, "QUIET", &args);
+    let before = b.tail("q").await;
+    a.publish("q", numbered(1..=1)).await;
+    // A long-poll reader at the tail of "q" on node b, while other streams are written (so the
+    // stream-wide first sequence moves past q's message once it expires).
+    let mut position = b.tail("q").await;
+    let mut noise = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut polls_after_expiry = 0;
+    while polls_after_expiry < 3 {
+        assert!(Instant::now() < deadline, "watchdog: q's message did not expire within 30 s");
+        noise += 1;
+        a.publish("noise", numbered(noise..=noise)).await;
+        let response = b.get(&format!("q?offset={position}&live=long-poll")).await;
+        match response.status().as_u16() {
+            204 => position = common::header(&response, "stream-next-offset").unwrap(),
+            other => panic!("long-poll at the tail of a quiet stream answered {other}"),
+        }
+        if a.read("q", "-1").await.0.is_empty() {
+            polls_after_expiry += 1;
+        }
+    }
+    // The reader that missed message 1: 410. The one at the tail: the next message.
+    assert_eq!(b.get(&format!("q?offset={before}")).await.status(), 410);
+    a.publish("q", numbered(2..=2)).await;
+    let response = b.get(&format!("q?offset={position}&live=long-poll")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(read_parts(response).await.0, numbered(2..=2));
+}

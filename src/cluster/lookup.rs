@@ -7,7 +7,10 @@
 //! sequence learned after could already be past a message of that stream stored in between,
 //! and a reader going on from there would never get it.
 
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream;
 
@@ -66,5 +69,48 @@ impl Cluster {
         let seen = self.seen();
         let seq = self.leader_last(&self.subject(stream)).await?.unwrap_or(seen);
         Ok(Position { epoch: self.inner.epoch, seq })
+    }
+}
+
+/// Which sequences are old: stored at least half of `max_age` ago. From samples of `seen`
+/// taken once a second by the health check.
+///
+/// A reader at the last message L of a quiet stream is moved on (its next position becomes the
+/// stream-wide one) once L is old: when retention deletes L, JetStream forgets the stream's last
+/// sequence, and a reader still at L could not be told apart from one that missed messages
+/// (`read::nothing_after`). Live readers come back every `ds.poll_interval` or `ds.sse_ttl`, well
+/// within half of `history_ttl` by default. A fresh L is left alone: a re-read at the tail
+/// keeps its offset, as on the embedded engine.
+pub(super) struct Aging {
+    half: Duration,
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+    old: AtomicU64,
+}
+
+impl Aging {
+    pub(super) fn new(max_age: Duration) -> Aging {
+        Aging { half: max_age / 2, samples: Mutex::new(VecDeque::new()), old: AtomicU64::new(0) }
+    }
+
+    /// Records that `seen` was stored by now.
+    pub(super) fn sample(&self, seen: u64) {
+        if self.half.is_zero() {
+            return; // nothing ever expires
+        }
+        let now = Instant::now();
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        samples.push_back((now, seen));
+        let old_enough = |at: Instant| now.duration_since(at) >= self.half;
+        while samples.len() > 1 && old_enough(samples[1].0) {
+            samples.pop_front();
+        }
+        if let Some(&(_, seq)) = samples.front().filter(|(at, _)| old_enough(*at)) {
+            self.old.fetch_max(seq, Ordering::AcqRel);
+        }
+    }
+
+    /// Every sequence up to this one is old (0: none known to be).
+    pub(super) fn old(&self) -> u64 {
+        self.old.load(Ordering::Acquire)
     }
 }

@@ -26,9 +26,11 @@
 //! the subject was seen empty. So a message written into an empty subject names `F - 1` as
 //! its predecessor (`Ds-Prev`; a new stream's F - 1 is at or before any tail handed out for
 //! it), and a read after T of an empty subject is `410` when `T + 1 < F`. Both are exact for
-//! a reader that missed messages; a reader that had read the last one before it expired gets
-//! a `410` it did not need too (one re-read from the start), unless nothing else was stored
-//! in between. The sled engine keeps tombstones instead (docs/DECISIONS.md).
+//! a reader that missed messages. A reader at the last message would get that `410` too, so
+//! readers' positions move on to the stream-wide one while nothing of their stream lies
+//! between (`read::nothing_after`, `lookup::Aging`); only a reader away for longer than half
+//! of `history_ttl` can still get a `410` it did not need (docs/DECISIONS.md). The sled engine
+//! keeps tombstones instead.
 //!
 //! Read-your-writes: replicas may lag and any replica answers a Direct Get, so a read first
 //! learns what must be there (the tail this node was woken for, or the stream leader's last
@@ -95,6 +97,8 @@ struct Inner {
     leader: Arc<AtomicBool>,
     /// The highest stream-wide sequence known stored (see `lookup`).
     seen: Arc<AtomicU64>,
+    /// Which sequences were stored half of `max_age` ago (see `lookup::Aging`).
+    aging: Arc<lookup::Aging>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +175,7 @@ impl Cluster {
                 reads: tokio::sync::Semaphore::new(READS_AT_ONCE),
                 leader: Arc::new(AtomicBool::new(true)),
                 seen: Arc::new(AtomicU64::new(0)),
+                aging: Arc::new(lookup::Aging::new(Duration::from_secs(config.broker.history_ttl))),
             }),
         };
         // Where the log stands (`seen` starts here).
@@ -233,7 +238,7 @@ impl Cluster {
     /// Checks every second that the stream has a leader (`/health`).
     fn watch_health(&self) {
         let (js, name, leader) = (self.inner.js.clone(), self.inner.stream.clone(), self.inner.leader.clone());
-        let seen = self.inner.seen.clone();
+        let (seen, aging) = (self.inner.seen.clone(), self.inner.aging.clone());
         tokio::spawn(async move {
             loop {
                 let ok = match tokio::time::timeout(Duration::from_secs(2), js.get_stream(&name)).await {
@@ -245,6 +250,7 @@ impl Cluster {
                     }
                     _ => false,
                 };
+                aging.sample(seen.load(Ordering::Acquire));
                 if leader.swap(ok, Ordering::AcqRel) != ok {
                     if ok {
                         log::info!("JetStream stream {name} has a leader again: ready");

@@ -134,6 +134,10 @@ impl Cluster {
 
     /// The answer when the subject holds nothing after `after`: `last` is its last message
     /// (`None`: it holds none), `seen` the stream-wide sequence learned before asking.
+    ///
+    /// Where a reader goes on from may move ahead to `seen` whenever nothing of the stream lies
+    /// between: no message of it after `after` is stored (the leader just said so) or was
+    /// deleted (checked below), and any later one follows `seen`.
     async fn nothing_after(
         &self,
         after: u64,
@@ -147,30 +151,39 @@ impl Cluster {
             // seen empty (any later message of the stream follows it), as the tail answers.
             return Ok(empty_chunk(at(seen)));
         }
-        if last == Some(after) {
-            // At the stream's last message.
-            return Ok(empty_chunk(at(after)));
+        match last {
+            // At the stream's last message: stay there, unless it is old (`lookup::Aging`).
+            Some(last) if last == after => {
+                let next = if last <= self.inner.aging.old() { after.max(seen) } else { after };
+                Ok(empty_chunk(at(next)))
+            }
+            // Past the stream's last message (a position moved on before): fine unless past
+            // everything ever stored.
+            Some(_) => {
+                if after > seen && after > self.state().await?.last_sequence {
+                    return Err(ReadError::Gone);
+                }
+                Ok(empty_chunk(at(after.max(seen))))
+            }
+            None => {
+                // Asked after the subject was seen empty: whatever retention deleted before
+                // that is before the stream's first sequence now.
+                let state = self.state().await?;
+                if after > state.last_sequence {
+                    return Err(ReadError::Gone);
+                }
+                if after + 1 < state.first_sequence {
+                    // Nothing is left of the stream, and its messages after `after` (if it had
+                    // any) would be before the first sequence still stored: retention may have
+                    // deleted messages this reader never got. JetStream forgot the stream's
+                    // last sequence with its last message, so a reader that had read it cannot
+                    // be told apart (unless it was moved on in time, see `lookup::Aging`):
+                    // `410` for both; a re-read from the start costs it nothing.
+                    return Err(ReadError::Gone);
+                }
+                Ok(empty_chunk(at(after.max(seen))))
+            }
         }
-        // Asked after the subject was seen: whatever retention deleted before that is before
-        // the stream's first sequence now.
-        let state = self.state().await?;
-        if after > state.last_sequence {
-            // Past everything stored: never handed out by this stream.
-            return Err(ReadError::Gone);
-        }
-        if last.is_none() && after + 1 < state.first_sequence {
-            // Nothing is left of the stream, and its messages after `after` (if it had any)
-            // would be before the first sequence still stored: retention may have deleted
-            // messages this reader never got. Without the stream's last sequence (JetStream
-            // forgets a subject with its last message) a reader that got everything cannot be
-            // told apart: `410` for both, a re-read from the start costs it nothing.
-            return Err(ReadError::Gone);
-        }
-        // Nothing was deleted after `after`, so the reader may go on from `seen` (an empty
-        // stream's position moves with the log, which keeps a quiet reader's token ahead of
-        // retention).
-        let next = if last.is_none() { after.max(seen) } else { after };
-        Ok(empty_chunk(at(next)))
     }
 }
 

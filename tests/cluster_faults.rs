@@ -270,12 +270,13 @@ async fn a_live_reader_at_the_tail_of_a_quiet_stream_reads_on_after_its_messages
     let _turn = TURNS.lock().await;
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let args = ["--history_ttl", "4", "--ds_poll_interval", "1"];
+    let args = ["--history_ttl", "6", "--ds_poll_interval", "1"];
     let a = node(da.path(), &cluster, "QUIET", &args);
     let b = node(db.path(), &cluster, "QUIET", &args);
     let before = b.tail("q").await;
     a.publish("q", numbered(1..=1)).await;
-    // A long-poll reader at the tail of "q" on node b, while other streams are written (so the
+    // A long-poll reader at the tail of "q" on node b (coming back every second; the message
+    // is old after 3 s and expires after 6), while other streams are written (so the
     // stream-wide first sequence moves past q's message once it expires).
     let mut position = b.tail("q").await;
     let mut noise = 0;

@@ -156,6 +156,15 @@ impl ApiError {
                     ),
                 )
             }
+            StorageError::MessageTooLarge { limit, max_payload } => {
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "a message holds at most {limit} bytes in cluster mode (the NATS server's max_payload, \
+                         {max_payload} bytes, less room for headers)"
+                    ),
+                )
+            }
             _ => {}
         }
         log::error!("{context}: {error}");

@@ -59,6 +59,10 @@ pub enum StorageError {
     /// Cluster mode: more messages than JetStream's atomic batch limit.
     #[error("a batch holds at most {0} messages")]
     BatchTooLarge(usize),
+    /// Cluster mode: a message bigger than NATS can carry (its server's `max_payload`, less
+    /// room for headers).
+    #[error("a message holds at most {limit} bytes (NATS max_payload {max_payload})")]
+    MessageTooLarge { limit: usize, max_payload: usize },
 }
 
 impl From<sled::Error> for StorageError {

@@ -1,0 +1,110 @@
+//! Start-up: the NATS server's version, and the JetStream stream with this node's settings.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::Config;
+use crate::offset::Epoch;
+
+/// Stream metadata key holding the epoch of the stream's tokens.
+const EPOCH_KEY: &str = "anycable_ds_epoch";
+/// How long JetStream remembers message ids, so a retried publish is not stored twice.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Refuses NATS servers older than 2.12: they have no atomic batch publish, and their
+/// clustered per-subject expected-sequence checks are not serialized.
+pub(super) fn check_version(version: &str) -> Result<(), String> {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= (2, 12) {
+        Ok(())
+    } else {
+        Err(format!("nats-server {version} is too old: cluster mode needs 2.12 or newer (atomic batches)"))
+    }
+}
+
+/// Creates the stream, or checks that the existing one has this node's settings (or applies
+/// them with `nats.update_stream`). Returns the epoch of its tokens.
+pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<Epoch, String> {
+    let name = &config.nats.stream;
+    let max_per_subject = match config.broker.history_limit {
+        0 => -1,
+        n => i64::try_from(n).unwrap_or(i64::MAX),
+    };
+    let max_age = Duration::from_secs(config.broker.history_ttl);
+    let replicas = config.nats.replicas as usize;
+    let wanted = |epoch: Epoch| stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{name}.s.*")],
+        max_messages_per_subject: max_per_subject,
+        max_age,
+        num_replicas: replicas,
+        allow_direct: true,
+        allow_atomic_publish: true,
+        // JetStream wants the window within max_age.
+        duplicate_window: if max_age.is_zero() { DUPLICATE_WINDOW } else { DUPLICATE_WINDOW.min(max_age) },
+        storage: stream::StorageType::File,
+        republish: Some(stream::Republish {
+            source: format!("{name}.s.*"),
+            destination: format!("{name}.w.{{{{wildcard(1)}}}}"),
+            headers_only: true,
+        }),
+        metadata: HashMap::from([(EPOCH_KEY.to_string(), epoch.to_string())]),
+        ..Default::default()
+    };
+    let existing = match js.get_stream(name).await {
+        Ok(stream) => Some(stream.cached_info().config.clone()),
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            None
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let existing = match existing {
+        Some(existing) => existing,
+        None => match js.create_stream(wanted(Epoch::random())).await {
+            Ok(created) => return stream_epoch(&created.cached_info().config),
+            // Another node may have created it first: use theirs.
+            Err(create) => match js.get_stream(name).await {
+                Ok(stream) => stream.cached_info().config.clone(),
+                Err(_) => return Err(format!("cannot create it: {create}")),
+            },
+        },
+    };
+    let epoch = stream_epoch(&existing)?;
+    let differences: Vec<String> = [
+        (
+            "broker.history_limit (max_msgs_per_subject)",
+            existing.max_messages_per_subject.to_string(),
+            max_per_subject.to_string(),
+        ),
+        ("broker.history_ttl (max_age)", format!("{:?}", existing.max_age), format!("{max_age:?}")),
+        ("nats.replicas", existing.num_replicas.to_string(), replicas.to_string()),
+    ]
+    .into_iter()
+    .filter(|(_, theirs, ours)| theirs != ours)
+    .map(|(key, theirs, ours)| format!("{key}: the stream has {theirs}, this node {ours}"))
+    .collect();
+    if differences.is_empty() {
+        return Ok(epoch);
+    }
+    if !config.nats.update_stream {
+        return Err(format!(
+            "exists with other settings ({}); start with the stream's settings, or with --nats_update_stream to apply these",
+            differences.join("; ")
+        ));
+    }
+    js.update_stream(wanted(epoch)).await.map_err(|e| e.to_string())?;
+    log::warn!("JetStream stream {name} updated: {}", differences.join("; "));
+    Ok(epoch)
+}
+
+fn stream_epoch(config: &stream::Config) -> Result<Epoch, String> {
+    config.metadata.get(EPOCH_KEY).and_then(|e| Epoch::parse(e.as_bytes())).ok_or_else(|| {
+        format!("was not created by anycable-ds (no {EPOCH_KEY} in its metadata): use another nats.stream")
+    })
+}

@@ -242,6 +242,12 @@ fn each_request_in_one_key(group: &[Request], runs: usize, records: usize, creat
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the writer removes expired streams and evicts idle stream entries.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most expired streams removed per maintenance tick.
+const REMOVALS_PER_TICK: usize = 5_000;
+/// Streams removed per sled batch. Applying a batch takes sled's concurrency-control lock
+/// exclusively, so every read waits for it: one batch of 100,000 removals stalled reads for
+/// over 10 s (issue 23's mass-expiry runs).
+const REMOVALS_PER_BATCH: usize = 500;
 /// How often idle stream entries and chunks are looked for.
 const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// A stream entry (or a cached chunk) unused for this long leaves memory (unless somebody
@@ -483,12 +489,24 @@ impl State {
             return;
         }
         self.last_maintenance = Instant::now();
-        let candidates = std::mem::take(&mut *self.removals.lock().expect("removals lock"));
-        if !candidates.is_empty() {
-            match self.slot.get().and_then(|db| self.remove_expired(&db, candidates)) {
+        let candidates = {
+            let mut removals = self.removals.lock().expect("removals lock");
+            // At most REMOVALS_PER_TICK per tick: broadcasts wait while the writer removes.
+            // The rest stay for the next tick, unless retention's next pass replaced the list
+            // meanwhile (its view then holds whatever is still to remove).
+            let now = removals.len().min(REMOVALS_PER_TICK);
+            let rest = removals.split_off(now);
+            std::mem::replace(&mut *removals, rest)
+        };
+        // One sled batch per REMOVALS_PER_BATCH streams, so reads get sled's lock in between.
+        for chunk in candidates.chunks(REMOVALS_PER_BATCH) {
+            match self.slot.get().and_then(|db| self.remove_expired(&db, chunk.to_vec())) {
                 Ok(0) => {}
                 Ok(n) => log::debug!("removed {n} expired stream(s)"),
-                Err(e) => log::error!("removing expired streams failed: {e}"),
+                Err(e) => {
+                    log::error!("removing expired streams failed: {e}");
+                    break;
+                }
             }
         }
         // Idle sweeps walk every entry (under the caches' locks), so they run less often; the

@@ -394,11 +394,12 @@ async fn sse_frames_carry_ids_and_last_event_id_resumes_a_native_event_source() 
     let first = common::token_at(&tail, 1);
 
     // Exact framing, as the reference server writes it: `data:` directly followed by the JSON;
-    // every data and control event names the offset after it.
+    // every data and control event names the offset after it, in an `id:` field that comes
+    // last (the official conformance suite wants `data:` right after `event:`).
     let text = server.get("ids?offset=-1&live=sse").await.text().await.unwrap(); // ends at the TTL
-    let expected_start = format!("event: data\nid:{tail}\ndata:[{{\"n\":1}},{{\"n\":2}},{{\"n\":3}}]\n\nevent: control\nid:{tail}\ndata:{{\"streamCursor\":");
+    let expected_start = format!("event: data\ndata:[{{\"n\":1}},{{\"n\":2}},{{\"n\":3}}]\nid:{tail}\n\nevent: control\ndata:{{\"streamCursor\":");
     assert!(text.starts_with(&expected_start), "{text}");
-    assert!(text.contains(&format!("\"streamNextOffset\":\"{tail}\",\"upToDate\":true}}\n\n")), "{text}");
+    assert!(text.contains(&format!("\"streamNextOffset\":\"{tail}\",\"upToDate\":true}}\nid:{tail}\n\n")), "{text}");
 
     // A browser's EventSource reconnects to the same URL with the last id it saw: the header
     // wins over `offset=`.
@@ -406,8 +407,7 @@ async fn sse_frames_carry_ids_and_last_event_id_resumes_a_native_event_source() 
         server.client.get(server.ds("ids?offset=-1&live=sse")).header("Last-Event-ID", &first).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
-    assert!(text.starts_with("event: data\nid:"), "{text}");
-    assert!(text.contains("data:[{\"n\":2},{\"n\":3}]\n"), "resumes right after message 1: {text}");
+    assert!(text.starts_with("event: data\ndata:[{\"n\":2},{\"n\":3}]\nid:"), "resumes right after message 1: {text}");
 
     // Not an offset of ours: 400, as a bad `offset=` is.
     let response = server

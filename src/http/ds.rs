@@ -443,9 +443,9 @@ impl SseStream {
     fn transient_frame(&mut self, transient: &[Arc<Transient>]) -> Bytes {
         let mut out = BytesMut::new();
         for batch in transient {
-            self.put_data_head(&mut out, self.position);
+            out.put_slice(DATA_HEAD);
             out.put_slice(&batch.body);
-            out.put_slice(b"\n\n");
+            put_data_end(&mut out, self.position);
             let at_tail = self.pending.as_ref().is_none_or(|c| c.count == 0);
             self.put_control(&mut out, self.position, at_tail);
         }
@@ -464,9 +464,9 @@ impl SseStream {
         // Stored messages are compact JSON: the array holds no raw newline.
         if chunk.body.len() <= body::SMALL {
             let mut out = BytesMut::with_capacity(chunk.body.len() + 240);
-            self.put_data_head(&mut out, chunk.next);
+            out.put_slice(DATA_HEAD);
             out.put_slice(&chunk.body);
-            out.put_slice(b"\n\n");
+            put_data_end(&mut out, chunk.next);
             self.put_control(&mut out, chunk.next, chunk.up_to_date);
             return out.freeze();
         }
@@ -478,21 +478,13 @@ impl SseStream {
                 return Bytes::new();
             }
         }
-        let mut head = BytesMut::with_capacity(80);
-        self.put_data_head(&mut head, chunk.next);
-        let mut tail = BytesMut::with_capacity(160);
-        tail.put_slice(b"\n\n");
+        let mut tail = BytesMut::with_capacity(240);
+        put_data_end(&mut tail, chunk.next);
         self.put_control(&mut tail, chunk.next, chunk.up_to_date);
-        self.pieces.push_back(head.freeze());
+        self.pieces.push_back(Bytes::from_static(DATA_HEAD));
         self.pieces.extend(body::slices(&chunk.body));
         self.pieces.push_back(tail.freeze());
         Bytes::new()
-    }
-
-    /// The start of a data event whose messages end at `position`, up to its JSON. The `id`
-    /// lets a browser's own EventSource resume there (`Last-Event-ID`).
-    fn put_data_head(&self, out: &mut BytesMut, position: Position) {
-        write!(out, "event: data\nid:{position}\ndata:").expect("writing to memory cannot fail");
     }
 
     /// Appends one `event: control` for `position`. Written directly rather than through
@@ -503,9 +495,19 @@ impl SseStream {
         let up_to_date = if up_to_date { ",\"upToDate\":true" } else { "" };
         write!(
             out,
-            "event: control\nid:{position}\ndata:{{\"streamCursor\":\"{}\",\"streamNextOffset\":\"{position}\"{up_to_date}}}\n\n",
+            "event: control\ndata:{{\"streamCursor\":\"{}\",\"streamNextOffset\":\"{position}\"{up_to_date}}}\nid:{position}\n\n",
             self.cursor
         )
         .expect("writing to memory cannot fail");
     }
+}
+
+/// The start of an SSE data event, up to its JSON.
+const DATA_HEAD: &[u8] = b"event: data\ndata:";
+
+/// The end of a data event whose messages end at `position`: its `id`, the **last** field (the
+/// official conformance suite wants `data:` right after `event:`), which lets a browser's own
+/// EventSource resume there (`Last-Event-ID`).
+fn put_data_end(out: &mut BytesMut, position: Position) {
+    write!(out, "\nid:{position}\n\n").expect("writing to memory cannot fail");
 }

@@ -675,6 +675,15 @@ impl Config {
         for (key, value, range, unit) in ranges {
             in_range(key, value, range, unit)?;
         }
+        if self.server.max_body_bytes_in_flight < self.http_broadcast.max_body {
+            return bad(
+                "server.max_body_bytes_in_flight",
+                &format!(
+                    "must be at least http_broadcast.max_body ({} bytes): a broadcast that can never fit would be refused for ever",
+                    self.http_broadcast.max_body
+                ),
+            );
+        }
         if self.jwt.param.is_empty()
             || !self.jwt.param.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {

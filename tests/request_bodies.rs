@@ -128,18 +128,35 @@ async fn a_body_that_does_not_arrive_in_time_is_408_and_its_connection_closed() 
 #[tokio::test]
 async fn a_body_over_the_budget_is_refused_before_it_is_read() {
     let dir = temp_dir();
-    // The smallest budget (1 MiB) and a larger broadcast limit: one body may not fit at all.
-    let server =
-        Server::start(dir.path(), &["--max_body_bytes_in_flight", "1048576", "--http_broadcast_max_body", "4194304"]);
-    let socket = stalled_broadcast(&server, Some(2 << 20), 100);
-    let (status, body) = answer_then_close(socket, Duration::from_secs(10));
-    assert_eq!(status, 503, "{body}");
-    // Chunked: taken as it arrives, refused once past the budget.
-    let socket = stalled_broadcast(&server, None, (1 << 20) + 10);
-    let (status, body) = answer_then_close(socket, Duration::from_secs(10));
-    assert_eq!(status, 503, "{body}");
+    // The smallest budget: one 1 MiB broadcast (the largest allowed) fills it.
+    let server = Server::start(dir.path(), &["--max_body_bytes_in_flight", "1048576"]);
+    let holder = stalled_broadcast(&server, Some(1 << 20), 100);
+    server.wait_for_metric("http_body_bytes", (1 << 20) as f64, Duration::from_secs(10)).await;
+    // Declared: refused before a byte is read. Chunked: refused at its first piece.
+    for declared in [Some(100), None] {
+        let socket = stalled_broadcast(&server, declared, 10);
+        let (status, body) = answer_then_close(socket, Duration::from_secs(10));
+        assert_eq!(status, 503, "{declared:?}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("max_body_bytes_in_flight"), "{body}");
+    }
     assert_eq!(server.metric("http_body_refused_total").await, 2.0);
     assert_eq!(server.metric("http_body_capacity_bytes").await, 1048576.0);
-    assert_eq!(server.metric("http_body_bytes").await, 0.0);
+    drop(holder);
+    server.wait_for_metric("http_body_bytes", 0.0, Duration::from_secs(10)).await;
     assert_eq!(server.broadcast(r#"{"stream":"s","data":"1"}"#).await.0, 201);
+}
+
+#[test]
+fn a_budget_smaller_than_one_broadcast_stops_start_up() {
+    let dir = temp_dir();
+    let output = Server::command(dir.path())
+        .args(["--max_body_bytes_in_flight", "1048576", "--http_broadcast_max_body", "4194304", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("server.max_body_bytes_in_flight") && stderr.contains("http_broadcast.max_body"),
+        "{stderr}"
+    );
 }

@@ -368,7 +368,8 @@ async fn authorize(
 /// The application may trust this URL (its path names the stream), so a `Host` that is not a
 /// plain `host[:port]` is refused: `Host: evil.com/ds/other?x=` would show it another URL.
 fn request_url(req: &HttpRequest) -> Result<String, ApiError> {
-    let host = match req.headers().get(header::HOST) {
+    // No Host, or an empty one (allowed when the request names no authority): the server's.
+    let host = match req.headers().get(header::HOST).filter(|v| !v.is_empty()) {
         Some(value) => value.to_str().ok().filter(|h| valid_host(h)),
         None => Some(req.app_config().host()),
     };

@@ -9,30 +9,18 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::nats::NatsCluster;
-use common::{numbered, temp_dir, Server, SseClient, KEY};
+use common::{cluster_node, numbered, temp_dir, Server, SseClient, KEY};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A node on `cluster`, using JetStream stream `stream`.
-fn node(dir: &std::path::Path, cluster: &NatsCluster, stream: &str, extra: &[&str]) -> Server {
-    let mut args: Vec<String> =
-        ["--public_streams", "--broadcast_key", KEY, "--broker", "nats", "--nats_stream", stream]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    args.extend(["--nats_servers".to_string(), cluster.urls()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Server::start_with(dir, args)
-}
 
 #[tokio::test]
 async fn a_broadcast_to_one_node_is_read_from_another_at_the_same_offsets() {
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
     // One message per read, to walk the tokens one by one.
-    let a = node(da.path(), &cluster, "S", &["--ds_max_chunk_bytes", "1"]);
-    let b = node(db.path(), &cluster, "S", &["--ds_max_chunk_bytes", "1"]);
+    let a = cluster_node(da.path(), &cluster, "S", &["--ds_max_chunk_bytes", "1"]);
+    let b = cluster_node(db.path(), &cluster, "S", &["--ds_max_chunk_bytes", "1"]);
     a.publish("chat/room.1 *>", numbered(1..=3)).await;
     b.publish("other", numbered(1..=1)).await;
     a.publish("chat/room.1 *>", numbered(4..=5)).await;
@@ -62,8 +50,8 @@ async fn a_broadcast_to_one_node_is_read_from_another_at_the_same_offsets() {
 async fn readers_on_one_node_are_woken_by_broadcasts_to_another() {
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let a = node(da.path(), &cluster, "W", &[]);
-    let b = node(db.path(), &cluster, "W", &["--ds_poll_interval", "30"]);
+    let a = cluster_node(da.path(), &cluster, "W", &[]);
+    let b = cluster_node(db.path(), &cluster, "W", &["--ds_poll_interval", "30"]);
     let mut sse = SseClient::open(&b, "w?offset=now&live=sse").await;
     let (_, control) = sse.next_batch(WAIT).await.expect("the first control event");
     assert_eq!(control["upToDate"], true);
@@ -87,8 +75,8 @@ async fn readers_on_one_node_are_woken_by_broadcasts_to_another() {
 async fn a_write_acknowledged_by_one_node_is_in_the_next_read_on_another() {
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let a = node(da.path(), &cluster, "R", &[]);
-    let b = node(db.path(), &cluster, "R", &[]);
+    let a = cluster_node(da.path(), &cluster, "R", &[]);
+    let b = cluster_node(db.path(), &cluster, "R", &[]);
     let mut tail = a.tail("ryw").await;
     for i in 0..200u64 {
         let (writer, reader) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
@@ -104,8 +92,8 @@ async fn a_write_acknowledged_by_one_node_is_in_the_next_read_on_another() {
 async fn retention_on_the_shared_stream_and_its_gaps() {
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let a = node(da.path(), &cluster, "G", &["--history_limit", "2"]);
-    let b = node(db.path(), &cluster, "G", &["--history_limit", "2"]);
+    let a = cluster_node(da.path(), &cluster, "G", &["--history_limit", "2"]);
+    let b = cluster_node(db.path(), &cluster, "G", &["--history_limit", "2"]);
     let mut tokens = vec![a.tail("g").await];
     for n in 1..=5u64 {
         a.publish("g", numbered(n..=n)).await;
@@ -141,7 +129,7 @@ async fn a_batch_above_the_atomic_limit_is_413_and_stores_nothing() {
     let cluster = NatsCluster::start();
     let dir = temp_dir();
     // Unlimited history: all 1000 must be there to count.
-    let a = node(dir.path(), &cluster, "B", &["--history_limit", "0"]);
+    let a = cluster_node(dir.path(), &cluster, "B", &["--history_limit", "0"]);
     let items: Vec<Value> = (0..1001).map(|i| json!({"stream": "big", "data": i.to_string()})).collect();
     let (status, body) = a.broadcast(&Value::Array(items.clone()).to_string()).await;
     assert_eq!(status, 413, "{body}");
@@ -167,7 +155,7 @@ async fn a_batch_above_the_atomic_limit_is_413_and_stores_nothing() {
 async fn retention_lives_on_the_stream_and_a_node_with_other_settings_refuses_to_start() {
     let cluster = NatsCluster::start();
     let dir = temp_dir();
-    let a = node(dir.path(), &cluster, "C", &["--history_limit", "10"]);
+    let a = cluster_node(dir.path(), &cluster, "C", &["--history_limit", "10"]);
     a.publish("c", numbered(1..=1)).await;
     let other = temp_dir();
     let output = Server::command(other.path())
@@ -180,7 +168,7 @@ async fn retention_lives_on_the_stream_and_a_node_with_other_settings_refuses_to
     assert!(stderr.contains("broker.history_limit") && stderr.contains("10") && stderr.contains("20"), "{stderr}");
     assert!(stderr.contains("--nats_update_stream"), "{stderr}");
     // Told to, a node applies its own settings (a rolling change).
-    let b = node(other.path(), &cluster, "C", &["--history_limit", "20", "--nats_update_stream"]);
+    let b = cluster_node(other.path(), &cluster, "C", &["--history_limit", "20", "--nats_update_stream"]);
     b.publish("c", numbered(2..=25)).await;
     assert_eq!(a.read("c", "-1").await.0, numbered(6..=25), "20 kept now");
 }
@@ -189,7 +177,7 @@ async fn retention_lives_on_the_stream_and_a_node_with_other_settings_refuses_to
 async fn a_recreated_stream_gets_a_new_epoch_and_old_tokens_are_410() {
     let cluster = NatsCluster::start();
     let dir = temp_dir();
-    let mut a = node(dir.path(), &cluster, "E", &[]);
+    let mut a = cluster_node(dir.path(), &cluster, "E", &[]);
     a.publish("e", numbered(1..=3)).await;
     let old = a.tail("e").await;
     a.kill();
@@ -207,8 +195,8 @@ async fn losing_nats_servers_loses_no_acknowledged_message_and_recovers_without_
     let mut cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
     // Unlimited history, so every acknowledged message must still be there to count.
-    let a = node(da.path(), &cluster, "F", &["--history_limit", "0"]);
-    let b = node(db.path(), &cluster, "F", &["--history_limit", "0"]);
+    let a = cluster_node(da.path(), &cluster, "F", &["--history_limit", "0"]);
+    let b = cluster_node(db.path(), &cluster, "F", &["--history_limit", "0"]);
     // Writers on both nodes while one NATS server is killed.
     let writers: Vec<_> = (0..4)
         .map(|w| {
@@ -417,8 +405,8 @@ async fn waiting_readers_re_read_after_their_node_reconnects_to_nats() {
 async fn the_readers_of_a_lost_node_resume_on_another_with_exactly_the_rest() {
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let mut a = node(da.path(), &cluster, "L", &[]);
-    let b = node(db.path(), &cluster, "L", &[]);
+    let mut a = cluster_node(da.path(), &cluster, "L", &[]);
+    let b = cluster_node(db.path(), &cluster, "L", &[]);
     b.publish("l", numbered(1..=3)).await;
     let mut sse = SseClient::open(&a, "l?offset=-1&live=sse").await;
     let (messages, control) = sse.next_batch(WAIT).await.expect("the backlog from node A");

@@ -7,24 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::nats::NatsCluster;
-use common::{numbered, read_parts, temp_dir, Server, KEY};
+use common::{cluster_node, numbered, read_parts, temp_dir, Server};
 use serde_json::{json, Value};
 
 /// The tests of this file take turns: each measures time or races, and the machine has two
 /// cores for three NATS servers and two nodes per test.
 static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A node on `cluster`, using JetStream stream `stream`.
-fn node(dir: &std::path::Path, cluster: &NatsCluster, stream: &str, extra: &[&str]) -> Server {
-    let mut args: Vec<String> =
-        ["--public_streams", "--broadcast_key", KEY, "--broker", "nats", "--nats_stream", stream]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    args.extend(["--nats_servers".to_string(), cluster.urls()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Server::start_with(dir, args)
-}
 
 /// Rounds per read mode and placement; the fault showed in about one read of ten.
 const ROUNDS: usize = 100;
@@ -80,8 +68,8 @@ async fn a_read_from_the_start_racing_a_streams_first_broadcast_never_skips_it()
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
     // A short long-poll timeout: a reader that skipped the message waits it out (204).
-    let a = node(da.path(), &cluster, "RACE", &["--ds_poll_interval", "2"]);
-    let b = node(db.path(), &cluster, "RACE", &["--ds_poll_interval", "2"]);
+    let a = cluster_node(da.path(), &cluster, "RACE", &["--ds_poll_interval", "2"]);
+    let b = cluster_node(db.path(), &cluster, "RACE", &["--ds_poll_interval", "2"]);
     let watchdog = Duration::from_secs(240);
     let started = Instant::now();
     let mut report = Vec::new();
@@ -130,8 +118,8 @@ async fn a_message_nats_cannot_carry_is_413_naming_the_limit_and_nothing_is_stor
     let _turn = TURNS.lock().await;
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let a = node(da.path(), &cluster, "BIG", &[]);
-    let b = node(db.path(), &cluster, "BIG", &[]);
+    let a = cluster_node(da.path(), &cluster, "BIG", &[]);
+    let b = cluster_node(db.path(), &cluster, "BIG", &[]);
     // Just under http_broadcast.max_body (1 MiB), over NATS's max_payload (1 MiB) with headers.
     let (_, body) = message_of("big", 1024 * 1024 - 64);
     assert!(body.len() < 1024 * 1024, "within http_broadcast.max_body");
@@ -168,8 +156,8 @@ async fn a_batch_to_many_new_streams_costs_about_what_a_batch_to_one_does() {
     const ROUNDS: usize = 5;
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let a = node(da.path(), &cluster, "FANOUT", &[]);
-    let b = node(db.path(), &cluster, "FANOUT", &[]);
+    let a = cluster_node(da.path(), &cluster, "FANOUT", &[]);
+    let b = cluster_node(db.path(), &cluster, "FANOUT", &[]);
     // STREAMS messages, message `s` to stream `name(s)`.
     let batch = |name: &dyn Fn(usize) -> String| {
         let messages: Vec<Value> =
@@ -226,8 +214,8 @@ async fn a_reader_whose_messages_all_expired_unread_gets_410() {
     let _turn = TURNS.lock().await;
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
-    let a = node(da.path(), &cluster, "AGE", &["--history_ttl", "2"]);
-    let b = node(db.path(), &cluster, "AGE", &["--history_ttl", "2"]);
+    let a = cluster_node(da.path(), &cluster, "AGE", &["--history_ttl", "2"]);
+    let b = cluster_node(db.path(), &cluster, "AGE", &["--history_ttl", "2"]);
     let before = a.tail("s").await;
     let mut tokens = Vec::new();
     for n in 1..=3 {
@@ -271,8 +259,8 @@ async fn a_live_reader_at_the_tail_of_a_quiet_stream_reads_on_after_its_messages
     let cluster = NatsCluster::start();
     let (da, db) = (temp_dir(), temp_dir());
     let args = ["--history_ttl", "6", "--ds_poll_interval", "1"];
-    let a = node(da.path(), &cluster, "QUIET", &args);
-    let b = node(db.path(), &cluster, "QUIET", &args);
+    let a = cluster_node(da.path(), &cluster, "QUIET", &args);
+    let b = cluster_node(db.path(), &cluster, "QUIET", &args);
     let before = b.tail("q").await;
     a.publish("q", numbered(1..=1)).await;
     // A long-poll reader at the tail of "q" on node b (coming back every second; the message

@@ -13,24 +13,13 @@ use serde_json::json;
 const MIB: u64 = 1024 * 1024;
 
 /// The server's resident memory, bytes.
-fn rss(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap();
-    kib * 1024
-}
-
 /// Highest RSS seen over `period`.
 async fn peak_rss(server: &Server, period: Duration) -> u64 {
     let end = Instant::now() + period;
-    let mut peak = rss(server);
+    let mut peak = server.rss();
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        peak = peak.max(rss(server));
+        peak = peak.max(server.rss());
     }
     peak
 }
@@ -72,7 +61,7 @@ async fn clients_that_never_read_hold_bounded_memory_and_are_disconnected() {
     let args = ["--history_limit", "0", "--history_ttl", "0", "--write_timeout", "3", "--ds_sse_ttl", "5"];
     let server = Server::start(dir.path(), &args);
     fill(&server, "big", 50).await;
-    let before = rss(&server);
+    let before = server.rss();
 
     // 100 SSE readers of the whole backlog that never read a byte.
     let sse = stuck_clients(&server, 100, "GET /ds/big?offset=-1&live=sse HTTP/1.1\r\nHost: test\r\n\r\n");
@@ -93,7 +82,7 @@ async fn clients_that_never_read_hold_bounded_memory_and_are_disconnected() {
     assert_eq!(closed, 100, "every stuck SSE connection was closed by the server");
 
     // 100 catch-up reads of the same backlog that never read a byte.
-    let base = rss(&server);
+    let base = server.rss();
     let reads = stuck_clients(&server, 100, "GET /ds/big?offset=-1 HTTP/1.1\r\nHost: test\r\n\r\n");
     let read_peak = peak_rss(&server, Duration::from_secs(2)).await;
     eprintln!(
@@ -127,7 +116,7 @@ async fn many_distinct_streams_do_not_stay_in_memory() {
     const STREAMS: usize = 20_000;
     let dir = temp_dir();
     let server = Server::start(dir.path(), &["--storage_max_streams_loaded", "1000"]);
-    let before = rss(&server);
+    let before = server.rss();
     // Each stream written once (1000 per broadcast), then read once, from many connections.
     for first in (0..STREAMS).step_by(1000) {
         let batch: Vec<_> = (first..first + 1000).map(|i| json!({"stream": format!("s{i}"), "data": "1"})).collect();
@@ -147,7 +136,7 @@ async fn many_distinct_streams_do_not_stay_in_memory() {
     for reader in readers {
         reader.await.unwrap();
     }
-    let after = rss(&server);
+    let after = server.rss();
     let loaded = server.metric("ds_streams_loaded").await;
     eprintln!(
         "{STREAMS} distinct streams written and read once: RSS {} MiB before, {} MiB after, {loaded} entries in memory, read cache {} KiB",

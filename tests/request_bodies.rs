@@ -12,17 +12,6 @@ use std::time::{Duration, Instant};
 use common::{temp_dir, Server, KEY};
 use serde_json::Value;
 
-fn rss(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap();
-    kib * 1024
-}
-
 /// Opens a connection and sends a broadcast's headers (declaring `declared` bytes, or chunked
 /// when `None`) and the first `sent` bytes of its body, then nothing more.
 fn stalled_broadcast(server: &Server, declared: Option<usize>, sent: usize) -> TcpStream {
@@ -76,7 +65,7 @@ async fn stalled_broadcast_bodies_hold_bounded_memory() {
     // The defaults a user gets: 1 MiB broadcasts, a 64 MiB budget, a 30 s deadline. The bound:
     // the budget, and as much again for 300 connections' own buffers (before: +330 MiB).
     let server = Server::start(dir.path(), &[]);
-    let before = rss(&server);
+    let before = server.rss();
     let sockets: Vec<TcpStream> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..10)
             .map(|_| {
@@ -91,7 +80,7 @@ async fn stalled_broadcast_bodies_hold_bounded_memory() {
     // before a byte of them is read.
     server.wait_for_metric("http_body_bytes", (64 << 20) as f64, Duration::from_secs(20)).await;
     server.wait_for_metric("http_body_refused_total", 236.0, Duration::from_secs(20)).await;
-    let grown = rss(&server).saturating_sub(before);
+    let grown = server.rss().saturating_sub(before);
     eprintln!("RSS {} MiB -> {} MiB", before >> 20, (before + grown) >> 20);
     assert!(grown < 128 << 20, "RSS grew by {} MiB with 300 stalled 1 MiB bodies", grown >> 20);
 

@@ -202,6 +202,18 @@ impl Server {
         }
     }
 
+    /// The server's resident memory (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap();
+        kib * 1024
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }
@@ -305,6 +317,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A node (public streams, the test broadcast key) on NATS cluster `cluster`, using JetStream
+/// stream `stream`; `extra` flags come last.
+pub fn cluster_node(dir: &Path, cluster: &nats::NatsCluster, stream: &str, extra: &[&str]) -> Server {
+    let mut args: Vec<String> =
+        ["--public_streams", "--broadcast_key", KEY, "--broker", "nats", "--nats_stream", stream]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    args.extend(["--nats_servers".to_string(), cluster.urls()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Server::start_with(dir, args)
 }
 
 pub fn header(response: &reqwest::Response, name: &str) -> Option<String> {

@@ -244,7 +244,20 @@ mod threadpool {
 
     // anycable-ds patch: see `spawn_truncation` in threadpool.rs; here every task runs in place.
     pub use self::spawn as spawn_truncation;
+
+    /// anycable-ds test hook: without threads there is no cycle to force.
+    #[doc(hidden)]
+    pub fn truncation_cycle_for_tests(
+        _through_pool: bool,
+        _wait: std::time::Duration,
+    ) -> bool {
+        true
+    }
 }
+
+// anycable-ds patch: a test hook that forces the truncation deadlock's cycle (threadpool.rs).
+#[doc(hidden)]
+pub use self::threadpool::truncation_cycle_for_tests;
 
 #[cfg(all(
     not(miri),

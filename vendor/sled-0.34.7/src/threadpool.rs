@@ -273,3 +273,46 @@ where
 
     Ok(promise)
 }
+
+/// anycable-ds test hook (issue 23): the deadlock's cycle, forced with sled's real I/O pool.
+/// This thread holds a lock (standing in for the segment accountant) and occupies every pool
+/// thread with a task that waits for that lock (as `IoBufs::sa_stabilize` does), then queues a
+/// file truncation, through the pool as 0.34.7 did (`through_pool`) or through
+/// [`spawn_truncation`], and waits up to `wait` for it (as `bump_tip` does). Returns whether
+/// the truncation ran. The lock is released at the end either way, so the pool drains and the
+/// process goes on.
+#[doc(hidden)]
+pub fn truncation_cycle_for_tests(through_pool: bool, wait: Duration) -> bool {
+    let accountant = std::sync::Arc::new(Mutex::new(()));
+    let held = accountant.lock();
+    let started = std::sync::Arc::new(AtomicUsize::new(0));
+    // One blocker at a time until every pool thread runs one; the pool then spawns no new
+    // thread for a queue as short as the truncation's (see DESIRED_WAITING_THREADS).
+    let _ = &*QUEUE; // starts the pool's threads
+    let mut submitted = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while started.load(SeqCst) < TOTAL_THREAD_COUNT.load(SeqCst)
+        && Instant::now() < deadline
+    {
+        if started.load(SeqCst) == submitted {
+            let (lock, count) = (accountant.clone(), started.clone());
+            if spawn(move || {
+                count.fetch_add(1, SeqCst);
+                drop(lock.lock());
+            })
+            .is_err()
+            {
+                break;
+            }
+            submitted += 1;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let truncation = if through_pool { spawn(|| ()) } else { spawn_truncation(|| ()) };
+    let ran = match truncation {
+        Ok(mut promise) => promise.wait_timeout(wait).is_ok(),
+        Err(_) => false,
+    };
+    drop(held);
+    ran
+}

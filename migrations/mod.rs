@@ -10,9 +10,10 @@
 
 mod v1_to_v2;
 mod v2_to_v3;
+mod v3_to_v4;
 
 /// The layout this build reads and writes.
-pub const CURRENT_LAYOUT: u32 = 3;
+pub const CURRENT_LAYOUT: u32 = 4;
 
 /// Reports progress of a long step (one line each).
 pub type Progress<'a> = &'a dyn Fn(&str);
@@ -32,4 +33,9 @@ pub const STEPS: &[Step] = &[
         run: v1_to_v2::run,
     },
     Step { from: 2, description: "expired streams may be removed (store-wide sequence floor)", run: v2_to_v3::run },
+    Step {
+        from: 3,
+        description: "stream metadata of the write API (content type, closure, expiry)",
+        run: v3_to_v4::run,
+    },
 ];

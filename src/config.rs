@@ -96,6 +96,14 @@ pub struct DsConfig {
     /// Most bytes of transient (`meta.transient`) batches kept for live readers, all streams
     /// together; beyond it new transient batches are dropped.
     pub max_transient_bytes: u64,
+    /// The Durable Streams write API (`PUT`/`POST`/`DELETE`), with the broadcast key;
+    /// `false`: those methods answer `405`.
+    pub writes: bool,
+    /// Unknown streams read as empty JSON streams (AnyCable's behaviour: a reader may
+    /// subscribe before the first broadcast); `false`: `404`, as the protocol says.
+    pub implicit_streams: bool,
+    /// Largest body of one `PUT` or `POST`; beyond it `413`.
+    pub max_append_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +250,9 @@ impl Default for DsConfig {
             max_live_readers: 10_000,
             max_unsent_bytes: 256 * 1024 * 1024,
             max_transient_bytes: 64 * 1024 * 1024,
+            writes: true,
+            implicit_streams: true,
+            max_append_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -362,6 +373,15 @@ pub struct Cli {
     /// Skip client authentication for DS reads (ds.skip_auth) [default: false]
     #[arg(long = "ds_skip_auth", env = "ANYCABLE_DS_SKIP_AUTH", num_args = 0..=1, default_missing_value = "true")]
     pub ds_skip_auth: Option<bool>,
+    /// The Durable Streams write API: PUT, POST, DELETE (ds.writes) [default: true]
+    #[arg(long = "ds_writes", env = "ANYCABLE_DS_WRITES", num_args = 0..=1, default_missing_value = "true")]
+    pub ds_writes: Option<bool>,
+    /// Unknown streams read as empty; false: 404 (ds.implicit_streams) [default: true]
+    #[arg(long = "ds_implicit_streams", env = "ANYCABLE_DS_IMPLICIT_STREAMS", num_args = 0..=1, default_missing_value = "true")]
+    pub ds_implicit_streams: Option<bool>,
+    /// Largest PUT/POST body, 1 B..=1 GiB (ds.max_append_bytes) [default: 8388608]
+    #[arg(long = "ds_max_append_bytes", env = "ANYCABLE_DS_MAX_APPEND_BYTES")]
+    pub ds_max_append_bytes: Option<u64>,
     /// Long-poll timeout in seconds, 1..=3600 (ds.poll_interval) [default: 10]
     #[arg(long = "ds_poll_interval", env = "ANYCABLE_DS_POLL_INTERVAL")]
     pub ds_poll_interval: Option<u64>,
@@ -512,6 +532,9 @@ impl Cli {
         push(&mut out, "server.max_body_bytes_in_flight", &self.max_body_bytes_in_flight);
         push(&mut out, "ds.path", &self.ds_path);
         push(&mut out, "ds.skip_auth", &self.ds_skip_auth);
+        push(&mut out, "ds.writes", &self.ds_writes);
+        push(&mut out, "ds.implicit_streams", &self.ds_implicit_streams);
+        push(&mut out, "ds.max_append_bytes", &self.ds_max_append_bytes);
         push(&mut out, "ds.poll_interval", &self.ds_poll_interval);
         push(&mut out, "ds.sse_ttl", &self.ds_sse_ttl);
         push(&mut out, "ds.max_chunk_bytes", &self.ds_max_chunk_bytes);
@@ -656,6 +679,7 @@ impl Config {
             ("broker.history_ttl", self.broker.history_ttl, 0..=TEN_YEARS, " seconds (0 = unlimited)"),
             ("ds.max_chunk_bytes", self.ds.max_chunk_bytes, 1..=GIB, " bytes"),
             ("http_broadcast.max_body", self.http_broadcast.max_body, 1..=GIB, " bytes"),
+            ("ds.max_append_bytes", self.ds.max_append_bytes, 1..=GIB, " bytes"),
             ("server.workers", self.server.workers as u64, 0..=1024, " (0 = one per core)"),
             ("storage.cache_capacity", self.storage.cache_capacity, 1 << 20..=TIB, " bytes"),
             ("storage.read_cache_bytes", self.storage.read_cache_bytes, 0..=TIB, " bytes (0 = off)"),
@@ -681,6 +705,15 @@ impl Config {
                 &format!(
                     "must be at least http_broadcast.max_body ({} bytes): a broadcast that can never fit would be refused for ever",
                     self.http_broadcast.max_body
+                ),
+            );
+        }
+        if self.ds.writes && self.server.max_body_bytes_in_flight < self.ds.max_append_bytes {
+            return bad(
+                "server.max_body_bytes_in_flight",
+                &format!(
+                    "must be at least ds.max_append_bytes ({} bytes): an append that can never fit would be refused for ever",
+                    self.ds.max_append_bytes
                 ),
             );
         }

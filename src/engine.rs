@@ -12,8 +12,10 @@ use bytes::Bytes;
 
 use crate::cluster::Cluster;
 use crate::hub::Hub;
+use crate::meta::SharedMeta;
 use crate::offset::{Epoch, Offset, Position};
 use crate::storage::{Chunk, NewMessage, ReadError, Storage, StorageError};
+use crate::writes::{WriteError, WriteOp, WriteOutcome};
 
 /// A cheap-to-clone handle to the engine chosen at start-up.
 #[derive(Clone)]
@@ -47,11 +49,20 @@ impl Engine {
         }
     }
 
-    /// Appends messages atomically (all or none, in order) and resolves once they are durable.
-    pub async fn append(&self, messages: Vec<NewMessage>) -> Result<(), StorageError> {
+    /// Appends broadcast messages atomically (all or none, in order) and resolves once they are
+    /// durable; refused (nothing stored) if a stream they name takes no JSON or is closed.
+    pub async fn append(&self, messages: Vec<NewMessage>) -> Result<(), WriteError> {
         match self {
-            Engine::Sled(storage) => storage.append(messages)?.durable().await,
-            Engine::Nats(cluster) => cluster.append(messages).await,
+            Engine::Sled(storage) => storage.append(messages)?.durable().await.map(drop),
+            Engine::Nats(cluster) => Ok(cluster.append(messages).await?),
+        }
+    }
+
+    /// A Durable Streams write to one stream; resolves once it is durable, or refused.
+    pub async fn write(&self, stream: &str, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+        match self {
+            Engine::Sled(storage) => storage.write(stream, op)?.durable().await,
+            Engine::Nats(_) => Err(StorageError::Unsupported("the Durable Streams write API in cluster mode").into()),
         }
     }
 
@@ -63,6 +74,18 @@ impl Engine {
                 blocking(move || storage.tail(&stream)).await?
             }
             Engine::Nats(cluster) => cluster.tail(stream).await,
+        }
+    }
+
+    /// The tail and metadata of a stream; `None` if it does not exist (or has expired). Does
+    /// not renew a TTL. In cluster mode every stream exists (as a broadcast stream).
+    pub async fn head(&self, stream: &str) -> Result<Option<(Position, SharedMeta)>, StorageError> {
+        match self {
+            Engine::Sled(storage) => {
+                let (storage, stream) = (storage.clone(), stream.to_string());
+                blocking(move || storage.head(&stream)).await?
+            }
+            Engine::Nats(cluster) => Ok(Some((cluster.tail(stream).await?, crate::meta::broadcast_stream()))),
         }
     }
 
@@ -78,7 +101,10 @@ impl Engine {
                 let (storage, stream) = (storage.clone(), stream.to_string());
                 blocking(move || storage.read(&stream, offset, max_bytes)).await?
             }
-            Engine::Nats(cluster) => cluster.read(stream, offset, max_bytes).await,
+            Engine::Nats(cluster) => {
+                let chunk = cluster.read(stream, offset, max_bytes).await?;
+                Ok(Chunk { meta: Some(crate::meta::broadcast_stream()), ..chunk })
+            }
         }
     }
 

@@ -72,7 +72,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         requests: register(
             &r,
             IntCounterVec::new(
-                Opts::new("ds_requests_total", "DS read requests by mode and status"),
+                Opts::new(
+                    "ds_requests_total",
+                    "DS requests by mode (catchup, poll, sse, head, create, append, delete) and status",
+                ),
                 &["mode", "status"],
             )
             .unwrap(),

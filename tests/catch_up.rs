@@ -213,7 +213,7 @@ async fn every_response_errors_included_carries_nosniff_and_corp() {
         (client.get(server.ds("s?offset=-1")), 200),
         (client.get(server.ds("s?offset=bad")), 400),
         (client.get(server.url("/nowhere")), 404),
-        (client.post(server.ds("s")), 405),
+        (client.patch(server.ds("s")), 405),
         (client.get(server.ds(&format!("s?offset={beyond}"))), 410),
         (client.post(server.url("/_broadcast")).body("{}"), 401),
         (client.post(server.url("/_broadcast")).bearer_auth(common::KEY).body(vec![b' '; 2 << 20]), 413),

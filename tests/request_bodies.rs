@@ -118,7 +118,8 @@ async fn a_body_that_does_not_arrive_in_time_is_408_and_its_connection_closed() 
 async fn a_body_over_the_budget_is_refused_before_it_is_read() {
     let dir = temp_dir();
     // The smallest budget: one 1 MiB broadcast (the largest allowed) fills it.
-    let server = Server::start(dir.path(), &["--max_body_bytes_in_flight", "1048576"]);
+    let args = ["--max_body_bytes_in_flight", "1048576", "--ds_max_append_bytes", "1048576"];
+    let server = Server::start(dir.path(), &args);
     let holder = stalled_broadcast(&server, Some(1 << 20), 100);
     server.wait_for_metric("http_body_bytes", (1 << 20) as f64, Duration::from_secs(10)).await;
     // Declared: refused before a byte is read. Chunked: refused at its first piece.

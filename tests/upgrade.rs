@@ -55,6 +55,14 @@ async fn a_layout_1_store_is_upgraded_at_start_up_without_losing_a_message() {
     assert!(logs.contains("upgrading storage layout 1 -> 2"), "{logs}");
     assert!(logs.contains("done: 223 messages converted"), "{logs}");
     assert!(logs.contains("upgrading storage layout 2 -> 3"), "{logs}");
+    assert!(logs.contains("upgrading storage layout 3 -> 4"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_layout_3_store_is_upgraded_at_start_up_without_losing_a_message() {
+    let logs = upgrade_fixture("layout3").await;
+    assert!(!logs.contains("upgrading storage layout 2 -> 3"), "{logs}");
+    assert!(logs.contains("upgrading storage layout 3 -> 4"), "{logs}");
 }
 
 #[tokio::test]
@@ -96,7 +104,9 @@ async fn upgrade_fixture(name: &str) -> String {
     server.restart();
     // (The harness keeps the log of both runs; an upgrade would print before "Listening on".)
     let logs = server.logs();
-    assert_eq!(logs.matches("upgrading storage layout 2 -> 3").count(), 1, "{logs}");
+    let upgrades = first_logs.matches("upgrading storage layout").count();
+    assert!(upgrades > 0, "{first_logs}");
+    assert_eq!(logs.matches("upgrading storage layout").count(), upgrades, "{logs}");
     let (_, body, _) = read_raw(&server, "chat/1", old_tail).await;
     assert_eq!(body, r#"[{"n":171}]"#);
     let mut unchanged = expected.clone();

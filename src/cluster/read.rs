@@ -129,7 +129,14 @@ impl Cluster {
         }
         body.put_u8(b']');
         let complete = count == batch.messages.len() && batch.pending == 0;
-        Ok(Chunk { body: body.freeze(), count, start: at(after), next: at(next), up_to_date: complete && next >= must })
+        Ok(Chunk {
+            body: body.freeze(),
+            count,
+            start: at(after),
+            next: at(next),
+            up_to_date: complete && next >= must,
+            meta: None,
+        })
     }
 
     /// The answer when the subject holds nothing after `after`: `last` is its last message
@@ -188,5 +195,5 @@ impl Cluster {
 }
 
 fn empty_chunk(position: Position) -> Chunk {
-    Chunk { body: Bytes::from_static(b"[]"), count: 0, start: position, next: position, up_to_date: true }
+    Chunk { body: Bytes::from_static(b"[]"), count: 0, start: position, next: position, up_to_date: true, meta: None }
 }

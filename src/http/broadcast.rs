@@ -4,6 +4,7 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{request_body, ApiError, AppState};
+use crate::writes::WriteError;
 use crate::{auth, ingest, metrics};
 
 pub async fn handle(
@@ -47,11 +48,19 @@ pub async fn handle(
         let context = format!("broadcast to {streams:?} not stored");
         // Hands the messages to the writer thread (no blocking here) and waits for the group
         // flush that makes them durable.
-        state.engine.append(broadcast.stored).await.map_err(|e| {
-            if let crate::storage::StorageError::BatchTooLarge(_) = e {
-                metrics::get().broadcast_rejected.with_label_values(&["too_large"]).inc();
+        state.engine.append(broadcast.stored).await.map_err(|e| match e {
+            WriteError::Storage(e) => {
+                if let crate::storage::StorageError::BatchTooLarge(_) = e {
+                    metrics::get().broadcast_rejected.with_label_values(&["too_large"]).inc();
+                }
+                ApiError::unavailable(&e, &context)
             }
-            ApiError::unavailable(&e, &context)
+            // A stream the write API made that takes no broadcast (closed, or not JSON):
+            // nothing of the batch was stored.
+            WriteError::Refused(refusal) => {
+                metrics::get().broadcast_rejected.with_label_values(&["conflict"]).inc();
+                ApiError::refused(refusal, state.engine.epoch())
+            }
         })?;
     }
     deliver_transient(&state, broadcast.transient);

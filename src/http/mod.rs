@@ -7,7 +7,9 @@ mod ds;
 mod json_errors;
 mod ops;
 pub mod request_body;
+mod sse;
 pub mod watchdog;
+mod write;
 
 pub use json_errors::json_errors;
 
@@ -23,6 +25,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::storage::{ReadError, StorageError};
 use crate::streams::InvalidStreamName;
+use crate::writes::{Refusal, WriteError};
 
 /// Everything a request handler needs; cheap to clone (one `Arc` per field).
 #[derive(Clone)]
@@ -114,11 +117,13 @@ pub struct ApiError {
     allow: Option<&'static str>,
     /// Close the connection after the answer (a request body was left unread).
     close: bool,
+    /// Protocol headers the answer carries (`Stream-Closed`, `Stream-Next-Offset`).
+    headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), allow: None, close: false }
+        ApiError { status, message: message.into(), allow: None, close: false, headers: Vec::new() }
     }
 
     /// The same answer, and the connection is closed after it.
@@ -136,6 +141,29 @@ impl ApiError {
             message: "method not allowed".into(),
             allow: Some(allow),
             close: false,
+            headers: Vec::new(),
+        }
+    }
+
+    /// A write its stream refused (nothing was written).
+    pub fn refused(refusal: Refusal, epoch: crate::offset::Epoch) -> ApiError {
+        let status = match refusal {
+            Refusal::NotFound => StatusCode::NOT_FOUND,
+            _ => StatusCode::CONFLICT,
+        };
+        let mut error = ApiError::new(status, refusal.to_string());
+        if let Refusal::Closed { tail } = refusal {
+            error.headers.push(("Stream-Closed", "true".into()));
+            error.headers.push(("Stream-Next-Offset", crate::offset::Position { epoch, seq: tail }.token()));
+        }
+        error
+    }
+
+    /// A write that failed: refused by its stream, or not stored.
+    pub fn from_write(error: WriteError, epoch: crate::offset::Epoch, context: &str) -> ApiError {
+        match error {
+            WriteError::Refused(refusal) => ApiError::refused(refusal, epoch),
+            WriteError::Storage(e) => ApiError::unavailable(&e, context),
         }
     }
 
@@ -155,6 +183,9 @@ impl ApiError {
                         "a broadcast holds at most {limit} messages in cluster mode (JetStream's atomic batch limit)"
                     ),
                 )
+            }
+            StorageError::Unsupported(what) => {
+                return ApiError::new(StatusCode::NOT_IMPLEMENTED, format!("{what} is not supported yet"))
             }
             StorageError::MessageTooLarge { limit, max_payload } => {
                 return ApiError::new(
@@ -184,6 +215,9 @@ impl ResponseError for ApiError {
         }
         if self.close {
             response.force_close();
+        }
+        for (name, value) in &self.headers {
+            response.insert_header((*name, value.as_str()));
         }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Busy or recovering: a short pause is enough; clients back off on repeats.
@@ -250,12 +284,41 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::new(StatusCode::NOT_FOUND, "not found"))
 }
 
-/// Request headers a browser may send to DS endpoints.
-pub const CORS_ALLOWED_HEADERS: [&str; 6] =
-    ["x-signed", "x-jid", "if-none-match", "last-event-id", "content-type", "authorization"];
+/// Request headers a browser may send to DS endpoints (reads, and the write API's).
+pub const CORS_ALLOWED_HEADERS: [&str; 16] = [
+    "x-signed",
+    "x-jid",
+    "if-none-match",
+    "last-event-id",
+    "content-type",
+    "authorization",
+    "stream-seq",
+    "stream-ttl",
+    "stream-expires-at",
+    "stream-closed",
+    "producer-id",
+    "producer-epoch",
+    "producer-seq",
+    "stream-forked-from",
+    "stream-fork-offset",
+    "stream-fork-sub-offset",
+];
 /// Response headers a browser client must be able to read.
-pub const CORS_EXPOSED_HEADERS: [&str; 5] =
-    ["stream-next-offset", "stream-cursor", "stream-up-to-date", "stream-closed", "etag"];
+pub const CORS_EXPOSED_HEADERS: [&str; 13] = [
+    "stream-next-offset",
+    "stream-cursor",
+    "stream-up-to-date",
+    "stream-closed",
+    "etag",
+    "location",
+    "stream-ttl",
+    "stream-expires-at",
+    "stream-sse-data-encoding",
+    "producer-epoch",
+    "producer-seq",
+    "producer-expected-seq",
+    "producer-received-seq",
+];
 
 /// CORS per spec §7: allowed origins with `*.suffix` wildcards (empty list = any origin); a
 /// foreign origin simply gets no allow header.
@@ -276,7 +339,11 @@ pub fn cors(config: &Config) -> actix_cors::Cors {
     }
     actix_cors::Cors::default()
         .allowed_origin_fn(move |origin, _| origin_allowed(&origins, origin))
-        .allowed_methods([Method::GET, Method::HEAD, Method::OPTIONS])
+        .allowed_methods(if config.ds.writes {
+            vec![Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::POST, Method::DELETE]
+        } else {
+            vec![Method::GET, Method::HEAD, Method::OPTIONS]
+        })
         .allowed_headers(
             allowed_headers.iter().map(|h| header::HeaderName::try_from(h.as_str()).expect("valid header")),
         )
@@ -368,6 +435,12 @@ async fn authorize(
 /// The application may trust this URL (its path names the stream), so a `Host` that is not a
 /// plain `host[:port]` is refused: `Host: evil.com/ds/other?x=` would show it another URL.
 fn request_url(req: &HttpRequest) -> Result<String, ApiError> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    Ok(request_base(req)? + path)
+}
+
+/// `http://` and the `Host` the client asked for (see [`request_url`]).
+fn request_base(req: &HttpRequest) -> Result<String, ApiError> {
     // No Host, or an empty one (allowed when the request names no authority): the server's.
     let host = match req.headers().get(header::HOST).filter(|v| !v.is_empty()) {
         Some(value) => value.to_str().ok().filter(|h| valid_host(h)),
@@ -376,8 +449,7 @@ fn request_url(req: &HttpRequest) -> Result<String, ApiError> {
     let Some(host) = host else {
         return Err(ApiError::bad_request("invalid Host header"));
     };
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    Ok(format!("http://{host}{path}"))
+    Ok(format!("http://{host}"))
 }
 
 /// `host[:port]` as RFC 3986 allows it in an `http` URL: a name of letters, digits, `-`, `.`,

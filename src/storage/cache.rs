@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use super::keys::{self, StreamRecord};
 use super::{corrupt, now_ms, StorageError};
 use crate::hub::Hub;
+use crate::meta::{SharedMeta, StreamMeta};
 
 /// In-memory state of one stream.
 #[derive(Debug)]
@@ -34,11 +35,24 @@ pub(crate) struct StreamEntry {
     pub(crate) last_timestamp_ms: AtomicU64,
     /// When the entry was last looked up (for idle eviction).
     last_used_ms: AtomicU64,
+    /// The stream's metadata as durable: the writer replaces it after the flush that made a
+    /// change durable, and after raising `visible` (so a reader that sees "closed" and then
+    /// reads the tail sees every message written before the close).
+    meta: RwLock<SharedMeta>,
+    /// The last read or write (ms), for a sliding `Stream-TTL`. In memory only: a restart
+    /// counts as an access (a stream may outlive its TTL by the downtime, never die early).
+    pub(crate) last_access_ms: AtomicU64,
 }
 
 impl StreamEntry {
     pub(crate) fn new(name: Arc<str>, id: u64, tail: StoredTail) -> StreamEntry {
+        StreamEntry::with_meta(name, id, tail, Arc::new(StreamMeta::default()))
+    }
+
+    pub(crate) fn with_meta(name: Arc<str>, id: u64, tail: StoredTail, meta: SharedMeta) -> StreamEntry {
         StreamEntry {
+            meta: RwLock::new(meta),
+            last_access_ms: AtomicU64::new(now_ms()),
             name,
             id,
             base: tail.base,
@@ -51,10 +65,36 @@ impl StreamEntry {
 
     /// Makes messages up to `seq` readable and wakes the stream's live readers.
     pub(crate) fn publish(&self, seq: u64, hub: &Hub) {
-        let previous = self.visible.fetch_max(seq, Ordering::AcqRel);
-        if seq > previous {
+        if self.raise_visible(seq) {
             hub.wake(&self.name, seq);
         }
+    }
+
+    /// Makes messages up to `seq` readable without waking anybody (the caller wakes them);
+    /// whether the tail moved.
+    pub(crate) fn raise_visible(&self, seq: u64) -> bool {
+        seq > self.visible.fetch_max(seq, Ordering::AcqRel)
+    }
+
+    pub(crate) fn meta(&self) -> SharedMeta {
+        self.meta.read().expect("stream meta lock").clone()
+    }
+
+    /// Publishes durable metadata and wakes the stream's live readers (a close moves no tail,
+    /// and they must learn of it). Writer thread only, after the flush.
+    pub(crate) fn publish_meta(&self, meta: SharedMeta, hub: &Hub) {
+        *self.meta.write().expect("stream meta lock") = meta;
+        hub.wake(&self.name, self.visible.load(Ordering::Acquire));
+    }
+
+    /// Whether the stream has expired (`Stream-TTL`, `Stream-Expires-At`) at `now`.
+    pub(crate) fn expired(&self, meta: &StreamMeta, now: u64) -> bool {
+        meta.expires() && meta.expired(now, self.last_access_ms.load(Ordering::Acquire))
+    }
+
+    /// A read or write renews a sliding TTL (HEAD does not).
+    pub(crate) fn renew(&self, now: u64) {
+        self.last_access_ms.fetch_max(now, Ordering::AcqRel);
     }
 
     fn touch(&self) {
@@ -90,6 +130,14 @@ pub(crate) fn stored_tail(db: &sled::Db, id: u64) -> Result<StoredTail, StorageE
     Ok(tail)
 }
 
+/// A stream's metadata as stored (the defaults of a broadcast stream if it has none).
+pub(crate) fn stored_meta(db: &sled::Db, id: u64) -> Result<StreamMeta, StorageError> {
+    match db.get(keys::meta_key(id))? {
+        Some(bytes) => StreamMeta::decode(&bytes).ok_or_else(|| corrupt("stream metadata")),
+        None => Ok(StreamMeta::default()),
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct StreamCache {
     entries: RwLock<HashMap<Arc<str>, Arc<StreamEntry>>>,
@@ -106,8 +154,9 @@ impl StreamCache {
         };
         let id = keys::decode_u64(&id).ok_or_else(|| corrupt("stream id"))?;
         let tail = stored_tail(db, id)?;
+        let meta = stored_meta(db, id)?;
         let name: Arc<str> = Arc::from(stream);
-        let entry = Arc::new(StreamEntry::new(name.clone(), id, tail));
+        let entry = Arc::new(StreamEntry::with_meta(name.clone(), id, tail, Arc::new(meta)));
         let mut entries = self.entries.write().expect("stream cache lock");
         Ok(Some(entries.entry(name).or_insert(entry).clone()))
     }

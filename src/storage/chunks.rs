@@ -168,8 +168,14 @@ mod tests {
 
     fn chunk(body: &'static [u8]) -> CachedChunk {
         let position = Position { epoch: Epoch::parse(b"abcdefghij").unwrap(), seq: 0 };
-        let chunk =
-            Chunk { body: Bytes::from_static(body), count: 1, start: position, next: position, up_to_date: true };
+        let chunk = Chunk {
+            body: Bytes::from_static(body),
+            count: 1,
+            start: position,
+            next: position,
+            up_to_date: true,
+            meta: None,
+        };
         CachedChunk { chunk, last: 1, first_timestamp_ms: 0, full: false }
     }
 

@@ -7,6 +7,9 @@
 pub const NAME: u8 = b'N';
 pub const STREAM: u8 = b'S';
 pub const RECORD: u8 = b'R';
+/// `D ‖ id` → the stream's [`crate::meta::StreamMeta`] (layout 4): only for streams the write
+/// API made or changed; a stream without one is a broadcast stream with the defaults.
+pub const META: u8 = b'D';
 
 pub const META_LAYOUT: &[u8] = b"Mlayout";
 pub const META_EPOCH: &[u8] = b"Mepoch";
@@ -27,6 +30,14 @@ pub fn name_key(name: &str) -> Vec<u8> {
 pub fn stream_key(id: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = STREAM;
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// `D ‖ id` → stream metadata (see [`META`]).
+pub fn meta_key(id: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = META;
     key[1..].copy_from_slice(&id.to_be_bytes());
     key
 }
@@ -176,6 +187,14 @@ impl<'a> LogRecord<'a> {
     /// Length of message `i` in bytes.
     pub fn message_len(&self, i: usize) -> usize {
         self.end(i).saturating_sub(self.start(i))
+    }
+
+    /// Message `i` alone; `None` if the stored offsets are inconsistent.
+    pub fn message(&self, i: usize) -> Option<&'a [u8]> {
+        if i >= self.count {
+            return None;
+        }
+        self.body.get(self.start(i)..self.end(i))
     }
 
     /// Messages `from..to` (indexes into this record) joined by commas; `None` if the stored

@@ -98,6 +98,9 @@ mod tests {
 
     /// A stand-in for a future step (layout 3 -> 4): copies every record key under a new
     /// prefix and records the new version in the same batch.
+    /// The layout after today's, for steps made up by the tests.
+    const NEXT: u32 = CURRENT_LAYOUT + 1;
+
     fn copy_log_step(db: &sled::Db, progress: migrations::Progress) -> sled::Result<()> {
         let mut batch = sled::Batch::default();
         let mut copied = 0;
@@ -109,12 +112,12 @@ mod tests {
             copied += 1;
         }
         progress(&format!("copied {copied} records"));
-        batch.insert(keys::META_LAYOUT, &4u32.to_be_bytes()[..]);
+        batch.insert(keys::META_LAYOUT, &NEXT.to_be_bytes()[..]);
         db.apply_batch(batch)
     }
 
-    const STEPS_TO_4: &[migrations::Step] =
-        &[migrations::Step { from: 3, description: "test step", run: copy_log_step }];
+    const STEPS_TO_NEXT: &[migrations::Step] =
+        &[migrations::Step { from: CURRENT_LAYOUT, description: "test step", run: copy_log_step }];
 
     fn temp_db() -> (tempfile::TempDir, sled::Db) {
         let dir = tempfile::tempdir().unwrap();
@@ -129,13 +132,13 @@ mod tests {
         db.insert(keys::record_key(1, 1), &b"record"[..]).unwrap();
         let epoch = db.get(keys::META_EPOCH).unwrap();
 
-        upgrade(&db, 4, STEPS_TO_4).unwrap();
-        assert_eq!(read_layout(&db).unwrap(), Some(4));
+        upgrade(&db, NEXT, STEPS_TO_NEXT).unwrap();
+        assert_eq!(read_layout(&db).unwrap(), Some(NEXT));
         assert_eq!(db.get(keys::record_key(1, 1)).unwrap().as_deref(), Some(&b"record"[..]));
         assert_eq!(db.scan_prefix(b"X").count(), 1);
         assert_eq!(db.get(keys::META_EPOCH).unwrap(), epoch, "the epoch survives upgrades");
         // Already at the target: nothing runs again.
-        upgrade(&db, 4, STEPS_TO_4).unwrap();
+        upgrade(&db, NEXT, STEPS_TO_NEXT).unwrap();
         assert_eq!(db.scan_prefix(b"X").count(), 1);
     }
 
@@ -145,13 +148,13 @@ mod tests {
         prepare(&db).unwrap();
         let too_new = upgrade(&db, 1, &[]).unwrap_err();
         assert!(too_new.to_string().contains("newer anycable-ds"), "{too_new}");
-        assert!(matches!(upgrade(&db, 5, STEPS_TO_4), Err(MigrateError::MissingStep { from: 4 })));
+        assert!(matches!(upgrade(&db, NEXT + 1, STEPS_TO_NEXT), Err(MigrateError::MissingStep { from: NEXT })));
 
         let forgetful: &[migrations::Step] =
-            &[migrations::Step { from: 3, description: "forgets", run: |_, _| Ok(()) }];
+            &[migrations::Step { from: CURRENT_LAYOUT, description: "forgets", run: |_, _| Ok(()) }];
         let (_dir2, db2) = temp_db();
         prepare(&db2).unwrap();
-        assert!(matches!(upgrade(&db2, 4, forgetful), Err(MigrateError::StepDidNotRecord { from: 3 })));
+        assert!(matches!(upgrade(&db2, NEXT, forgetful), Err(MigrateError::StepDidNotRecord { from: CURRENT_LAYOUT })));
 
         let (_dir3, db3) = temp_db();
         db3.insert(b"something else", &b"x"[..]).unwrap();

@@ -33,7 +33,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::hub::Hub;
+use crate::meta::{Framing, SharedMeta};
 use crate::offset::{Epoch, Offset, Position};
+use crate::writes::{WriteError, WriteOp, WriteOutcome};
 use cache::StreamCache;
 
 pub use migrate::CURRENT_LAYOUT;
@@ -63,6 +65,9 @@ pub enum StorageError {
     /// room for headers).
     #[error("a message holds at most {limit} bytes (NATS max_payload {max_payload})")]
     MessageTooLarge { limit: usize, max_payload: usize },
+    /// The engine does not do this (yet).
+    #[error("{0} is not supported by this storage engine yet")]
+    Unsupported(&'static str),
 }
 
 impl From<sled::Error> for StorageError {
@@ -111,10 +116,11 @@ pub struct NewMessage {
     pub json: Bytes,
 }
 
-/// One read: a JSON array of messages after `start`.
+/// One read: the messages after `start`, framed for the stream's content type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
-    /// `[m1,m2,...]`, each message's bytes exactly as stored.
+    /// JSON streams: `[m1,m2,...]`, each message's bytes exactly as stored; other streams:
+    /// the messages' bytes, concatenated.
     pub body: Bytes,
     pub count: usize,
     /// The position the messages follow.
@@ -123,8 +129,88 @@ pub struct Chunk {
     pub next: Position,
     /// The chunk reached the stream's durable tail.
     pub up_to_date: bool,
+    /// The stream's metadata when it was read (read before its tail, so a closed stream's
+    /// chunk that reached the tail holds every message); `None`: the stream does not exist.
+    /// Never cached with the chunk: closure may change it.
+    pub meta: Option<SharedMeta>,
 }
 
+impl Chunk {
+    /// The stream was closed and this chunk reached its end.
+    pub fn closed(&self) -> bool {
+        self.up_to_date && self.meta.as_ref().is_some_and(|m| m.closed)
+    }
+}
+
+/// Length of `count` messages of `message_bytes` in all, framed.
+pub(crate) fn framed_len(framing: Framing, count: usize, message_bytes: usize) -> usize {
+    match framing {
+        Framing::Json => message_bytes + count.saturating_sub(1) + 2,
+        Framing::Raw => message_bytes,
+    }
+}
+
+/// Builds a chunk body: a JSON array, or the messages concatenated.
+pub(crate) struct Framer {
+    framing: Framing,
+    body: Vec<u8>,
+    count: usize,
+}
+
+impl Framer {
+    pub(crate) fn new(framing: Framing, capacity: usize) -> Framer {
+        let mut body = Vec::with_capacity(capacity);
+        if framing == Framing::Json {
+            body.push(b'[');
+        }
+        Framer { framing, body, count: 0 }
+    }
+
+    /// Adds one message.
+    pub(crate) fn push(&mut self, message: &[u8]) {
+        if self.framing == Framing::Json && self.count > 0 {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(message);
+        self.count += 1;
+    }
+
+    /// Adds `count` consecutive messages of a record, as stored (JSON: already joined by
+    /// commas, so one copy; raw: one copy per message, without the separators).
+    fn push_record(&mut self, record: &keys::LogRecord, from: usize, to: usize) -> Option<()> {
+        match self.framing {
+            Framing::Json => {
+                if self.count > 0 {
+                    self.body.push(b',');
+                }
+                self.body.extend_from_slice(record.messages(from, to)?);
+                self.count += to - from;
+            }
+            Framing::Raw => {
+                for i in from..to {
+                    self.push(record.message(i)?);
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// Bytes so far plus what closing the body adds.
+    fn len_closed(&self) -> usize {
+        self.body.len() + usize::from(self.framing == Framing::Json)
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.body.reserve(additional);
+    }
+
+    pub(crate) fn finish(mut self) -> Bytes {
+        if self.framing == Framing::Json {
+            self.body.push(b']');
+        }
+        Bytes::from(self.body)
+    }
+}
 /// Cheap-to-clone handle to the log.
 #[derive(Clone)]
 pub struct Storage {
@@ -151,14 +237,14 @@ struct Inner {
     failed: Arc<AtomicBool>,
 }
 
-/// An append on its way to disk, answered by the writer thread after the group's flush (right
-/// after the apply when `storage.fsync` is off).
-pub struct PendingAppend(tokio::sync::oneshot::Receiver<Result<(), StorageError>>);
+/// A write on its way to disk, answered by the writer thread after the group's flush (right
+/// after the apply when `storage.fsync` is off), or refused by its stream.
+pub struct PendingWrite(tokio::sync::oneshot::Receiver<Result<WriteOutcome, WriteError>>);
 
-impl PendingAppend {
-    /// Resolves once the messages are durable (or, with `storage.fsync = false`, applied).
-    pub async fn durable(self) -> Result<(), StorageError> {
-        self.0.await.unwrap_or(Err(StorageError::Closed))
+impl PendingWrite {
+    /// Resolves once the write is durable (or, with `storage.fsync = false`, applied).
+    pub async fn durable(self) -> Result<WriteOutcome, WriteError> {
+        self.0.await.unwrap_or(Err(WriteError::Storage(StorageError::Closed)))
     }
 }
 
@@ -257,18 +343,43 @@ impl Storage {
         self.inner.chunks.bytes()
     }
 
-    /// Appends messages atomically (all or none, in order). Does not block: the writer thread
-    /// does the work. Await the returned value before acknowledging.
-    pub fn append(&self, messages: Vec<NewMessage>) -> Result<PendingAppend, StorageError> {
+    /// Appends broadcast messages atomically (all or none, in order). Does not block: the
+    /// writer thread does the work. Await the returned value before acknowledging.
+    pub fn append(&self, messages: Vec<NewMessage>) -> Result<PendingWrite, StorageError> {
+        self.submit(writer::Op::Broadcast(messages))
+    }
+
+    /// A Durable Streams write (create, append or close, delete) to one stream.
+    pub fn write(&self, stream: &str, op: WriteOp) -> Result<PendingWrite, StorageError> {
+        self.submit(writer::Op::Write { stream: Arc::from(stream), op })
+    }
+
+    fn submit(&self, op: writer::Op) -> Result<PendingWrite, StorageError> {
         let writer = self.inner.writer.lock().expect("writer lock");
         let writer = writer.as_ref().ok_or(StorageError::Closed)?;
-        writer.submit(messages).map(PendingAppend)
+        writer.submit(op).map(PendingWrite)
+    }
+
+    /// Asks the writer to remove an expired stream (fire and forget: it checks again).
+    fn expire(&self, stream: &str) {
+        let _ = self.submit(writer::Op::Expire { stream: Arc::from(stream) });
     }
 
     /// The durable tail of a stream (an unknown stream is empty: position 0).
     pub fn tail(&self, stream: &str) -> Result<Position, StorageError> {
-        let seq = self.load(stream)?.map_or(0, |e| e.visible.load(Ordering::Acquire));
-        Ok(self.position(seq))
+        Ok(self.head(stream)?.map_or(self.position(0), |(tail, _)| tail))
+    }
+
+    /// The tail and metadata of a live stream; `None` if it does not exist or has expired.
+    /// Does not renew a TTL (HEAD never does).
+    pub fn head(&self, stream: &str) -> Result<Option<(Position, SharedMeta)>, StorageError> {
+        let Some(entry) = self.load(stream)? else { return Ok(None) };
+        let meta = entry.meta();
+        if entry.expired(&meta, now_ms()) {
+            self.expire(stream);
+            return Ok(None);
+        }
+        Ok(Some((self.position(entry.visible.load(Ordering::Acquire)), meta)))
     }
 
     /// Reads messages after `offset`, at most `max_bytes` of them (but always at least one).
@@ -301,11 +412,25 @@ impl Storage {
         let Some(entry) = entry else {
             return Some(self.read_unknown(offset));
         };
+        // Metadata before the tail: see `Chunk::meta`.
+        let meta = entry.meta();
+        let now = now_ms();
+        if entry.expired(&meta, now) {
+            self.expire(stream);
+            return Some(self.read_unknown(offset));
+        }
+        // A read renews a sliding TTL.
+        entry.renew(now);
         let tail = entry.visible.load(Ordering::Acquire);
+        let with_meta =
+            |result: Result<Chunk, ReadError>| Some(result.map(|chunk| Chunk { meta: Some(meta.clone()), ..chunk }));
+        // AnyCable's retention applies to streams broadcasts made, never to those `PUT` made.
+        let (window_start, expired_before) =
+            if meta.created { (1, 0) } else { (self.window_start(tail), self.expiry_cutoff_ms()) };
         // Positions up to the stream's base are before its current life: read from its start.
-        let window_start = self.window_start(tail).max(entry.base + 1);
+        let window_start = window_start.max(entry.base + 1);
         let (after, must_start_at_next) = match offset {
-            Offset::Now => return Some(Ok(self.empty_chunk(tail))),
+            Offset::Now => return with_meta(Ok(self.empty_chunk(tail, meta.framing()))),
             Offset::Start => (window_start - 1, false),
             Offset::At(position) => {
                 let after = position.seq.max(entry.base);
@@ -316,16 +441,15 @@ impl Storage {
             }
         };
         if after >= tail {
-            return Some(Ok(self.empty_chunk(after)));
+            return with_meta(Ok(self.empty_chunk(after, meta.framing())));
         }
-        let expired_before = self.expiry_cutoff_ms();
         let _scan = loop {
             if let Some(cached) = self.inner.chunks.get(entry.id, after, max_bytes) {
                 let still_complete = cached.full || cached.last == tail;
                 if still_complete && cached.first_timestamp_ms >= expired_before {
                     let mut chunk = cached.chunk;
                     chunk.up_to_date = cached.last >= tail;
-                    return Some(Ok(chunk));
+                    return with_meta(Ok(chunk));
                 }
             }
             if !may_block {
@@ -346,10 +470,11 @@ impl Storage {
         // a second scan starts after what it took and answers correctly (a gap, or the new
         // start of the stream).
         for _ in 0..SCAN_ATTEMPTS {
-            match self.scan(&entry, after, tail, must_start_at_next, expired_before, max_bytes) {
+            let range = Range { after, tail, must_start_at_next, expired_before, framing: meta.framing() };
+            match self.scan(&entry, range, max_bytes) {
                 Err(ScanError::Torn) => continue,
                 Err(ScanError::Read(e)) => return Some(Err(e)),
-                Ok(chunk) => return Some(Ok(chunk)),
+                Ok(chunk) => return with_meta(Ok(chunk)),
             }
         }
         // Retention deletes from the front and removal deletes a whole stream in one batch, so
@@ -365,29 +490,21 @@ impl Storage {
     /// name starts above the floor, see `writer.rs`).
     fn read_unknown(&self, offset: Offset) -> Result<Chunk, ReadError> {
         match offset {
-            Offset::Now | Offset::Start => Ok(self.empty_chunk(0)),
+            Offset::Now | Offset::Start => Ok(self.empty_chunk(0, Framing::Json)),
             Offset::At(position)
                 if position.epoch == self.inner.epoch
                     && position.seq <= self.inner.seq_floor.load(Ordering::Acquire) =>
             {
-                Ok(self.empty_chunk(position.seq))
+                Ok(self.empty_chunk(position.seq, Framing::Json))
             }
             Offset::At(_) => Err(ReadError::Gone),
         }
     }
 
-    /// Reads the log of `entry` after `after` up to `tail`, and caches what it read.
-    fn scan(
-        &self,
-        entry: &cache::StreamEntry,
-        after: u64,
-        tail: u64,
-        must_start_at_next: bool,
-        expired_before: u64,
-        max_bytes: usize,
-    ) -> Result<Chunk, ScanError> {
-        let mut body = Vec::new();
-        body.push(b'[');
+    /// Reads the log of `entry` in `range`, and caches what it read.
+    fn scan(&self, entry: &cache::StreamEntry, range: Range, max_bytes: usize) -> Result<Chunk, ScanError> {
+        let Range { after, tail, must_start_at_next, expired_before, framing } = range;
+        let mut body = Framer::new(framing, 0);
         let mut count = 0;
         let mut start = after;
         let mut last = after;
@@ -435,10 +552,12 @@ impl Storage {
             // Take as many messages as fit with the closing bracket (always at least one per
             // chunk), then copy them at once.
             let mut end = from;
-            let mut size = body.len();
+            let mut size = body.len_closed();
             while end < to {
-                let added = record.message_len(end) + usize::from(count + end - from > 0);
-                if count + end - from > 0 && size + added + 1 > max_bytes {
+                // JSON: a comma before every message but the chunk's first.
+                let comma = usize::from(framing == Framing::Json && count + end - from > 0);
+                let added = record.message_len(end) + comma;
+                if count + end - from > 0 && size + added > max_bytes {
                     full = true;
                     break;
                 }
@@ -446,10 +565,7 @@ impl Storage {
                 end += 1;
             }
             if end > from {
-                if count > 0 {
-                    body.push(b',');
-                }
-                body.extend_from_slice(record.messages(from, end).ok_or_else(|| corrupt("log record"))?);
+                body.push_record(&record, from, end).ok_or_else(|| corrupt("log record"))?;
                 count += end - from;
                 last = record.first_seq + end as u64 - 1;
             }
@@ -457,7 +573,6 @@ impl Storage {
                 break 'records;
             }
         }
-        body.push(b']');
         if count == 0 {
             if must_start_at_next {
                 // Nothing left after a position before the tail: deleted (or being deleted).
@@ -465,18 +580,19 @@ impl Storage {
             }
             // From the start, and every message has expired: the reader goes to the tail,
             // never to a position before deleted messages.
-            return Ok(self.empty_chunk(tail));
+            return Ok(self.empty_chunk(tail, framing));
         }
         if !full && last < tail {
             // The scan ended early: records up to the tail vanished while it ran.
             return Err(ScanError::Torn);
         }
         let chunk = Chunk {
-            body: Bytes::from(body),
+            body: body.finish(),
             count,
             start: self.position(start),
             next: self.position(last),
             up_to_date: last >= tail,
+            meta: None,
         };
         // Keyed by the position the chunk really follows: a read from the start that skipped
         // expired messages must not answer a later read from before them (that one is a gap).
@@ -506,9 +622,13 @@ impl Storage {
         Position { epoch: self.inner.epoch, seq }
     }
 
-    fn empty_chunk(&self, seq: u64) -> Chunk {
+    fn empty_chunk(&self, seq: u64, framing: Framing) -> Chunk {
         let position = self.position(seq);
-        Chunk { body: Bytes::from_static(b"[]"), count: 0, start: position, next: position, up_to_date: true }
+        let body = match framing {
+            Framing::Json => Bytes::from_static(b"[]"),
+            Framing::Raw => Bytes::new(),
+        };
+        Chunk { body, count: 0, start: position, next: position, up_to_date: true, meta: None }
     }
 
     /// The first sequence number the count limit keeps, given the tail.
@@ -529,6 +649,19 @@ impl Storage {
     fn load(&self, stream: &str) -> Result<Option<Arc<cache::StreamEntry>>, StorageError> {
         self.inner.cache.get_or_load(&self.inner.db.get()?, stream)
     }
+}
+
+/// What one scan reads.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    /// The position the read follows.
+    after: u64,
+    tail: u64,
+    /// The read follows a token: the next message must be there (else it is a gap, `410`).
+    must_start_at_next: bool,
+    /// Messages older than this (ms) have expired (AnyCable's `history_ttl`; 0: none).
+    expired_before: u64,
+    framing: Framing,
 }
 
 /// Scans of one read before it gives up on a stream whose records keep vanishing.

@@ -84,6 +84,10 @@ pub(crate) fn trim(db: &sled::Db, context: &Context, now_ms: u64) -> Result<u64,
             log::error!("retention: corrupt stream name entry, skipping it");
             continue;
         };
+        // Streams the write API made keep every message until deleted or expired.
+        if super::cache::stored_meta(db, id).map_or(true, |meta| meta.created) {
+            continue;
+        }
         let stored = super::cache::stored_tail(db, id)?;
         // The window counts from the durable tail. sled's newest record may not be durable
         // yet (applied, flush pending or failed): an entry in memory knows the durable tail.

@@ -30,10 +30,13 @@ use tokio::sync::oneshot;
 
 use super::cache::{StoredTail, StreamCache, StreamEntry};
 use super::chunks::{CachedChunk, ChunkCache};
-use super::keys::{self, StreamRecord};
+use super::keys;
 use super::slot::DbSlot;
 use super::{now_ms, Chunk, NewMessage, Retention, StorageError};
 use crate::hub::Hub;
+use crate::writes::{WriteError, WriteOp, WriteOutcome};
+
+mod ops;
 use crate::offset::{Epoch, Position};
 
 /// Most requests taken into one group (bounds the batch size under a burst).
@@ -98,10 +101,28 @@ pub(crate) struct LiveChunks {
     pub(crate) max_bytes: usize,
 }
 
-pub(crate) type Done = oneshot::Sender<Result<(), StorageError>>;
+pub(crate) type Done = oneshot::Sender<Result<WriteOutcome, WriteError>>;
+
+/// What one request asks of the writer.
+pub(crate) enum Op {
+    /// `POST /_broadcast`: messages to one or more streams, all or none.
+    Broadcast(Vec<NewMessage>),
+    /// A Durable Streams write to one stream.
+    Write { stream: Arc<str>, op: WriteOp },
+    /// Remove the stream if it has expired (`Stream-TTL`, `Stream-Expires-At`); found by a
+    /// request or by the expiry sweep. Answers `Deleted` or `NotFound`.
+    Expire { stream: Arc<str> },
+}
+
+impl Op {
+    /// Ops that create or remove a stream are committed alone (see `ops.rs`).
+    fn is_structural(&self) -> bool {
+        matches!(self, Op::Write { op: WriteOp::Create { .. } | WriteOp::Delete, .. } | Op::Expire { .. })
+    }
+}
 
 struct Request {
-    messages: Vec<NewMessage>,
+    op: Op,
     /// What the request counts against `max_queued_bytes` until the writer takes it.
     bytes: usize,
     done: Done,
@@ -200,13 +221,14 @@ impl Writer {
         Writer { sender, thread, queue }
     }
 
-    /// Queues messages for appending; the receiver answers once they are durable. Refused
-    /// with [`StorageError::Busy`] while `max_queued_bytes` are waiting for the writer.
-    pub(crate) fn submit(
-        &self,
-        messages: Vec<NewMessage>,
-    ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
-        let bytes = messages.iter().map(|m| m.json.len() + m.stream.len()).sum::<usize>();
+    /// Queues a request; the receiver answers once it is durable (or refused). Refused with
+    /// [`StorageError::Busy`] while `max_queued_bytes` are waiting for the writer.
+    pub(crate) fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<WriteOutcome, WriteError>>, StorageError> {
+        let bytes = match &op {
+            Op::Broadcast(messages) => messages.iter().map(|m| m.json.len() + m.stream.len()).sum::<usize>(),
+            Op::Write { stream, op } => stream.len() + ops::op_bytes(op),
+            Op::Expire { stream } => stream.len(),
+        };
         let queued = self.queue.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
         // A request larger than the whole budget still goes through when nothing else waits.
         if queued > self.queue.max && queued > bytes {
@@ -215,7 +237,7 @@ impl Writer {
             return Err(StorageError::Busy);
         }
         let (done, receiver) = oneshot::channel();
-        self.sender.send(Request { messages, bytes, done }).map_err(|_| {
+        self.sender.send(Request { op, bytes, done }).map_err(|_| {
             self.queue.bytes.fetch_sub(bytes, Ordering::AcqRel);
             StorageError::Closed
         })?;
@@ -230,12 +252,15 @@ impl Writer {
 }
 
 /// Whether every request of `group` is stored in a single key (so plain inserts keep each
-/// request atomic): no stream is created, each stream's messages make one record, and no
-/// request names two streams.
-fn each_request_in_one_key(group: &[Request], runs: usize, records: usize, creates_streams: bool) -> bool {
-    !creates_streams
+/// request atomic): no stream is created, no metadata changes, each stream's messages make one
+/// record, and no request names two streams.
+fn each_request_in_one_key(group: &[Request], runs: usize, records: usize, writes_more_keys: bool) -> bool {
+    !writes_more_keys
         && records == runs
-        && group.iter().all(|r| r.messages.iter().all(|m| m.stream == r.messages[0].stream))
+        && group.iter().all(|r| match &r.op {
+            Op::Broadcast(messages) => messages.iter().all(|m| m.stream == messages[0].stream),
+            _ => true,
+        })
 }
 
 /// How often a failed store checks whether the disk takes writes again.
@@ -258,15 +283,22 @@ fn run(mut state: State, receiver: mpsc::Receiver<Request>) {
     loop {
         match receiver.recv_timeout(RECOVERY_INTERVAL) {
             Ok(first) => {
-                let mut group = vec![first];
-                group.extend(receiver.try_iter().take(MAX_GROUP_REQUESTS - 1));
-                let taken: usize = group.iter().map(|r| r.bytes).sum();
-                state.queue.bytes.fetch_sub(taken, Ordering::AcqRel);
-                let result = state.commit(&group);
-                for request in group {
-                    // The client may have gone away meanwhile; what was stored stays stored.
-                    let _ = request.done.send(result.clone());
+                let mut taken = vec![first];
+                taken.extend(receiver.try_iter().take(MAX_GROUP_REQUESTS - 1));
+                let bytes: usize = taken.iter().map(|r| r.bytes).sum();
+                state.queue.bytes.fetch_sub(bytes, Ordering::AcqRel);
+                // Requests that create or remove a stream are committed alone; the appends
+                // around them form groups, in arrival order.
+                let mut group = Vec::new();
+                for request in taken {
+                    if request.op.is_structural() {
+                        state.commit_and_answer(std::mem::take(&mut group));
+                        state.commit_and_answer(vec![request]);
+                    } else {
+                        group.push(request);
+                    }
                 }
+                state.commit_and_answer(group);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => state.recover_if_failed(),
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -278,27 +310,67 @@ fn run(mut state: State, receiver: mpsc::Receiver<Request>) {
 }
 
 impl State {
-    /// Applies, flushes and publishes one group.
-    fn commit(&mut self, group: &[Request]) -> Result<(), StorageError> {
+    fn commit_and_answer(&mut self, group: Vec<Request>) {
+        if group.is_empty() {
+            return;
+        }
+        let results = self.commit(&group);
+        for (request, result) in group.into_iter().zip(results) {
+            // The client may have gone away meanwhile; what was stored stays stored.
+            let _ = request.done.send(result);
+        }
+    }
+
+    /// Applies, flushes and publishes one group; one answer per request.
+    fn commit(&mut self, group: &[Request]) -> Vec<Result<WriteOutcome, WriteError>> {
+        let failed = |e: StorageError| vec![Err(WriteError::Storage(e)); group.len()];
         if self.failed.load(Ordering::Acquire) {
             self.recover_if_failed();
         }
         if self.failed.load(Ordering::Acquire) {
             // Nothing is accepted until the store was reopened (see `slot.rs`).
-            return Err(StorageError::Recovering);
+            return failed(StorageError::Recovering);
         }
-        let db = self.slot.get()?;
+        let db = match self.slot.get() {
+            Ok(db) => db,
+            Err(e) => return failed(e),
+        };
         let started = std::time::Instant::now();
-        let runs = self.apply(&db, group)?;
+        let applied = match self.apply(&db, group) {
+            Ok(applied) => applied,
+            Err(e) => return failed(e),
+        };
         crate::metrics::get().append_seconds.observe(started.elapsed().as_secs_f64());
-        if self.fsync {
-            self.flush(&db, group.len())?;
+        if self.fsync && applied.wrote {
+            if let Err(e) = self.flush(&db, group.len()) {
+                return failed(e);
+            }
         }
+        self.publish(applied.runs, applied.metas, applied.removed);
+        applied.results.into_iter().map(|r| r.map_err(WriteError::Refused)).collect()
+    }
+
+    /// Makes what a durable group wrote visible: new tails first, then metadata (a reader
+    /// that sees a close then reads the tail sees every message before it), then removals.
+    fn publish(&self, runs: Vec<Run>, metas: Vec<(Arc<StreamEntry>, crate::meta::SharedMeta)>, removed: Vec<Arc<str>>) {
         for run in runs {
             self.prefill_live_chunk(&run);
-            run.entry.publish(run.last_seq, &self.hub);
+            if metas.iter().any(|(entry, _)| Arc::ptr_eq(entry, &run.entry)) {
+                // Woken below, once the metadata is out too: a reader woken by an
+                // append-and-close sees the messages and the close together.
+                run.entry.raise_visible(run.last_seq);
+            } else {
+                run.entry.publish(run.last_seq, &self.hub);
+            }
         }
-        Ok(())
+        for (entry, meta) in metas {
+            entry.publish_meta(meta, &self.hub);
+        }
+        for name in removed {
+            self.cache.remove(&name);
+            // Live readers read again, and find the stream gone.
+            self.hub.wake(&name, 0);
+        }
     }
 
     /// After a failed write: reopen the store once the disk takes data again, and bring every
@@ -354,108 +426,34 @@ impl State {
         result
     }
 
-    /// Applies a group of requests as one batch; returns what it appended to each stream.
-    ///
-    /// Each stream's messages in the group become one log record (more if they exceed
-    /// [`MAX_RECORD_BYTES`]), so sled sees one key per stream per group, not one per message.
-    fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Vec<Run>, StorageError> {
-        let now = now_ms();
-        let mut records = Vec::new();
-        let mut created: Vec<(Arc<str>, u64, u64)> = Vec::new();
-        // One open run per stream touched; a linear scan would do for the few streams a group
-        // usually names, the index keeps big fan-in groups linear.
-        let mut runs: Vec<Run> = Vec::new();
-        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        for message in group.iter().flat_map(|r| &r.messages) {
-            let i = match index.get(message.stream.as_str()) {
-                Some(&i) => i,
-                None => {
-                    let entry = match self.cache.get_or_load(db, &message.stream) {
-                        Ok(Some(entry)) => entry,
-                        Ok(None) => self.create(&message.stream, &mut created),
-                        Err(e) => {
-                            self.forget(&created);
-                            return Err(e);
-                        }
-                    };
-                    runs.push(Run::new(entry, now));
-                    index.insert(&message.stream, runs.len() - 1);
-                    runs.len() - 1
-                }
-            };
-            runs[i].push(&message.json, &mut records);
-        }
-        for run in &mut runs {
-            run.close(&mut records);
-        }
-        // Each request must be stored whole or not at all. When every request of the group
-        // names one stream, and each stream's messages fit one record, every request lies in a
-        // single key, which a plain `insert` stores atomically. sled's `apply_batch` is dearer
-        // than it looks: it rolls the log buffer and writes and syncs it on the spot, on top of
-        // the group's flush (two log writes per group instead of one; see docs/PERFORMANCE.md).
-        let applied = if each_request_in_one_key(group, runs.len(), records.len(), !created.is_empty()) {
-            records.iter().try_for_each(|(key, value)| db.insert(key, &value[..]).map(drop))
-        } else {
-            let mut batch = sled::Batch::default();
-            for (key, value) in records {
-                batch.insert(&key[..], value);
-            }
-            for (name, id, base) in &created {
-                batch.insert(keys::name_key(name), &keys::encode_u64(*id)[..]);
-                batch.insert(&keys::stream_key(*id)[..], StreamRecord::with_base(*base).encode());
-            }
-            if !created.is_empty() {
-                batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
-            }
-            db.apply_batch(batch)
-        };
-        if let Err(e) = applied {
-            self.failed.store(true, Ordering::Release);
-            self.forget(&created);
-            log::error!("append failed: {e}");
-            return Err(e.into());
-        }
-        if !created.is_empty() {
-            self.streams_created.store(self.next_stream_id - 1, Ordering::Relaxed);
-        }
-        for run in &runs {
-            run.entry.allocated.store(run.last_seq, Ordering::Release);
-            run.entry.last_timestamp_ms.store(run.timestamp_ms, Ordering::Release);
-        }
-        Ok(runs)
-    }
-
     /// Caches the chunk that live readers of `run`'s stream will read next (see [`LiveChunks`]),
     /// exactly as `Storage::scan` would build it; skipped when nobody watches the stream, or
     /// when such a read would not return exactly this run.
     fn prefill_live_chunk(&self, run: &Run) {
         let count = run.messages.len();
         let after = run.last_seq - count as u64;
-        let json_bytes: usize = run.messages.iter().map(Bytes::len).sum();
+        let framing = run.entry.meta().framing();
+        let message_bytes: usize = run.messages.iter().map(Bytes::len).sum();
         // `Storage::scan` always takes the first message, then stops before one that would
         // take the body past the limit.
-        let fits = count == 1 || json_bytes + (count - 1) + 2 <= self.live.max_bytes;
+        let fits = count == 1 || super::framed_len(framing, count, message_bytes) <= self.live.max_bytes;
         // (A batch longer than the retention count limit needs no check: reads at `after` are
         // then answered 410 before the cache is consulted.)
         let readers_wait_at_after = run.entry.visible.load(Ordering::Acquire) == after;
         if !fits || !readers_wait_at_after || !self.hub.is_watched(&run.entry.name) {
             return;
         }
-        let mut body = Vec::with_capacity(json_bytes + count + 1);
-        body.push(b'[');
-        for (i, message) in run.messages.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(message);
+        let mut body = super::Framer::new(framing, super::framed_len(framing, count, message_bytes));
+        for message in &run.messages {
+            body.push(message);
         }
-        body.push(b']');
         let chunk = Chunk {
-            body: Bytes::from(body),
+            body: body.finish(),
             count,
             start: Position { epoch: self.epoch, seq: after },
             next: Position { epoch: self.epoch, seq: run.last_seq },
             up_to_date: true,
+            meta: None,
         };
         let cached = CachedChunk { chunk, last: run.last_seq, first_timestamp_ms: run.timestamp_ms, full: false };
         self.live.cache.put(run.entry.id, after, self.live.max_bytes, cached);
@@ -559,11 +557,7 @@ impl State {
                 continue;
             }
             floor = floor.max(tail.last_seq);
-            batch.remove(keys::name_key(&name));
-            batch.remove(&keys::stream_key(id)[..]);
-            for item in db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)) {
-                batch.remove(item?.0);
-            }
+            ops::remove_stream_keys(db, &mut batch, &name, id)?;
             removed.push(name);
         }
         if removed.is_empty() {
@@ -598,7 +592,7 @@ mod tests {
 
     fn request(streams: &[&str]) -> Request {
         let messages = streams.iter().map(|s| NewMessage { stream: s.to_string(), json: Bytes::from_static(b"1") });
-        Request { messages: messages.collect(), bytes: 0, done: oneshot::channel().0 }
+        Request { op: Op::Broadcast(messages.collect()), bytes: 0, done: oneshot::channel().0 }
     }
 
     #[test]

@@ -401,8 +401,13 @@ impl SseClient {
                     let value = value.strip_prefix(' ').unwrap_or(value);
                     match field {
                         "event" => event.event = value.into(),
+                        // Several data lines make one value, joined by newlines.
+                        "data" if event.event == "data" && !event.data.is_empty() => {
+                            event.data.push('\n');
+                            event.data.push_str(value);
+                        }
                         "data" => {
-                            assert!(event.data.is_empty(), "one data line per event: {block:?}");
+                            assert!(event.data.is_empty(), "one data line per control event: {block:?}");
                             event.data = value.into();
                         }
                         "id" => event.id = Some(value.into()),
@@ -433,6 +438,7 @@ impl SseClient {
                 "comment" => continue,
                 "data" => {
                     assert!(messages.is_empty(), "two data events without a control between");
+                    assert!(!event.data.contains('\n'), "a JSON data event is one line: {:?}", event.data);
                     messages = event.json().as_array().expect("data is a JSON array").clone();
                     assert!(!messages.is_empty(), "empty data event");
                 }

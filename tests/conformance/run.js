@@ -1,6 +1,6 @@
 // Runs the official conformance suite against the release binary and compares the per-test
-// results with the checked-in list of expected failures (expected-failures.txt, the same for
-// both engines): an unlisted failure, or a listed test that passes, fails the run, so the
+// results with the checked-in list of expected failures (expected-failures.txt, and
+// expected-failures-nats.txt in cluster mode): an unlisted failure, or a listed test that passes, fails the run, so the
 // list can only shrink. `node run.js --update` rewrites the list instead.
 //
 // The server runs as the suite assumes (WRITE.md §8): streams under /v1/stream, no
@@ -15,7 +15,8 @@ import { fileURLToPath } from "node:url";
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.ANYCABLE_DS_BIN || resolve(here, "..", "..", "target", "release", "anycable-ds");
 const ENGINE = process.env.ANYCABLE_DS_TEST_ENGINE || "sled";
-const LIST = join(here, "expected-failures.txt");
+// One list per engine while cluster mode lacks the write API (issue 20); they converge.
+const LIST = join(here, ENGINE === "sled" ? "expected-failures.txt" : `expected-failures-${ENGINE}.txt`);
 /** Tests the suite runs without `subscriptions: true`. */
 const EXPECTED_TESTS = 332;
 const update = process.argv.includes("--update");
@@ -37,6 +38,8 @@ function startServer(dir) {
     "--ds_path", "/v1/stream", "--public_streams",
     "--history_limit", "0", "--history_ttl", "0",
     "--ds_poll_interval", "1",
+    // The protocol's behaviour: a stream that was never created (or is gone) is a 404.
+    "--ds_implicit_streams", "false",
     ...engineArgs(dir),
   ];
   const child = spawn(BIN, args, { cwd: dir, env, stdio: ["ignore", "ignore", "pipe"] });

@@ -1,0 +1,382 @@
+//! What the writer does with each kind of request: the checks a write makes against its
+//! stream and the keys it writes. All of it runs on the writer thread, the only appender, so
+//! nothing can come between a check (closed, content type, `Stream-Seq`, existence) and the
+//! append it allows: that is what makes check-and-append atomic per stream.
+//!
+//! Appends (broadcasts and `POST`s) are grouped: each request is checked against the stream
+//! as the requests before it in the group left it, and a refused request writes nothing.
+//! Requests that create or remove a stream are committed alone (`writer::run`), which keeps
+//! the bookkeeping of names, ids and the sequence floor to one request at a time.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{each_request_in_one_key, Op, Request, Run, State};
+use crate::meta::{SharedMeta, StreamMeta};
+use crate::storage::cache::{StoredTail, StreamEntry};
+use crate::storage::keys::{self, StreamRecord};
+use crate::storage::{now_ms, StorageError};
+use crate::writes::{check_append, check_broadcast, same_configuration, Append, Refusal, WriteOp, WriteOutcome};
+
+/// What applying one group did, to publish after its flush.
+pub(in crate::storage) struct Applied {
+    pub(super) runs: Vec<Run>,
+    /// Metadata changed by the group, published after the tails.
+    pub(super) metas: Vec<(Arc<StreamEntry>, SharedMeta)>,
+    /// Streams removed (their entries leave memory after the flush).
+    pub(super) removed: Vec<Arc<str>>,
+    /// One per request.
+    pub(super) results: Vec<Result<WriteOutcome, Refusal>>,
+    /// Whether anything was written (else there is nothing to flush).
+    pub(super) wrote: bool,
+}
+
+impl Applied {
+    fn answer(result: Result<WriteOutcome, Refusal>) -> Applied {
+        Applied { runs: Vec::new(), metas: Vec::new(), removed: Vec::new(), results: vec![result], wrote: false }
+    }
+}
+
+/// Bytes a write op holds while it waits for the writer.
+pub(super) fn op_bytes(op: &WriteOp) -> usize {
+    match op {
+        WriteOp::Create { meta, messages } => meta.content_type.len() + messages.iter().map(Bytes::len).sum::<usize>(),
+        WriteOp::Append(append) => {
+            append.messages.iter().map(Bytes::len).sum::<usize>() + append.seq.as_ref().map_or(0, String::len)
+        }
+        WriteOp::Delete => 0,
+    }
+}
+
+/// The group's view of the streams it touched: their open runs and changed metadata.
+#[derive(Default)]
+struct Group {
+    runs: Vec<Run>,
+    /// Stream name → index in `runs`.
+    index: HashMap<Arc<str>, usize>,
+    /// Stream id → metadata as the group's requests so far left it.
+    metas: HashMap<u64, (Arc<StreamEntry>, SharedMeta)>,
+    records: Vec<([u8; 17], Vec<u8>)>,
+    created: Vec<(Arc<str>, u64, u64)>,
+}
+
+impl Group {
+    fn meta(&self, entry: &StreamEntry) -> SharedMeta {
+        self.metas.get(&entry.id).map_or_else(|| entry.meta(), |(_, meta)| meta.clone())
+    }
+
+    /// The stream's tail as the group's requests so far left it.
+    fn tail(&self, entry: &StreamEntry) -> u64 {
+        match self.index.get(&entry.name) {
+            Some(&i) => self.runs[i].last_seq,
+            None => entry.allocated.load(Ordering::Acquire),
+        }
+    }
+
+    /// The entry of a stream the group already touched.
+    fn entry(&self, stream: &str) -> Option<Arc<StreamEntry>> {
+        self.index.get(stream).map(|&i| self.runs[i].entry.clone())
+    }
+
+    fn push(&mut self, entry: &Arc<StreamEntry>, message: &Bytes, now: u64) {
+        let i = match self.index.get(&entry.name) {
+            Some(&i) => i,
+            None => {
+                self.runs.push(Run::new(entry.clone(), now));
+                self.index.insert(entry.name.clone(), self.runs.len() - 1);
+                self.runs.len() - 1
+            }
+        };
+        self.runs[i].push(message, &mut self.records);
+    }
+}
+
+impl State {
+    /// Applies a group (or one structural request) to sled, unflushed.
+    pub(super) fn apply(&mut self, db: &sled::Db, group: &[Request]) -> Result<Applied, StorageError> {
+        match group {
+            [Request { op: Op::Write { stream, op: WriteOp::Create { meta, messages } }, .. }] => {
+                self.apply_create(db, stream, meta, messages)
+            }
+            [Request { op: Op::Write { stream, op: WriteOp::Delete }, .. }] => self.apply_remove(db, stream, false),
+            [Request { op: Op::Expire { stream }, .. }] => self.apply_remove(db, stream, true),
+            _ => self.apply_appends(db, group),
+        }
+    }
+
+    /// Appends of a group: each stream's messages become one log record (more if they exceed
+    /// the record size), so sled sees one key per stream per group, not one per message.
+    fn apply_appends(&mut self, db: &sled::Db, requests: &[Request]) -> Result<Applied, StorageError> {
+        let now = now_ms();
+        let mut group = Group::default();
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            let result = match &request.op {
+                Op::Broadcast(messages) => self.plan_broadcast(db, &mut group, messages, now),
+                Op::Write { stream, op: WriteOp::Append(append) } => {
+                    self.plan_append(db, &mut group, stream, append, now)
+                }
+                // `writer::run` commits these alone.
+                _ => Err(StorageError::Sled("internal: a structural write in an append group".into())),
+            };
+            match result {
+                Ok(result) => results.push(result),
+                Err(e) => {
+                    self.forget(&group.created);
+                    return Err(e);
+                }
+            }
+        }
+        let Group { mut runs, metas, mut records, created, .. } = group;
+        for run in &mut runs {
+            run.close(&mut records);
+        }
+        let wrote = !records.is_empty() || !created.is_empty() || !metas.is_empty();
+        if wrote {
+            // Each request must be stored whole or not at all. When every request names one
+            // stream, and each stream's messages fit one record, every request lies in a single
+            // key, which a plain `insert` stores atomically. sled's `apply_batch` is dearer than
+            // it looks: it rolls the log buffer and writes and syncs it on the spot, on top of
+            // the group's flush (see docs/PERFORMANCE.md).
+            let more_keys = !created.is_empty() || !metas.is_empty();
+            let applied = if each_request_in_one_key(requests, runs.len(), records.len(), more_keys) {
+                records.iter().try_for_each(|(key, value)| db.insert(key, &value[..]).map(drop))
+            } else {
+                let mut batch = sled::Batch::default();
+                for (key, value) in records {
+                    batch.insert(&key[..], value);
+                }
+                for (name, id, base) in &created {
+                    batch.insert(keys::name_key(name), &keys::encode_u64(*id)[..]);
+                    batch.insert(&keys::stream_key(*id)[..], StreamRecord::with_base(*base).encode());
+                }
+                if !created.is_empty() {
+                    batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
+                }
+                for (entry, meta) in metas.values() {
+                    batch.insert(&keys::meta_key(entry.id)[..], meta.encode());
+                }
+                db.apply_batch(batch)
+            };
+            if let Err(e) = applied {
+                self.failed.store(true, Ordering::Release);
+                self.forget(&created);
+                log::error!("append failed: {e}");
+                return Err(e.into());
+            }
+        }
+        if !created.is_empty() {
+            self.streams_created.store(self.next_stream_id - 1, Ordering::Relaxed);
+        }
+        for run in &runs {
+            run.entry.allocated.store(run.last_seq, Ordering::Release);
+            run.entry.last_timestamp_ms.store(run.timestamp_ms, Ordering::Release);
+        }
+        Ok(Applied { runs, metas: metas.into_values().collect(), removed: Vec::new(), results, wrote })
+    }
+
+    /// A broadcast: every stream it names must take JSON messages (or not exist yet), else
+    /// the whole request is refused and none of it is written.
+    fn plan_broadcast(
+        &mut self,
+        db: &sled::Db,
+        group: &mut Group,
+        messages: &[crate::storage::NewMessage],
+        now: u64,
+    ) -> Result<Result<WriteOutcome, Refusal>, StorageError> {
+        let mut entries: HashMap<&str, Option<Arc<StreamEntry>>> = HashMap::new();
+        for message in messages {
+            if entries.contains_key(message.stream.as_str()) {
+                continue;
+            }
+            let entry = match group.entry(&message.stream) {
+                Some(entry) => Some(entry),
+                None => self.cache.get_or_load(db, &message.stream)?,
+            };
+            if let Some(entry) = &entry {
+                if let Err(refusal) = check_broadcast(&group.meta(entry), group.tail(entry)) {
+                    return Ok(Err(refusal));
+                }
+            }
+            entries.insert(&message.stream, entry);
+        }
+        for message in messages {
+            let entry = match entries.get(message.stream.as_str()).cloned().flatten() {
+                Some(entry) => entry,
+                None => {
+                    let entry = self.create(&message.stream, &mut group.created);
+                    entries.insert(&message.stream, Some(entry.clone()));
+                    entry
+                }
+            };
+            entry.renew(now);
+            group.push(&entry, &message.json, now);
+        }
+        Ok(Ok(WriteOutcome::Broadcast))
+    }
+
+    /// A `POST`: append and/or close, after the checks of WRITE.md §2.1.
+    fn plan_append(
+        &mut self,
+        db: &sled::Db,
+        group: &mut Group,
+        stream: &str,
+        append: &Append,
+        now: u64,
+    ) -> Result<Result<WriteOutcome, Refusal>, StorageError> {
+        let entry = match group.entry(stream) {
+            Some(entry) => entry,
+            None => match self.cache.get_or_load(db, stream)? {
+                Some(entry) => entry,
+                None => return Ok(Err(Refusal::NotFound)),
+            },
+        };
+        let meta = group.meta(&entry);
+        if entry.expired(&meta, now) {
+            return Ok(Err(Refusal::NotFound));
+        }
+        let next = match check_append(&meta, group.tail(&entry), append) {
+            Ok(next) => next,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        entry.renew(now);
+        for message in &append.messages {
+            group.push(&entry, message, now);
+        }
+        let closed = next.closed;
+        if next != *meta {
+            group.metas.insert(entry.id, (entry.clone(), Arc::new(next)));
+        }
+        Ok(Ok(WriteOutcome::Appended { tail: group.tail(&entry), closed }))
+    }
+
+    /// A `PUT`: the stream is there with the same configuration (`200`, nothing written), or
+    /// with another one (`409`), or it is created with its first messages (an expired stream
+    /// under the name is purged in the same batch).
+    fn apply_create(
+        &mut self,
+        db: &sled::Db,
+        stream: &Arc<str>,
+        requested: &StreamMeta,
+        messages: &[Bytes],
+    ) -> Result<Applied, StorageError> {
+        let now = now_ms();
+        let mut batch = sled::Batch::default();
+        if let Some(entry) = self.cache.get_or_load(db, stream)? {
+            let current = entry.meta();
+            if !entry.expired(&current, now) {
+                let tail = entry.visible.load(Ordering::Acquire);
+                return Ok(Applied::answer(if same_configuration(&current, requested) {
+                    Ok(WriteOutcome::Exists { tail, closed: current.closed })
+                } else {
+                    Err(Refusal::ConfigMismatch)
+                }));
+            }
+            self.remove_keys(db, &mut batch, &entry)?;
+        }
+        let id = self.next_stream_id;
+        self.next_stream_id += 1;
+        let base = self.seq_floor.load(Ordering::Acquire);
+        let stored = StreamMeta { created: true, created_ms: now, ..requested.clone() };
+        // Readers may find the entry before the flush: it says "open" until the messages are
+        // visible, and the closure (if any) is published after them.
+        let opening = Arc::new(StreamMeta { closed: false, ..stored.clone() });
+        let tail = StoredTail { last_seq: base, newest_timestamp_ms: 0, base };
+        let entry = Arc::new(StreamEntry::with_meta(stream.clone(), id, tail, opening));
+        let mut run = Run::new(entry.clone(), now);
+        let mut records = Vec::new();
+        for message in messages {
+            run.push(message, &mut records);
+        }
+        run.close(&mut records);
+        for (key, value) in records {
+            batch.insert(&key[..], value);
+        }
+        batch.insert(keys::name_key(stream), &keys::encode_u64(id)[..]);
+        batch.insert(&keys::stream_key(id)[..], StreamRecord::with_base(base).encode());
+        batch.insert(&keys::meta_key(id)[..], stored.encode());
+        batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
+        // Replaces an expired stream's entry, if there was one.
+        self.cache.insert(entry.clone());
+        if let Err(e) = db.apply_batch(batch) {
+            self.failed.store(true, Ordering::Release);
+            self.cache.remove(stream);
+            log::error!("creating stream {stream:?} failed: {e}");
+            return Err(e.into());
+        }
+        self.streams_created.store(self.next_stream_id - 1, Ordering::Relaxed);
+        entry.allocated.store(run.last_seq, Ordering::Release);
+        entry.last_timestamp_ms.store(run.timestamp_ms, Ordering::Release);
+        let result = Ok(WriteOutcome::Created { tail: run.last_seq, closed: stored.closed });
+        let runs = if messages.is_empty() { Vec::new() } else { vec![run] };
+        Ok(Applied {
+            runs,
+            metas: vec![(entry, Arc::new(stored))],
+            removed: Vec::new(),
+            results: vec![result],
+            wrote: true,
+        })
+    }
+
+    /// `DELETE` (or, with `only_if_expired`, the removal of an expired stream).
+    fn apply_remove(
+        &mut self,
+        db: &sled::Db,
+        stream: &Arc<str>,
+        only_if_expired: bool,
+    ) -> Result<Applied, StorageError> {
+        let Some(entry) = self.cache.get_or_load(db, stream)? else {
+            return Ok(Applied::answer(Err(Refusal::NotFound)));
+        };
+        let expired = entry.expired(&entry.meta(), now_ms());
+        if only_if_expired && !expired {
+            return Ok(Applied::answer(Err(Refusal::NotFound)));
+        }
+        let mut batch = sled::Batch::default();
+        self.remove_keys(db, &mut batch, &entry)?;
+        if let Err(e) = db.apply_batch(batch) {
+            self.failed.store(true, Ordering::Release);
+            log::error!("removing stream {stream:?} failed: {e}");
+            return Err(e.into());
+        }
+        crate::metrics::get().streams_removed.inc();
+        // An expired stream is gone for its clients already: its DELETE is a 404.
+        let result = if expired { Err(Refusal::NotFound) } else { Ok(WriteOutcome::Deleted) };
+        Ok(Applied {
+            runs: Vec::new(),
+            metas: Vec::new(),
+            removed: vec![entry.name.clone()],
+            results: vec![result],
+            wrote: true,
+        })
+    }
+
+    /// Adds the removal of every key of `entry`'s stream to `batch`, and raises the store's
+    /// sequence floor to its tail first (in memory, and in the batch), so the name's next
+    /// stream starts above every token the removed one handed out.
+    fn remove_keys(&self, db: &sled::Db, batch: &mut sled::Batch, entry: &StreamEntry) -> Result<(), StorageError> {
+        let tail = entry.allocated.load(Ordering::Acquire);
+        let floor = self.seq_floor.fetch_max(tail, Ordering::AcqRel).max(tail);
+        batch.insert(keys::META_SEQ_FLOOR, &keys::encode_u64(floor)[..]);
+        remove_stream_keys(db, batch, &entry.name, entry.id)
+    }
+}
+
+/// Adds the removal of a stream's name, records and metadata to `batch`.
+pub(in crate::storage) fn remove_stream_keys(
+    db: &sled::Db,
+    batch: &mut sled::Batch,
+    name: &str,
+    id: u64,
+) -> Result<(), StorageError> {
+    batch.remove(keys::name_key(name));
+    batch.remove(&keys::stream_key(id)[..]);
+    batch.remove(&keys::meta_key(id)[..]);
+    for item in db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)) {
+        batch.remove(item?.0);
+    }
+    Ok(())
+}

@@ -133,6 +133,9 @@ pub struct StorageConfig {
     pub max_streams_loaded: u64,
     /// Most bytes of broadcasts waiting to be written; beyond it broadcasts answer 503.
     pub max_queued_bytes: u64,
+    /// Seconds a removed stream's tombstone is kept (its readers get `410` for what they
+    /// missed, and its offsets never run backwards); 0: none are kept.
+    pub tombstone_ttl: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -272,6 +275,7 @@ impl Default for StorageConfig {
             read_cache_bytes: 64 * 1024 * 1024,
             max_streams_loaded: 100_000,
             max_queued_bytes: 64 * 1024 * 1024,
+            tombstone_ttl: 7 * 24 * 3600,
         }
     }
 }
@@ -445,6 +449,9 @@ pub struct Cli {
     /// Most bytes of broadcasts waiting to be written (storage.max_queued_bytes) [default: 67108864]
     #[arg(long = "storage_max_queued_bytes", env = "ANYCABLE_STORAGE_MAX_QUEUED_BYTES")]
     pub storage_max_queued_bytes: Option<u64>,
+    /// Seconds a removed stream's tombstone is kept, 0 = none (storage.tombstone_ttl) [default: 604800]
+    #[arg(long = "tombstone_ttl", env = "ANYCABLE_TOMBSTONE_TTL")]
+    pub tombstone_ttl: Option<u64>,
 
     /// Secret for signed stream names; `none` = not set, from secret (streams.secret) [default: from secret]
     #[arg(long = "streams_secret", env = "ANYCABLE_STREAMS_SECRET", hide_env_values = true)]
@@ -555,6 +562,7 @@ impl Cli {
         push(&mut out, "storage.read_cache_bytes", &self.storage_read_cache_bytes);
         push(&mut out, "storage.max_streams_loaded", &self.storage_max_streams_loaded);
         push(&mut out, "storage.max_queued_bytes", &self.storage_max_queued_bytes);
+        push(&mut out, "storage.tombstone_ttl", &self.tombstone_ttl);
         push(&mut out, "streams.secret", &self.streams_secret);
         push(&mut out, "streams.public", &self.public_streams);
         push(&mut out, "jwt.secret", &self.jwt_secret);
@@ -690,6 +698,7 @@ impl Config {
             ("ds.max_transient_bytes", self.ds.max_transient_bytes, 0..=TIB, " bytes"),
             ("storage.max_streams_loaded", self.storage.max_streams_loaded, 1..=1 << 32, ""),
             ("storage.max_queued_bytes", self.storage.max_queued_bytes, 1..=TIB, " bytes"),
+            ("storage.tombstone_ttl", self.storage.tombstone_ttl, 0..=TEN_YEARS, " seconds (0 = none)"),
             ("rpc.request_timeout", self.rpc.request_timeout, 1..=600_000, " ms"),
             ("rpc.concurrency", self.rpc.concurrency, 1..=10_000, ""),
             ("rpc.cache_ttl", self.rpc.cache_ttl, 0..=3600, " seconds (0 = off)"),

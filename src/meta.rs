@@ -80,6 +80,17 @@ impl StreamMeta {
         }
     }
 
+    /// When it expires if nothing touches it again (ms), given its last read or write.
+    pub fn deadline_ms(&self, last_access_ms: u64) -> Option<u64> {
+        let by_ttl =
+            self.ttl_secs.map(|ttl| last_access_ms.max(self.created_ms).saturating_add(ttl.saturating_mul(1000)));
+        let at = self.expires_at.as_ref().map(|(_, at)| (*at).max(0) as u64);
+        match (by_ttl, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Whether it expires at all.
     pub fn expires(&self) -> bool {
         self.ttl_secs.is_some() || self.expires_at.is_some()

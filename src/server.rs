@@ -34,6 +34,7 @@ pub fn storage_options(config: &Config) -> StorageOptions {
         live_chunk_bytes: usize::try_from(config.ds.max_chunk_bytes).unwrap_or(usize::MAX),
         max_streams_loaded: usize::try_from(config.storage.max_streams_loaded).unwrap_or(usize::MAX),
         max_queued_bytes: usize::try_from(config.storage.max_queued_bytes).unwrap_or(usize::MAX),
+        tombstone_ttl: Duration::from_secs(config.storage.tombstone_ttl),
         retention: Retention {
             max_messages: config.broker.history_limit,
             max_age: Duration::from_secs(config.broker.history_ttl),

@@ -310,3 +310,92 @@ async fn acknowledged_writes_and_their_metadata_survive_kill_9() {
     assert_eq!(header(&head, "stream-closed").as_deref(), Some("true"));
     assert_eq!(refused(post(&server, "done", "application/json", b"2".to_vec()).await).await.0, 409);
 }
+
+/// AnyCable's default (implicit streams): a deleted stream's readers learn what they missed.
+/// Its tombstone keeps its offsets from running backwards, a token before its end is `410`,
+/// its end token reads nothing, and the stream made next under the name is another one: no old
+/// token reads it. Once the tombstone is swept (`storage.tombstone_ttl`), old tokens are `410`.
+#[tokio::test]
+async fn a_deleted_stream_leaves_a_tombstone_and_old_tokens_never_read_its_successor() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--tombstone_ttl", "2"]);
+    assert_eq!(put(&server, "gone", "application/json", b"[1,2,3]").await.status(), 201);
+    let end = server.tail("gone").await;
+    let after_one = common::token_at(&end, common::seq_of(&end) - 2);
+    assert_eq!(write(&server, reqwest::Method::DELETE, "gone").send().await.unwrap().status(), 204);
+
+    assert_eq!(server.tail("gone").await, end, "HEAD: the old tail, not 0");
+    let (messages, next, _) = server.read("gone", "-1").await;
+    assert_eq!((messages.len(), next.as_str()), (0, end.as_str()));
+    assert_eq!(server.read("gone", &end).await.0.len(), 0);
+    assert_eq!(server.get(&format!("gone?offset={after_one}")).await.status(), 410, "messages 2 and 3 were missed");
+
+    // A new stream under the name: neither old token reads it as if nothing happened.
+    assert_eq!(put(&server, "gone", "application/json", b"[\"new\"]").await.status(), 201);
+    for old in [&end, &after_one] {
+        assert_eq!(server.get(&format!("gone?offset={old}")).await.status(), 410, "{old}");
+    }
+    assert_eq!(server.read("gone", "-1").await.0, vec![json!("new")]);
+
+    // A tombstone lives for storage.tombstone_ttl, then its tail token is refused too.
+    assert_eq!(put(&server, "brief", "text/plain", b"x").await.status(), 201);
+    let brief_end = server.tail("brief").await;
+    assert_eq!(write(&server, reqwest::Method::DELETE, "brief").send().await.unwrap().status(), 204);
+    assert_eq!(server.get(&format!("brief?offset={brief_end}")).await.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.get(&format!("brief?offset={brief_end}")).await.status() != 410 {
+        assert!(std::time::Instant::now() < deadline, "the tombstone was never swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(common::seq_of(&server.tail("brief").await), 0, "no tombstone: an unknown stream");
+}
+
+/// A stream past its `Stream-TTL` that nobody touches again leaves the disk (swept from the
+/// expiry index), while one that is read on stays; requests never see an expired stream.
+#[tokio::test]
+async fn streams_past_their_ttl_are_swept_while_renewed_ones_stay() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_implicit_streams", "false"]);
+    for name in ["idle", "busy"] {
+        let created = write(&server, reqwest::Method::PUT, name).header("stream-ttl", "1").send().await.unwrap();
+        assert_eq!(created.status(), 201);
+    }
+    let soon = (std::time::SystemTime::now() + Duration::from_millis(1500))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let at = time_rfc3339(soon);
+    let dated = write(&server, reqwest::Method::PUT, "dated").header("stream-expires-at", at).send().await.unwrap();
+    assert_eq!(dated.status(), 201);
+    // Keep "busy" alive with reads while the other two expire and are swept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.metric("ds_streams_removed_total").await < 2.0 {
+        assert!(std::time::Instant::now() < deadline, "expired streams were not swept");
+        assert_eq!(server.get("busy?offset=-1").await.status(), 200, "a stream read on never expires");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for gone in ["idle", "dated"] {
+        assert_eq!(server.client.head(server.ds(gone)).send().await.unwrap().status(), 404, "{gone}");
+    }
+    assert_eq!(server.get("busy?offset=-1").await.status(), 200);
+    // Left alone, it goes too.
+    server.wait_for_metric("ds_streams_removed_total", 3.0, Duration::from_secs(20)).await;
+    assert_eq!(server.client.head(server.ds("busy")).send().await.unwrap().status(), 404);
+}
+
+/// `secs` since the Unix epoch as RFC 3339 (UTC), without a date library.
+fn time_rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}

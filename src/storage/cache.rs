@@ -25,6 +25,8 @@ pub(crate) struct StreamEntry {
     pub(crate) id: u64,
     /// Positions up to `base` are before this life of the stream (see `StreamRecord::base`).
     pub(crate) base: u64,
+    /// The previous life's tail, when this life continues it (see `StreamRecord::prev_tail`).
+    pub(crate) prev_tail: Option<u64>,
     /// Last sequence number written to sled (changed only by the writer thread).
     pub(crate) allocated: AtomicU64,
     /// Last sequence number that is durable; readers never read past it.
@@ -56,6 +58,7 @@ impl StreamEntry {
             name,
             id,
             base: tail.base,
+            prev_tail: tail.prev_tail,
             allocated: AtomicU64::new(tail.last_seq),
             visible: AtomicU64::new(tail.last_seq),
             last_timestamp_ms: AtomicU64::new(tail.newest_timestamp_ms),
@@ -111,6 +114,7 @@ pub(crate) struct StoredTail {
     /// The newest record's timestamp (0 without records).
     pub(crate) newest_timestamp_ms: u64,
     pub(crate) base: u64,
+    pub(crate) prev_tail: Option<u64>,
 }
 
 /// A stream's tail as stored. Includes records applied but not flushed yet: callers that must
@@ -120,7 +124,12 @@ pub(crate) fn stored_tail(db: &sled::Db, id: u64) -> Result<StoredTail, StorageE
         Some(bytes) => StreamRecord::decode(&bytes).ok_or_else(|| corrupt("stream record"))?,
         None => StreamRecord::new(),
     };
-    let mut tail = StoredTail { last_seq: record.last_seq, newest_timestamp_ms: 0, base: record.base };
+    let mut tail = StoredTail {
+        last_seq: record.last_seq,
+        newest_timestamp_ms: 0,
+        base: record.base,
+        prev_tail: record.prev_tail,
+    };
     if let Some(item) = db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)).next_back() {
         let (key, value) = item?;
         let newest = keys::LogRecord::parse(&key, &value).ok_or_else(|| corrupt("log record"))?;

@@ -77,11 +77,16 @@ pub struct StreamRecord {
     pub base: u64,
     pub closed: bool,
     pub content_type: String,
+    /// The tail of the stream's previous life, when this one continues it (a broadcast
+    /// revived a stream retention had removed): a token at it reads this life from its start
+    /// (layout 4; see `tombstones.rs`).
+    pub prev_tail: Option<u64>,
 }
 
 /// Flag bits of [`StreamRecord`].
 const FLAG_CLOSED: u8 = 1;
 const FLAG_HAS_BASE: u8 = 2;
+const FLAG_HAS_PREV: u8 = 4;
 
 impl StreamRecord {
     pub fn new() -> StreamRecord {
@@ -90,11 +95,12 @@ impl StreamRecord {
 
     /// A new stream's record whose sequence numbers start after `base`.
     pub fn with_base(base: u64) -> StreamRecord {
-        StreamRecord { last_seq: base, base, closed: false, content_type: "application/json".into() }
+        StreamRecord { last_seq: base, base, closed: false, content_type: "application/json".into(), prev_tail: None }
     }
 
-    /// `last_seq (8) ‖ flags (1) ‖ [base (8), if flag bit 1] ‖ content type (rest, UTF-8)`.
-    /// A record without a base is byte for byte the layout-2 encoding.
+    /// `last_seq (8) ‖ flags (1) ‖ [base (8), if flag bit 1] ‖ [previous tail (8), if flag bit
+    /// 2] ‖ content type (rest, UTF-8)`. A record without a base is byte for byte the layout-2
+    /// encoding.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(17 + self.content_type.len());
         out.extend_from_slice(&self.last_seq.to_be_bytes());
@@ -105,9 +111,15 @@ impl StreamRecord {
         if self.base > 0 {
             flags |= FLAG_HAS_BASE;
         }
+        if self.prev_tail.is_some() {
+            flags |= FLAG_HAS_PREV;
+        }
         out.push(flags);
         if self.base > 0 {
             out.extend_from_slice(&self.base.to_be_bytes());
+        }
+        if let Some(prev) = self.prev_tail {
+            out.extend_from_slice(&prev.to_be_bytes());
         }
         out.extend_from_slice(self.content_type.as_bytes());
         out
@@ -117,8 +129,13 @@ impl StreamRecord {
         let last_seq = decode_u64(bytes.get(..8)?)?;
         let flags = *bytes.get(8)?;
         let (base, rest) = if flags & FLAG_HAS_BASE != 0 { (decode_u64(bytes.get(9..17)?)?, 17) } else { (0, 9) };
+        let (prev_tail, rest) = if flags & FLAG_HAS_PREV != 0 {
+            (Some(decode_u64(bytes.get(rest..rest + 8)?)?), rest + 8)
+        } else {
+            (None, rest)
+        };
         let content_type = std::str::from_utf8(bytes.get(rest..)?).ok()?.to_string();
-        Some(StreamRecord { last_seq, base, closed: flags & FLAG_CLOSED != 0, content_type })
+        Some(StreamRecord { last_seq, base, closed: flags & FLAG_CLOSED != 0, content_type, prev_tail })
     }
 }
 
@@ -277,13 +294,22 @@ mod tests {
 
     #[test]
     fn stream_record_round_trips() {
-        let record = StreamRecord { last_seq: 42, base: 0, closed: true, content_type: "application/json".into() };
+        let record = StreamRecord {
+            last_seq: 42,
+            base: 0,
+            closed: true,
+            content_type: "application/json".into(),
+            prev_tail: None,
+        };
         assert_eq!(StreamRecord::decode(&record.encode()), Some(record.clone()));
         // Without a base, the layout-2 encoding: last seq, flags, content type.
         assert_eq!(record.encode()[8..], b"\x01application/json"[..]);
         let based = StreamRecord { last_seq: 50, base: 7, ..record };
         assert_eq!(StreamRecord::decode(&based.encode()), Some(based.clone()));
         assert_eq!(StreamRecord::decode(&based.encode()[..12]), None);
+        let revived = StreamRecord { prev_tail: Some(40), ..based.clone() };
+        assert_eq!(StreamRecord::decode(&revived.encode()), Some(revived.clone()));
+        assert_eq!(StreamRecord::decode(&revived.encode()[..20]), None);
         assert_eq!(StreamRecord::decode(b"short"), None);
     }
 }

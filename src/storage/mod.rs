@@ -19,10 +19,12 @@
 
 mod cache;
 mod chunks;
+mod expiry;
 mod keys;
 mod migrate;
 mod retention;
 mod slot;
+mod tombstones;
 mod writer;
 
 use std::path::Path;
@@ -107,6 +109,8 @@ pub struct StorageOptions {
     pub max_streams_loaded: usize,
     /// Most bytes of broadcasts waiting for the writer; beyond it appends are refused.
     pub max_queued_bytes: usize,
+    /// How long a removed stream's tombstone is kept (zero: none are made).
+    pub tombstone_ttl: Duration,
 }
 
 /// A message ready to append: its stream and its compact JSON text.
@@ -223,9 +227,6 @@ struct Inner {
     hub: Hub,
     retention: Retention,
     cache: Arc<StreamCache>,
-    /// The store's sequence floor (see `keys::META_SEQ_FLOOR`): tokens up to it are valid for
-    /// any stream, existing or removed.
-    seq_floor: Arc<AtomicU64>,
     queue: Arc<writer::QueueBudget>,
     streams_created: Arc<std::sync::atomic::AtomicU64>,
     chunks: Arc<chunks::ChunkCache>,
@@ -277,10 +278,11 @@ impl Storage {
             cache: cache.clone(),
             hub: hub.clone(),
             failed: failed.clone(),
-            seq_floor: seq_floor.clone(),
+            seq_floor,
             removals: removals.clone(),
             retention: options.retention,
             max_streams_loaded: options.max_streams_loaded.max(1),
+            tombstone_ttl_ms: options.tombstone_ttl.as_millis() as u64,
         };
         let writer = writer::Writer::start(shared, state.next_stream_id, options.fsync, live_chunks, queue.clone());
         let context = retention::Context { retention: options.retention, cache: cache.clone(), removals };
@@ -293,7 +295,6 @@ impl Storage {
                 hub,
                 retention: options.retention,
                 cache,
-                seq_floor,
                 queue,
                 trimmer_context: context,
                 streams_created,
@@ -367,7 +368,10 @@ impl Storage {
 
     /// The durable tail of a stream (an unknown stream is empty: position 0).
     pub fn tail(&self, stream: &str) -> Result<Position, StorageError> {
-        Ok(self.head(stream)?.map_or(self.position(0), |(tail, _)| tail))
+        match self.head(stream)? {
+            Some((tail, _)) => Ok(tail),
+            None => Ok(self.position(self.buried_tail(stream)?)),
+        }
     }
 
     /// The tail and metadata of a live stream; `None` if it does not exist or has expired.
@@ -410,14 +414,17 @@ impl Storage {
             Some(self.inner.cache.get(stream)?)
         };
         let Some(entry) = entry else {
-            return Some(self.read_unknown(offset));
+            return Some(self.read_unknown(stream, offset));
         };
         // Metadata before the tail: see `Chunk::meta`.
         let meta = entry.meta();
         let now = now_ms();
         if entry.expired(&meta, now) {
+            if !may_block {
+                return None;
+            }
             self.expire(stream);
-            return Some(self.read_unknown(offset));
+            return Some(self.read_unknown(stream, offset));
         }
         // A read renews a sliding TTL.
         entry.renew(now);
@@ -433,7 +440,17 @@ impl Storage {
             Offset::Now => return with_meta(Ok(self.empty_chunk(tail, meta.framing()))),
             Offset::Start => (window_start - 1, false),
             Offset::At(position) => {
-                let after = position.seq.max(entry.base);
+                // A token from before this life of the stream reads it from its start only if
+                // it missed nothing: it is the previous life's tail (a broadcast continued a
+                // stream retention removed), or 0 (before anything; a reader that came before
+                // the first broadcast). Any other is from a life that ended: 410.
+                let after = if position.seq >= entry.base {
+                    position.seq
+                } else if Some(position.seq) == entry.prev_tail || (position.seq == 0 && entry.prev_tail.is_none()) {
+                    entry.base
+                } else {
+                    return Some(Err(ReadError::Gone));
+                };
                 if position.epoch != self.inner.epoch || after > tail || after + 1 < window_start {
                     return Some(Err(ReadError::Gone));
                 }
@@ -483,22 +500,23 @@ impl Storage {
         Some(Err(corrupt("log (a record is missing)").into()))
     }
 
-    /// A read of a stream that does not exist (never written, or removed once all its
-    /// messages expired). Its tail is position 0; a token up to the store's sequence floor
-    /// may come from a removed stream, where it was at or before the tail: nothing came after
-    /// it that can still be read, so the reader stays where it is (and a new stream under the
-    /// name starts above the floor, see `writer.rs`).
-    fn read_unknown(&self, offset: Offset) -> Result<Chunk, ReadError> {
+    /// A read of a stream that does not exist: never written, or removed (deleted, expired,
+    /// or all its messages gone). Its tail is its tombstone's, or position 0 (see
+    /// `tombstones.rs`): a token at the tail reads nothing, any other missed something: 410.
+    fn read_unknown(&self, stream: &str, offset: Offset) -> Result<Chunk, ReadError> {
+        let tail = self.buried_tail(stream)?;
         match offset {
-            Offset::Now | Offset::Start => Ok(self.empty_chunk(0, Framing::Json)),
-            Offset::At(position)
-                if position.epoch == self.inner.epoch
-                    && position.seq <= self.inner.seq_floor.load(Ordering::Acquire) =>
-            {
-                Ok(self.empty_chunk(position.seq, Framing::Json))
+            Offset::Now | Offset::Start => Ok(self.empty_chunk(tail, Framing::Json)),
+            Offset::At(position) if position.epoch == self.inner.epoch && position.seq == tail => {
+                Ok(self.empty_chunk(tail, Framing::Json))
             }
             Offset::At(_) => Err(ReadError::Gone),
         }
+    }
+
+    /// The tail of a stream that does not exist: its tombstone's, else 0.
+    fn buried_tail(&self, stream: &str) -> Result<u64, StorageError> {
+        Ok(tombstones::get(&self.inner.db.get()?, stream)?.map_or(0, |t| t.last_seq))
     }
 
     /// Reads the log of `entry` in `range`, and caches what it read.
@@ -708,6 +726,7 @@ mod tests {
             live_chunk_bytes: 1 << 20,
             max_streams_loaded: 100,
             max_queued_bytes: 1 << 20,
+            tombstone_ttl: Duration::from_secs(3600),
         }
     }
 

@@ -30,8 +30,9 @@ use tokio::sync::oneshot;
 
 use super::cache::{StoredTail, StreamCache, StreamEntry};
 use super::chunks::{CachedChunk, ChunkCache};
-use super::keys;
+use super::keys::{self, StreamRecord};
 use super::slot::DbSlot;
+use super::tombstones::{self, Ending, NextLife, Tombstone};
 use super::{now_ms, Chunk, NewMessage, Retention, StorageError};
 use crate::hub::Hub;
 use crate::writes::{WriteError, WriteOp, WriteOutcome};
@@ -144,6 +145,9 @@ pub(crate) struct QueueBudget {
 /// code that may, see [`State::remove_expired`]).
 pub(crate) type Removals = Arc<Mutex<Vec<(Arc<str>, u64)>>>;
 
+/// Streams a group creates: name, id and stream record.
+type Created = Vec<(Arc<str>, u64, StreamRecord)>;
+
 /// What the writer needs beyond the database: shared with `Storage`.
 pub(crate) struct Shared {
     pub(crate) streams_created: Arc<AtomicU64>,
@@ -158,6 +162,8 @@ pub(crate) struct Shared {
     pub(crate) retention: Retention,
     /// Most stream entries kept in memory (`storage.max_streams_loaded`).
     pub(crate) max_streams_loaded: usize,
+    /// How long tombstones are kept (`storage.tombstone_ttl`, ms; 0: none are made).
+    pub(crate) tombstone_ttl_ms: u64,
 }
 
 /// What the writer thread owns.
@@ -173,6 +179,7 @@ struct State {
     removals: Removals,
     retention: Retention,
     max_streams_loaded: usize,
+    tombstone_ttl_ms: u64,
     /// When removals and eviction last ran (at most once per `MAINTENANCE_INTERVAL`).
     last_maintenance: Instant,
     last_idle_sweep: Instant,
@@ -205,6 +212,7 @@ impl Writer {
             removals: shared.removals,
             retention: shared.retention,
             max_streams_loaded: shared.max_streams_loaded,
+            tombstone_ttl_ms: shared.tombstone_ttl_ms,
             last_maintenance: Instant::now(),
             last_idle_sweep: Instant::now(),
             next_stream_id,
@@ -273,6 +281,10 @@ const REMOVALS_PER_TICK: usize = 5_000;
 /// exclusively, so every read waits for it: one batch of 100,000 removals stalled reads for
 /// over 10 s (issue 23's mass-expiry runs).
 const REMOVALS_PER_BATCH: usize = 500;
+/// Most entries of the expiry index handled per maintenance tick.
+const EXPIRIES_PER_TICK: usize = 1_000;
+/// Most tombstones swept per maintenance tick.
+const TOMBSTONES_PER_TICK: usize = 1_000;
 /// How often idle stream entries and chunks are looked for.
 const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// A stream entry (or a cached chunk) unused for this long leaves memory (unless somebody
@@ -462,19 +474,23 @@ impl State {
     /// Makes a new stream's entry; `apply` writes its name and stream record. Its numbers
     /// start above the store's sequence floor, so a stream that existed before under this
     /// name (and was removed) never hands out one of its old tokens again.
-    fn create(&mut self, stream: &str, created: &mut Vec<(Arc<str>, u64, u64)>) -> Arc<StreamEntry> {
+    /// A stream that retention removed continues after its old tail (see `tombstones.rs`).
+    fn create(&mut self, db: &sled::Db, stream: &str, created: &mut Created) -> Result<Arc<StreamEntry>, StorageError> {
+        let tombstone = super::tombstones::get(db, stream)?;
+        let floor = self.seq_floor.load(Ordering::Acquire);
+        let (base, prev_tail) = Tombstone::next_life(tombstone.as_ref(), floor, NextLife::Broadcast);
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        let base = self.seq_floor.load(Ordering::Acquire);
-        let tail = StoredTail { last_seq: base, newest_timestamp_ms: 0, base };
+        let tail = StoredTail { last_seq: base, newest_timestamp_ms: 0, base, prev_tail };
         let entry = Arc::new(StreamEntry::new(Arc::from(stream), id, tail));
         self.cache.insert(entry.clone());
-        created.push((entry.name.clone(), id, base));
-        entry
+        let record = StreamRecord { prev_tail, ..StreamRecord::with_base(base) };
+        created.push((entry.name.clone(), id, record));
+        Ok(entry)
     }
 
     /// Drops the entries of streams whose creating batch was not applied.
-    fn forget(&self, created: &[(Arc<str>, u64, u64)]) {
+    fn forget(&self, created: &Created) {
         for (name, _, _) in created {
             self.cache.remove(name);
         }
@@ -505,6 +521,19 @@ impl State {
                     log::error!("removing expired streams failed: {e}");
                     break;
                 }
+            }
+        }
+        match self.slot.get().and_then(|db| self.sweep_expired(&db, EXPIRIES_PER_TICK)) {
+            Ok(0) => {}
+            Ok(n) => log::debug!("removed {n} stream(s) past their TTL or Expires-At"),
+            Err(e) => log::error!("sweeping expired streams failed: {e}"),
+        }
+        if self.tombstone_ttl_ms > 0 {
+            let before = now_ms().saturating_sub(self.tombstone_ttl_ms);
+            match self.slot.get().and_then(|db| tombstones::sweep(&db, before, TOMBSTONES_PER_TICK)) {
+                Ok(0) => {}
+                Ok(n) => log::debug!("swept {n} tombstone(s)"),
+                Err(e) => log::error!("sweeping tombstones failed: {e}"),
             }
         }
         // Idle sweeps walk every entry (under the caches' locks), so they run less often; the
@@ -558,6 +587,9 @@ impl State {
             }
             floor = floor.max(tail.last_seq);
             ops::remove_stream_keys(db, &mut batch, &name, id)?;
+            // A broadcast may revive it: readers at its tail then read on (tombstones.rs).
+            let tombstone = Tombstone { last_seq: tail.last_seq, removed_ms: now_ms(), ending: Ending::Continues };
+            tombstones::bury(db, &mut batch, &name, tombstone, self.tombstone_ttl_ms)?;
             removed.push(name);
         }
         if removed.is_empty() {

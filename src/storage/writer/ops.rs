@@ -17,7 +17,9 @@ use bytes::Bytes;
 use super::{each_request_in_one_key, Op, Request, Run, State};
 use crate::meta::{SharedMeta, StreamMeta};
 use crate::storage::cache::{StoredTail, StreamEntry};
+use crate::storage::expiry;
 use crate::storage::keys::{self, StreamRecord};
+use crate::storage::tombstones::{self, Ending, NextLife, Tombstone};
 use crate::storage::{now_ms, StorageError};
 use crate::writes::{check_append, check_broadcast, same_configuration, Append, Refusal, WriteOp, WriteOutcome};
 
@@ -60,7 +62,7 @@ struct Group {
     /// Stream id → metadata as the group's requests so far left it.
     metas: HashMap<u64, (Arc<StreamEntry>, SharedMeta)>,
     records: Vec<([u8; 17], Vec<u8>)>,
-    created: Vec<(Arc<str>, u64, u64)>,
+    created: super::Created,
 }
 
 impl Group {
@@ -149,9 +151,13 @@ impl State {
                 for (key, value) in records {
                     batch.insert(&key[..], value);
                 }
-                for (name, id, base) in &created {
+                for (name, id, record) in &created {
                     batch.insert(keys::name_key(name), &keys::encode_u64(*id)[..]);
-                    batch.insert(&keys::stream_key(*id)[..], StreamRecord::with_base(*base).encode());
+                    batch.insert(&keys::stream_key(*id)[..], record.encode());
+                    if let Err(e) = tombstones::clear(db, &mut batch, name) {
+                        self.forget(&created);
+                        return Err(e);
+                    }
                 }
                 if !created.is_empty() {
                     batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
@@ -207,7 +213,7 @@ impl State {
             let entry = match entries.get(message.stream.as_str()).cloned().flatten() {
                 Some(entry) => entry,
                 None => {
-                    let entry = self.create(&message.stream, &mut group.created);
+                    let entry = self.create(db, &message.stream, &mut group.created)?;
                     entries.insert(&message.stream, Some(entry.clone()));
                     entry
                 }
@@ -265,6 +271,7 @@ impl State {
     ) -> Result<Applied, StorageError> {
         let now = now_ms();
         let mut batch = sled::Batch::default();
+        let mut buried = tombstones::get(db, stream)?;
         if let Some(entry) = self.cache.get_or_load(db, stream)? {
             let current = entry.meta();
             if !entry.expired(&current, now) {
@@ -275,16 +282,22 @@ impl State {
                     Err(Refusal::ConfigMismatch)
                 }));
             }
-            self.remove_keys(db, &mut batch, &entry)?;
+            // Purged and replaced in this batch: no tombstone, but the new stream starts
+            // after the expired one's tail, as if it had one.
+            let tail = entry.allocated.load(Ordering::Acquire);
+            self.remove_keys(db, &mut batch, &entry, None)?;
+            buried = Some(Tombstone { last_seq: tail, removed_ms: now, ending: Ending::Ended });
         }
+        tombstones::clear(db, &mut batch, stream)?;
+        let floor = self.seq_floor.load(Ordering::Acquire);
+        let (base, _) = Tombstone::next_life(buried.as_ref(), floor, NextLife::Put);
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        let base = self.seq_floor.load(Ordering::Acquire);
         let stored = StreamMeta { created: true, created_ms: now, ..requested.clone() };
         // Readers may find the entry before the flush: it says "open" until the messages are
         // visible, and the closure (if any) is published after them.
         let opening = Arc::new(StreamMeta { closed: false, ..stored.clone() });
-        let tail = StoredTail { last_seq: base, newest_timestamp_ms: 0, base };
+        let tail = StoredTail { last_seq: base, newest_timestamp_ms: 0, base, prev_tail: None };
         let entry = Arc::new(StreamEntry::with_meta(stream.clone(), id, tail, opening));
         let mut run = Run::new(entry.clone(), now);
         let mut records = Vec::new();
@@ -299,6 +312,9 @@ impl State {
         batch.insert(&keys::stream_key(id)[..], StreamRecord::with_base(base).encode());
         batch.insert(&keys::meta_key(id)[..], stored.encode());
         batch.insert(keys::META_NEXT_STREAM_ID, &keys::encode_u64(self.next_stream_id)[..]);
+        if let Some(deadline) = stored.deadline_ms(now) {
+            expiry::schedule(&mut batch, deadline, id, stream);
+        }
         // Replaces an expired stream's entry, if there was one.
         self.cache.insert(entry.clone());
         if let Err(e) = db.apply_batch(batch) {
@@ -336,7 +352,7 @@ impl State {
             return Ok(Applied::answer(Err(Refusal::NotFound)));
         }
         let mut batch = sled::Batch::default();
-        self.remove_keys(db, &mut batch, &entry)?;
+        self.remove_keys(db, &mut batch, &entry, Some(Ending::Ended))?;
         if let Err(e) = db.apply_batch(batch) {
             self.failed.store(true, Ordering::Release);
             log::error!("removing stream {stream:?} failed: {e}");
@@ -354,13 +370,51 @@ impl State {
         })
     }
 
-    /// Adds the removal of every key of `entry`'s stream to `batch`, and raises the store's
-    /// sequence floor to its tail first (in memory, and in the batch), so the name's next
-    /// stream starts above every token the removed one handed out.
-    fn remove_keys(&self, db: &sled::Db, batch: &mut sled::Batch, entry: &StreamEntry) -> Result<(), StorageError> {
+    /// Removes streams whose TTL or Expires-At passed and that nobody touched since, from the
+    /// expiry index: at most `max` entries. An entry whose stream was renewed moves to its new
+    /// deadline; one whose stream is gone is dropped. Returns how many streams went.
+    pub(super) fn sweep_expired(&mut self, db: &sled::Db, max: usize) -> Result<usize, StorageError> {
+        let now = now_ms();
+        let mut removed = 0;
+        for due in expiry::due(db, now, max)? {
+            let mut batch = sled::Batch::default();
+            batch.remove(due.key.clone());
+            match self.cache.get_or_load(db, &due.name)? {
+                Some(entry) if entry.id == due.id => {
+                    let meta = entry.meta();
+                    if entry.expired(&meta, now) {
+                        let applied = self.apply_remove(db, &Arc::from(due.name.as_str()), true)?;
+                        removed += applied.removed.len();
+                        self.publish(applied.runs, applied.metas, applied.removed);
+                    } else if let Some(deadline) = meta.deadline_ms(entry.last_access_ms.load(Ordering::Acquire)) {
+                        expiry::schedule(&mut batch, deadline.max(now + 1), entry.id, &entry.name);
+                    }
+                }
+                // Deleted, replaced, or an unreadable entry.
+                _ => {}
+            }
+            db.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// Adds the removal of every key of `entry`'s stream to `batch` (and its tombstone, if
+    /// `ending`), and raises the store's sequence floor to its tail first (in memory, and in
+    /// the batch), so no later stream hands out a token the removed one handed out.
+    fn remove_keys(
+        &self,
+        db: &sled::Db,
+        batch: &mut sled::Batch,
+        entry: &StreamEntry,
+        ending: Option<Ending>,
+    ) -> Result<(), StorageError> {
         let tail = entry.allocated.load(Ordering::Acquire);
         let floor = self.seq_floor.fetch_max(tail, Ordering::AcqRel).max(tail);
         batch.insert(keys::META_SEQ_FLOOR, &keys::encode_u64(floor)[..]);
+        if let Some(ending) = ending {
+            let tombstone = Tombstone { last_seq: tail, removed_ms: now_ms(), ending };
+            tombstones::bury(db, batch, &entry.name, tombstone, self.tombstone_ttl_ms)?;
+        }
         remove_stream_keys(db, batch, &entry.name, entry.id)
     }
 }

@@ -28,4 +28,5 @@ pub mod rpc;
 pub mod server;
 pub mod storage;
 pub mod streams;
+pub mod write_parse;
 pub mod writes;

@@ -9,13 +9,12 @@
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
-use serde_json::value::RawValue;
 
 use super::{request_body, ApiError, AppState};
-use crate::auth;
 use crate::meta::{self, Framing, StreamMeta};
 use crate::offset::Position;
 use crate::writes::{Append, WriteOp, WriteOutcome};
+use crate::{auth, write_parse};
 
 /// Methods of a DS URL when writes are on.
 pub const ALLOW_WRITES: &str = "GET, HEAD, OPTIONS, PUT, POST, DELETE";
@@ -85,8 +84,9 @@ impl WriteHeaders {
             value.to_str().map(Some).map_err(|_| ApiError::bad_request(format!("{name} is not visible ASCII")))
         };
         let content_type = text("content-type")?.map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
-        let ttl_secs = text("stream-ttl")?.map(parse_ttl).transpose()?;
-        let expires_at = text("stream-expires-at")?.map(parse_expires_at).transpose()?;
+        let ttl_secs = text("stream-ttl")?.map(write_parse::ttl).transpose().map_err(ApiError::bad_request)?;
+        let expires_at =
+            text("stream-expires-at")?.map(write_parse::expires_at).transpose().map_err(ApiError::bad_request)?;
         if ttl_secs.is_some() && expires_at.is_some() {
             return Err(ApiError::bad_request("Stream-TTL and Stream-Expires-At cannot both be given"));
         }
@@ -100,61 +100,6 @@ impl WriteHeaders {
     }
 }
 
-/// `Stream-TTL`: seconds, digits without a leading zero (`0` itself allowed).
-fn parse_ttl(value: &str) -> Result<u64, ApiError> {
-    let invalid = || ApiError::bad_request(format!("invalid Stream-TTL {value:?}: use whole seconds, like 3600"));
-    let well_formed = value == "0" || (value.bytes().all(|b| b.is_ascii_digit()) && !value.starts_with('0'));
-    if value.is_empty() || !well_formed {
-        return Err(invalid());
-    }
-    // At most ten years, as every duration setting: beyond it is a typo or an overflow.
-    value.parse::<u64>().ok().filter(|&secs| secs <= 10 * 365 * 24 * 3600).ok_or_else(invalid)
-}
-
-/// `Stream-Expires-At`: an RFC 3339 timestamp; kept as given (echoed verbatim) and in ms.
-fn parse_expires_at(value: &str) -> Result<(String, i64), ApiError> {
-    let parsed =
-        time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339).map_err(|_| {
-            ApiError::bad_request(format!("invalid Stream-Expires-At {value:?}: use an RFC 3339 timestamp"))
-        })?;
-    let ms = i64::try_from(parsed.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-    Ok((value.to_string(), ms))
-}
-
-/// A `PUT`'s content type: as given if it looks like `type/subtype`, else the default.
-fn create_content_type(given: Option<&str>) -> String {
-    let valid = |ct: &str| {
-        let essence = ct.split(';').next().unwrap_or("").trim();
-        let token =
-            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
-        essence.split_once('/').is_some_and(|(kind, sub)| token(kind) && token(sub))
-    };
-    match given {
-        Some(ct) if valid(ct) => ct.to_string(),
-        _ => meta::DEFAULT_CONTENT_TYPE.to_string(),
-    }
-}
-
-/// The messages of a body in a stream of `framing`: JSON is validated, compacted and, for a
-/// top-level array, flattened one level (each element a message); other types are one
-/// message of the bytes as sent. `Err` names the problem.
-fn messages(framing: Framing, body: &Bytes) -> Result<Vec<Bytes>, String> {
-    if body.is_empty() {
-        return Ok(Vec::new());
-    }
-    if framing == Framing::Raw {
-        return Ok(vec![body.clone()]);
-    }
-    let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8 JSON".to_string())?;
-    let value: &RawValue = serde_json::from_str(text).map_err(|e| format!("body is not valid JSON: {e}"))?;
-    if value.get().starts_with('[') {
-        let items: Vec<&RawValue> =
-            serde_json::from_str(value.get()).map_err(|e| format!("body is not valid JSON: {e}"))?;
-        return Ok(items.into_iter().map(|item| Bytes::from(crate::ingest::compact(item.get()))).collect());
-    }
-    Ok(vec![Bytes::from(crate::ingest::compact(value.get()))])
-}
-
 async fn create(
     req: &HttpRequest,
     state: &web::Data<AppState>,
@@ -162,8 +107,16 @@ async fn create(
     headers: WriteHeaders,
     body: &Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    // A stream that would be gone before anybody used it is a client mistake (or a clock far
+    // off), not something to create.
+    if let Some((raw, ms)) = &headers.expires_at {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        if i128::from(*ms) <= now as i128 {
+            return Err(ApiError::bad_request(format!("Stream-Expires-At {raw:?} is in the past")));
+        }
+    }
     let meta = StreamMeta {
-        content_type: create_content_type(headers.content_type.as_deref()),
+        content_type: write_parse::create_content_type(headers.content_type.as_deref()),
         created: true,
         closed: headers.closed,
         ttl_secs: headers.ttl_secs,
@@ -171,7 +124,7 @@ async fn create(
         stream_seq: None,
         created_ms: 0,
     };
-    let messages = messages(meta.framing(), body).map_err(ApiError::bad_request)?;
+    let messages = write_parse::messages(meta.framing(), body).map_err(ApiError::bad_request)?;
     let content_type = meta.content_type.clone();
     let context = format!("create of stream {stream:?} failed");
     let engine = &state.engine;
@@ -214,7 +167,7 @@ async fn append(
         let Some(content_type) = headers.content_type.as_deref() else {
             return Err(ApiError::bad_request("Content-Type is required with a body"));
         };
-        match messages(Framing::of(content_type), body) {
+        match write_parse::messages(Framing::of(content_type), body) {
             Ok(messages) if !messages.is_empty() => messages,
             // Invalid JSON (or `[]`): a 400, unless the stream would refuse the write anyway
             // (missing, closed, another content type), which the client must learn first.
@@ -277,51 +230,4 @@ fn position(state: &AppState, seq: u64) -> Position {
 fn unexpected(outcome: WriteOutcome) -> ApiError {
     log::error!("internal: unexpected write outcome {outcome:?}");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ttl_grammar() {
-        for good in ["0", "1", "3600", "315360000"] {
-            assert!(parse_ttl(good).is_ok(), "{good}");
-        }
-        for bad in ["", "abc", "-1", "00060", "+60", "60.5", "1e3", " 60", "315360001", "99999999999999999999999"] {
-            assert!(parse_ttl(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn expires_at_takes_rfc3339_with_fractions_and_offsets() {
-        assert_eq!(parse_expires_at("2026-01-01T00:00:00Z").unwrap().1, 1_767_225_600_000);
-        assert_eq!(parse_expires_at("2026-01-01T00:00:00.250+00:00").unwrap().1, 1_767_225_600_250);
-        assert_eq!(parse_expires_at("2026-01-01T01:00:00+01:00").unwrap().1, 1_767_225_600_000);
-        for bad in ["not-a-timestamp", "", "2026-01-01", "2026-13-01T00:00:00Z"] {
-            assert!(parse_expires_at(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn json_bodies_flatten_one_level_and_compact() {
-        let m = |s: &'static str| messages(Framing::Json, &Bytes::from_static(s.as_bytes()));
-        assert_eq!(m("[[1, 2], [3,4]]").unwrap(), vec![Bytes::from("[1,2]"), Bytes::from("[3,4]")]);
-        assert_eq!(m("[[[1,2,3]]]").unwrap(), vec![Bytes::from("[[1,2,3]]")]);
-        assert_eq!(m(" {\"a\" : \"b c\"} ").unwrap(), vec![Bytes::from("{\"a\":\"b c\"}")]);
-        assert_eq!(m("null").unwrap(), vec![Bytes::from("null")]);
-        assert!(m("[]").unwrap().is_empty());
-        assert!(m("{").is_err() && m("[1,]").is_err() && m("1 2").is_err());
-        let raw = messages(Framing::Raw, &Bytes::from_static(b"\x00\xff[")).unwrap();
-        assert_eq!(raw, vec![Bytes::from_static(b"\x00\xff[")]);
-    }
-
-    #[test]
-    fn put_content_types_fall_back_to_the_default() {
-        assert_eq!(create_content_type(Some("text/plain; charset=utf-8")), "text/plain; charset=utf-8");
-        assert_eq!(create_content_type(Some("application/x-protobuf")), "application/x-protobuf");
-        for bad in [None, Some("garbage"), Some("/x"), Some("a/"), Some("a b/c")] {
-            assert_eq!(create_content_type(bad), meta::DEFAULT_CONTENT_TYPE, "{bad:?}");
-        }
-    }
 }

@@ -1,0 +1,108 @@
+//! Parsers of the write API's request headers and bodies (`Stream-TTL`, `Stream-Expires-At`,
+//! a `PUT`'s content type, JSON bodies). Pure functions over client input: they never panic,
+//! and each error names what is wrong (the HTTP layer answers it as a `400`).
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use crate::meta::{self, Framing};
+
+/// `Stream-TTL`: seconds, digits without a leading zero (`0` itself allowed).
+pub fn ttl(value: &str) -> Result<u64, String> {
+    let invalid = || format!("invalid Stream-TTL {value:?}: use whole seconds, like 3600");
+    let well_formed = value == "0" || (value.bytes().all(|b| b.is_ascii_digit()) && !value.starts_with('0'));
+    if value.is_empty() || !well_formed {
+        return Err(invalid());
+    }
+    // At most ten years, as every duration setting: beyond it is a typo or an overflow.
+    value.parse::<u64>().ok().filter(|&secs| secs <= 10 * 365 * 24 * 3600).ok_or_else(invalid)
+}
+
+/// `Stream-Expires-At`: an RFC 3339 timestamp; kept as given (echoed verbatim) and in ms.
+pub fn expires_at(value: &str) -> Result<(String, i64), String> {
+    let parsed = time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339)
+        .map_err(|_| format!("invalid Stream-Expires-At {value:?}: use an RFC 3339 timestamp"))?;
+    let ms = i64::try_from(parsed.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    Ok((value.to_string(), ms))
+}
+
+/// A `PUT`'s content type: as given if it looks like `type/subtype`, else the default.
+pub fn create_content_type(given: Option<&str>) -> String {
+    let valid = |ct: &str| {
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        let token =
+            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
+        essence.split_once('/').is_some_and(|(kind, sub)| token(kind) && token(sub))
+    };
+    match given {
+        Some(ct) if valid(ct) => ct.to_string(),
+        _ => meta::DEFAULT_CONTENT_TYPE.to_string(),
+    }
+}
+
+/// The messages of a body in a stream of `framing`: JSON is validated, compacted and, for a
+/// top-level array, flattened one level (each element a message); other types are one
+/// message of the bytes as sent. `Err` names the problem.
+pub fn messages(framing: Framing, body: &Bytes) -> Result<Vec<Bytes>, String> {
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    if framing == Framing::Raw {
+        return Ok(vec![body.clone()]);
+    }
+    let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8 JSON".to_string())?;
+    let value: &RawValue = serde_json::from_str(text).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    if value.get().starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(value.get()).map_err(|e| format!("body is not valid JSON: {e}"))?;
+        return Ok(items.into_iter().map(|item| Bytes::from(crate::ingest::compact(item.get()))).collect());
+    }
+    Ok(vec![Bytes::from(crate::ingest::compact(value.get()))])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_grammar() {
+        for good in ["0", "1", "3600", "315360000"] {
+            assert!(ttl(good).is_ok(), "{good}");
+        }
+        for bad in ["", "abc", "-1", "00060", "+60", "60.5", "1e3", " 60", "315360001", "99999999999999999999999"] {
+            assert!(ttl(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expires_at_takes_rfc3339_with_fractions_and_offsets() {
+        assert_eq!(expires_at("2026-01-01T00:00:00Z").unwrap().1, 1_767_225_600_000);
+        assert_eq!(expires_at("2026-01-01T00:00:00.250+00:00").unwrap().1, 1_767_225_600_250);
+        assert_eq!(expires_at("2026-01-01T01:00:00+01:00").unwrap().1, 1_767_225_600_000);
+        for bad in ["not-a-timestamp", "", "2026-01-01", "2026-13-01T00:00:00Z"] {
+            assert!(expires_at(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_bodies_flatten_one_level_and_compact() {
+        let m = |s: &'static str| messages(Framing::Json, &Bytes::from_static(s.as_bytes()));
+        assert_eq!(m("[[1, 2], [3,4]]").unwrap(), vec![Bytes::from("[1,2]"), Bytes::from("[3,4]")]);
+        assert_eq!(m("[[[1,2,3]]]").unwrap(), vec![Bytes::from("[[1,2,3]]")]);
+        assert_eq!(m(" {\"a\" : \"b c\"} ").unwrap(), vec![Bytes::from("{\"a\":\"b c\"}")]);
+        assert_eq!(m("null").unwrap(), vec![Bytes::from("null")]);
+        assert!(m("[]").unwrap().is_empty());
+        assert!(m("{").is_err() && m("[1,]").is_err() && m("1 2").is_err());
+        let raw = messages(Framing::Raw, &Bytes::from_static(b"\x00\xff[")).unwrap();
+        assert_eq!(raw, vec![Bytes::from_static(b"\x00\xff[")]);
+    }
+
+    #[test]
+    fn put_content_types_fall_back_to_the_default() {
+        assert_eq!(create_content_type(Some("text/plain; charset=utf-8")), "text/plain; charset=utf-8");
+        assert_eq!(create_content_type(Some("application/x-protobuf")), "application/x-protobuf");
+        for bad in [None, Some("garbage"), Some("/x"), Some("a/"), Some("a b/c")] {
+            assert_eq!(create_content_type(bad), meta::DEFAULT_CONTENT_TYPE, "{bad:?}");
+        }
+    }
+}

@@ -116,7 +116,9 @@ pub enum Framing {
 
 impl Framing {
     pub fn of(content_type: &str) -> Framing {
-        if normalize(content_type) == JSON {
+        // (No allocation: this runs for every append.)
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if essence.eq_ignore_ascii_case(JSON) {
             Framing::Json
         } else {
             Framing::Raw

@@ -7,7 +7,7 @@
 //! append (`writes.rs`).
 
 use actix_web::http::{header, Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use bytes::Bytes;
 
 use super::{request_body, ApiError, AppState};
@@ -141,14 +141,8 @@ async fn create(
         WriteOutcome::Exists { tail, closed } => (HttpResponse::Ok(), tail, closed),
         other => return Err(unexpected(other)),
     };
-    response
-        .content_type(content_type)
-        .insert_header(("Stream-Next-Offset", position(state, tail).token()))
-        .insert_header((header::CACHE_CONTROL, "no-store"));
-    if closed {
-        response.insert_header(("Stream-Closed", "true"));
-    }
-    Ok(response.finish())
+    response.content_type(content_type).insert_header((header::CACHE_CONTROL, "no-store"));
+    Ok(with_tail(response, state, tail, closed))
 }
 
 async fn append(
@@ -184,12 +178,16 @@ async fn append(
         .await
         .map_err(|e| ApiError::from_write(e, engine.epoch(), &context))?;
     let WriteOutcome::Appended { tail, closed } = outcome else { return Err(unexpected(outcome)) };
-    let mut response = HttpResponse::NoContent();
+    Ok(with_tail(HttpResponse::NoContent(), state, tail, closed))
+}
+
+/// The answer with the stream's tail after the write (`Stream-Next-Offset`) and its closure.
+fn with_tail(mut response: HttpResponseBuilder, state: &AppState, tail: u64, closed: bool) -> HttpResponse {
     response.insert_header(("Stream-Next-Offset", position(state, tail).token()));
     if closed {
         response.insert_header(("Stream-Closed", "true"));
     }
-    Ok(response.finish())
+    response.finish()
 }
 
 /// The answer the stream would give an append of `content_type` regardless of its body, if

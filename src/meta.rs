@@ -37,6 +37,9 @@ pub struct StreamMeta {
     /// When this life of the stream began (ms), for a TTL's first window.
     #[serde(rename = "at", default)]
     pub created_ms: u64,
+    /// The producer request that closed the stream, if one did: its retry is a duplicate.
+    #[serde(rename = "by", default, skip_serializing_if = "Option::is_none")]
+    pub closed_by: Option<crate::writes::Producer>,
 }
 
 impl Default for StreamMeta {
@@ -49,6 +52,7 @@ impl Default for StreamMeta {
             expires_at: None,
             stream_seq: None,
             created_ms: 0,
+            closed_by: None,
         }
     }
 }
@@ -171,6 +175,7 @@ mod tests {
             expires_at: None,
             stream_seq: Some("a\u{1}\"".into()),
             created_ms: 7,
+            closed_by: Some(crate::writes::Producer { id: "p".into(), epoch: 1, seq: 2 }),
         };
         assert_eq!(StreamMeta::decode(&meta.encode()), Some(meta));
         assert_eq!(StreamMeta::decode(b"\xff"), None);

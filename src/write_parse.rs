@@ -26,6 +26,33 @@ pub fn expires_at(value: &str) -> Result<(String, i64), String> {
     Ok((value.to_string(), ms))
 }
 
+/// The largest integer a JavaScript client can hold exactly (2^53 - 1).
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// `Producer-Id`, `Producer-Epoch`, `Producer-Seq`: all three or none; the id non-empty, the
+/// numbers decimal digits up to 2^53 - 1.
+pub fn producer(
+    headers: (Option<&str>, Option<&str>, Option<&str>),
+) -> Result<Option<crate::writes::Producer>, String> {
+    let number = |name: &str, value: &str| {
+        value
+            .parse::<u64>()
+            .ok()
+            .filter(|n| value.bytes().all(|b| b.is_ascii_digit()) && *n <= MAX_SAFE_INTEGER)
+            .ok_or_else(|| format!("invalid {name} {value:?}: use a whole number up to 2^53 - 1"))
+    };
+    match headers {
+        (None, None, None) => Ok(None),
+        (Some(""), _, _) => Err("Producer-Id must not be empty".into()),
+        (Some(id), Some(epoch), Some(seq)) => Ok(Some(crate::writes::Producer {
+            id: id.to_string(),
+            epoch: number("Producer-Epoch", epoch)?,
+            seq: number("Producer-Seq", seq)?,
+        })),
+        _ => Err("Producer-Id, Producer-Epoch and Producer-Seq go together: send all three or none".into()),
+    }
+}
+
 /// A `PUT`'s content type: as given if it looks like `type/subtype`, else the default.
 pub fn create_content_type(given: Option<&str>) -> String {
     let valid = |ct: &str| {

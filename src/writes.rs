@@ -28,6 +28,48 @@ pub struct Append {
     pub seq: Option<String>,
     /// `Stream-Closed: true`.
     pub close: bool,
+    /// `Producer-Id`, `Producer-Epoch`, `Producer-Seq` (all three, or none).
+    pub producer: Option<Producer>,
+}
+
+/// An idempotent producer's request (WRITE.md §3).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Producer {
+    pub id: String,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// What a stream remembers of one producer: its epoch and the highest sequence accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerState {
+    pub epoch: u64,
+    pub last_seq: u64,
+}
+
+impl ProducerState {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.epoch.to_be_bytes());
+        out[8..].copy_from_slice(&self.last_seq.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<ProducerState> {
+        let epoch = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let last_seq = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(ProducerState { epoch, last_seq })
+    }
+}
+
+/// What an append does, once checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendPlan {
+    /// Append (and/or close): the stream's metadata after it, and the producer's new state.
+    Write { meta: StreamMeta, producer: Option<ProducerState> },
+    /// A producer's retry of a request already applied: nothing is written; `state` is the
+    /// producer's (its highest sequence is what the answer names).
+    Duplicate { state: ProducerState, closed: bool },
 }
 
 /// What a write did. `tail` is the stream's sequence number after it.
@@ -37,8 +79,10 @@ pub enum WriteOutcome {
     Created { tail: u64, closed: bool },
     /// `200`: the same stream was already there; nothing written.
     Exists { tail: u64, closed: bool },
-    /// `204`: appended (or closed).
-    Appended { tail: u64, closed: bool },
+    /// `204` (`200` for a producer): appended (or closed); `producer` echoes its epoch and seq.
+    Appended { tail: u64, closed: bool, producer: Option<(u64, u64)> },
+    /// `204`: a producer's retry of what is already there; nothing written.
+    Duplicate { tail: u64, closed: bool, epoch: u64, seq: u64 },
     /// `204`: deleted.
     Deleted,
     /// A broadcast was stored.
@@ -61,6 +105,15 @@ pub enum Refusal {
     /// `Stream-Seq` not greater than the last one accepted.
     #[error("Stream-Seq must be greater than the last one accepted")]
     SeqNotIncreasing,
+    /// `403`: the producer's epoch is older than the stream's (a zombie writer).
+    #[error("stale producer epoch: the stream has seen epoch {current}")]
+    StaleEpoch { current: u64 },
+    /// `400`: a new epoch must start at sequence 0.
+    #[error("a new Producer-Epoch must start at Producer-Seq 0")]
+    NewEpochNotAtZero,
+    /// `409`: the producer skipped sequence numbers.
+    #[error("Producer-Seq gap: expected {expected}, received {received}")]
+    SeqGap { expected: u64, received: u64 },
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,14 +133,36 @@ pub fn same_configuration(existing: &StreamMeta, requested: &StreamMeta) -> bool
         && existing.closed == requested.closed
 }
 
-/// Checks an append against the stream as it is (after the writes before it); returns the
-/// metadata after it, or the refusal. Order (WRITE.md §2.1): closed, content type, Stream-Seq.
+/// Checks an append against the stream as it is (after the writes before it), for a request
+/// without producer headers; returns the metadata after it, or the refusal.
 pub fn check_append(meta: &StreamMeta, tail: u64, append: &Append) -> Result<StreamMeta, Refusal> {
+    match plan_append(meta, tail, append, None)? {
+        AppendPlan::Write { meta, .. } => Ok(meta),
+        AppendPlan::Duplicate { .. } => Ok(meta.clone()),
+    }
+}
+
+/// Checks an append against the stream and, for a producer, its state there (`None`: a
+/// producer the stream has not seen). Order (WRITE.md §2.1, §3.4, §4): closed (a producer's
+/// retry of the request that closed the stream is a duplicate), content type, producer,
+/// Stream-Seq.
+pub fn plan_append(
+    meta: &StreamMeta,
+    tail: u64,
+    append: &Append,
+    producer_state: Option<ProducerState>,
+) -> Result<AppendPlan, Refusal> {
     let close_only = append.messages.is_empty();
     if meta.closed {
+        if let (Some(p), Some(by)) = (&append.producer, &meta.closed_by) {
+            if p == by {
+                let state = ProducerState { epoch: p.epoch, last_seq: p.seq };
+                return Ok(AppendPlan::Duplicate { state, closed: true });
+            }
+        }
         // Closing a closed stream again is idempotent; anything else is refused.
-        if close_only && append.close {
-            return Ok(meta.clone());
+        if close_only && append.close && append.producer.is_none() {
+            return Ok(AppendPlan::Write { meta: meta.clone(), producer: None });
         }
         return Err(Refusal::Closed { tail });
     }
@@ -97,6 +172,14 @@ pub fn check_append(meta: &StreamMeta, tail: u64, append: &Append) -> Result<Str
             return Err(Refusal::ContentTypeMismatch);
         }
     }
+    let producer = match &append.producer {
+        None => None,
+        Some(p) => match check_producer(producer_state, p)? {
+            ProducerCheck::Accept(state) => Some(state),
+            // A retry: whatever its Stream-Seq, nothing is written (and nothing closed).
+            ProducerCheck::Duplicate(state) => return Ok(AppendPlan::Duplicate { state, closed: false }),
+        },
+    };
     let mut next = meta.clone();
     if let Some(seq) = &append.seq {
         if meta.stream_seq.as_ref().is_some_and(|last| seq.as_bytes() <= last.as_bytes()) {
@@ -106,8 +189,34 @@ pub fn check_append(meta: &StreamMeta, tail: u64, append: &Append) -> Result<Str
     }
     if append.close {
         next.closed = true;
+        next.closed_by = append.producer.clone();
     }
-    Ok(next)
+    Ok(AppendPlan::Write { meta: next, producer })
+}
+
+enum ProducerCheck {
+    Accept(ProducerState),
+    Duplicate(ProducerState),
+}
+
+/// WRITE.md §3.2: per (stream, producer), serialized by the caller.
+fn check_producer(state: Option<ProducerState>, p: &Producer) -> Result<ProducerCheck, Refusal> {
+    let accept = ProducerState { epoch: p.epoch, last_seq: p.seq };
+    match state {
+        None if p.seq == 0 => Ok(ProducerCheck::Accept(accept)),
+        None => Err(Refusal::SeqGap { expected: 0, received: p.seq }),
+        Some(s) if p.epoch < s.epoch => Err(Refusal::StaleEpoch { current: s.epoch }),
+        Some(s) if p.epoch > s.epoch => {
+            if p.seq == 0 {
+                Ok(ProducerCheck::Accept(accept))
+            } else {
+                Err(Refusal::NewEpochNotAtZero)
+            }
+        }
+        Some(s) if p.seq <= s.last_seq => Ok(ProducerCheck::Duplicate(s)),
+        Some(s) if p.seq == s.last_seq + 1 => Ok(ProducerCheck::Accept(accept)),
+        Some(s) => Err(Refusal::SeqGap { expected: s.last_seq + 1, received: p.seq }),
+    }
 }
 
 /// Checks a broadcast's messages against a stream: only an open JSON stream takes them.
@@ -131,7 +240,34 @@ mod tests {
             messages: vec![Bytes::from_static(b"x"); n],
             seq: seq.map(str::to_string),
             close,
+            producer: None,
         }
+    }
+
+    #[test]
+    fn producers_follow_epochs_and_sequences() {
+        let p = |epoch, seq| Producer { id: "p".into(), epoch, seq };
+        let s = |epoch, last_seq| Some(ProducerState { epoch, last_seq });
+        let accepted = |r: Result<ProducerCheck, Refusal>| matches!(r, Ok(ProducerCheck::Accept(_)));
+        let duplicate = |r: Result<ProducerCheck, Refusal>| matches!(r, Ok(ProducerCheck::Duplicate(_)));
+        assert!(accepted(check_producer(None, &p(2, 0))), "a new producer at any epoch, seq 0");
+        assert_eq!(check_producer(None, &p(0, 3)).err(), Some(Refusal::SeqGap { expected: 0, received: 3 }));
+        assert_eq!(check_producer(s(2, 5), &p(1, 6)).err(), Some(Refusal::StaleEpoch { current: 2 }));
+        assert!(accepted(check_producer(s(2, 5), &p(3, 0))));
+        assert_eq!(check_producer(s(2, 5), &p(3, 1)).err(), Some(Refusal::NewEpochNotAtZero));
+        assert!(duplicate(check_producer(s(2, 5), &p(2, 5))) && duplicate(check_producer(s(2, 5), &p(2, 0))));
+        assert!(accepted(check_producer(s(2, 5), &p(2, 6))));
+        assert_eq!(check_producer(s(2, 5), &p(2, 8)).err(), Some(Refusal::SeqGap { expected: 6, received: 8 }));
+    }
+
+    #[test]
+    fn a_producer_retry_of_the_closing_request_is_a_duplicate() {
+        let producer = Some(Producer { id: "p".into(), epoch: 0, seq: 4 });
+        let closed = StreamMeta { closed: true, closed_by: producer.clone(), ..text() };
+        let retry = Append { producer: producer.clone(), ..append(Some("text/plain"), 1, None, true) };
+        assert!(matches!(plan_append(&closed, 9, &retry, None), Ok(AppendPlan::Duplicate { closed: true, .. })));
+        let other = Append { producer: Some(Producer { id: "q".into(), epoch: 0, seq: 4 }), ..retry };
+        assert_eq!(plan_append(&closed, 9, &other, None), Err(Refusal::Closed { tail: 9 }));
     }
 
     fn text() -> StreamMeta {

@@ -244,7 +244,15 @@ async fn bad_writes_get_a_clear_4xx_and_store_nothing() {
             "content_type",
         ),
         (write(&server, reqwest::Method::POST, "j").header("stream-seq", ""), 400, "Stream-Seq"),
-        (write(&server, reqwest::Method::POST, "j").header("producer-id", "p"), 501, "producers"),
+        (write(&server, reqwest::Method::POST, "j").header("producer-id", "p"), 400, "all three"),
+        (
+            write(&server, reqwest::Method::POST, "j")
+                .header("producer-id", "p")
+                .header("producer-epoch", "0")
+                .header("producer-seq", "9007199254740992"),
+            400,
+            "Producer-Seq",
+        ),
         (write(&server, reqwest::Method::PUT, "f").header("stream-forked-from", "/j"), 501, "forks"),
         (
             write(&server, reqwest::Method::POST, "missing").header("content-type", "application/json").body("1"),

@@ -145,3 +145,62 @@ async fn sigkill_during_appends_and_closes_loses_nothing_acknowledged() {
     }
     eprintln!("write crash test: {cycles} SIGKILL cycles, {checked} acknowledged appends checked");
 }
+
+/// An idempotent producer that retries every request it got no answer for, across SIGKILL
+/// restarts, ends with every message exactly once and in order: its state is written in the
+/// same batch as the messages, so a retry of an applied request is a duplicate (`204`) and a
+/// retry of a lost one is appended (`200`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_retrying_across_sigkill_writes_everything_exactly_once() {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut rng = Rng(seed);
+    let dir = temp_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    let created = server.client.put(server.ds("produced")).bearer_auth(KEY).header("content-type", "text/plain");
+    assert_eq!(created.send().await.unwrap().status(), 201);
+    let total = 3_000u64;
+    let mut seq = 0u64;
+    let kills = [rng.next() % 1000 + 200, rng.next() % 1000 + 1500];
+    let mut killed = 0;
+    while seq < total {
+        if killed < kills.len() && seq == kills[killed] {
+            // Kill with a request in flight: its answer is lost, and the producer retries it.
+            let url = server.ds("produced");
+            let in_flight = server
+                .client
+                .post(url)
+                .bearer_auth(KEY)
+                .header("content-type", "text/plain")
+                .header("producer-id", "p")
+                .header("producer-epoch", "0")
+                .header("producer-seq", seq.to_string())
+                .body(format!("{seq};"))
+                .send();
+            let racing = tokio::spawn(in_flight);
+            tokio::time::sleep(Duration::from_micros(rng.next() % 2000)).await;
+            server.kill();
+            let _ = racing.await;
+            server.restart();
+            killed += 1;
+        }
+        let response = server
+            .client
+            .post(server.ds("produced"))
+            .bearer_auth(KEY)
+            .header("content-type", "text/plain")
+            .header("producer-id", "p")
+            .header("producer-epoch", "0")
+            .header("producer-seq", seq.to_string())
+            .body(format!("{seq};"))
+            .send()
+            .await
+            .unwrap();
+        // 200: appended now; 204: the request before the kill had been applied.
+        assert!(matches!(response.status().as_u16(), 200 | 204), "seq {seq} (seed {seed}): {}", response.status());
+        assert_eq!(header(&response, "producer-seq").as_deref(), Some(seq.to_string().as_str()));
+        seq += 1;
+    }
+    let text = server.get("produced?offset=-1").await.text().await.unwrap();
+    let got: Vec<u64> = text.split_terminator(';').map(|n| n.parse().unwrap()).collect();
+    assert_eq!(got, (0..total).collect::<Vec<_>>(), "seed {seed}: every message once, in order");
+}

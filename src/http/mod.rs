@@ -149,12 +149,22 @@ impl ApiError {
     pub fn refused(refusal: Refusal, epoch: crate::offset::Epoch) -> ApiError {
         let status = match refusal {
             Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::StaleEpoch { .. } => StatusCode::FORBIDDEN,
+            Refusal::NewEpochNotAtZero => StatusCode::BAD_REQUEST,
             _ => StatusCode::CONFLICT,
         };
         let mut error = ApiError::new(status, refusal.to_string());
-        if let Refusal::Closed { tail } = refusal {
-            error.headers.push(("Stream-Closed", "true".into()));
-            error.headers.push(("Stream-Next-Offset", crate::offset::Position { epoch, seq: tail }.token()));
+        match refusal {
+            Refusal::Closed { tail } => {
+                error.headers.push(("Stream-Closed", "true".into()));
+                error.headers.push(("Stream-Next-Offset", crate::offset::Position { epoch, seq: tail }.token()));
+            }
+            Refusal::StaleEpoch { current } => error.headers.push(("Producer-Epoch", current.to_string())),
+            Refusal::SeqGap { expected, received } => {
+                error.headers.push(("Producer-Expected-Seq", expected.to_string()));
+                error.headers.push(("Producer-Received-Seq", received.to_string()));
+            }
+            _ => {}
         }
         error
     }

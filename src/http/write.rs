@@ -13,7 +13,7 @@ use bytes::Bytes;
 use super::{request_body, ApiError, AppState};
 use crate::meta::{self, Framing, StreamMeta};
 use crate::offset::Position;
-use crate::writes::{Append, WriteOp, WriteOutcome};
+use crate::writes::{Append, Producer, WriteOp, WriteOutcome};
 use crate::{auth, write_parse};
 
 /// Methods of a DS URL when writes are on.
@@ -49,14 +49,11 @@ pub async fn handle(
     }
 }
 
-/// Parts of the protocol that come with the next issue: refused clearly rather than ignored
-/// (an ignored producer header would turn a retried write into a duplicate).
+/// Forks come with the next issue: refused clearly rather than ignored (an ignored fork header
+/// would make a plain stream the client did not ask for).
 fn not_yet(req: &HttpRequest) -> Result<(), ApiError> {
     let unsupported = |what: &str| ApiError::new(StatusCode::NOT_IMPLEMENTED, format!("{what} are not supported yet"));
     let has = |name: &str| req.headers().contains_key(name);
-    if has("producer-id") || has("producer-epoch") || has("producer-seq") {
-        return Err(unsupported("idempotent producers (Producer-Id, Producer-Epoch, Producer-Seq)"));
-    }
     if has("stream-forked-from") || has("stream-fork-offset") || has("stream-fork-sub-offset") {
         return Err(unsupported("forks (Stream-Forked-From)"));
     }
@@ -71,6 +68,7 @@ struct WriteHeaders {
     expires_at: Option<(String, i64)>,
     closed: bool,
     seq: Option<String>,
+    producer: Option<Producer>,
 }
 
 impl WriteHeaders {
@@ -96,7 +94,9 @@ impl WriteHeaders {
             Some("") => return Err(ApiError::bad_request("Stream-Seq must not be empty")),
             seq => seq.map(str::to_string),
         };
-        Ok(WriteHeaders { content_type, ttl_secs, expires_at, closed, seq })
+        let producer = (text("producer-id")?, text("producer-epoch")?, text("producer-seq")?);
+        let producer = write_parse::producer(producer).map_err(ApiError::bad_request)?;
+        Ok(WriteHeaders { content_type, ttl_secs, expires_at, closed, seq, producer })
     }
 }
 
@@ -123,6 +123,7 @@ async fn create(
         expires_at: headers.expires_at,
         stream_seq: None,
         created_ms: 0,
+        closed_by: None,
     };
     let messages = write_parse::messages(meta.framing(), body).map_err(ApiError::bad_request)?;
     let content_type = meta.content_type.clone();
@@ -171,14 +172,41 @@ async fn append(
             }
         }
     };
-    let op = Append { content_type: headers.content_type, messages, seq: headers.seq, close: headers.closed };
+    let has_body = !messages.is_empty();
+    let op = Append {
+        content_type: headers.content_type,
+        messages,
+        seq: headers.seq,
+        close: headers.closed,
+        producer: headers.producer,
+    };
     let context = format!("append to stream {stream:?} failed");
     let outcome = engine
         .write(stream, WriteOp::Append(op))
         .await
         .map_err(|e| ApiError::from_write(e, engine.epoch(), &context))?;
-    let WriteOutcome::Appended { tail, closed } = outcome else { return Err(unexpected(outcome)) };
-    Ok(with_tail(HttpResponse::NoContent(), state, tail, closed))
+    Ok(match outcome {
+        // A producer's append is `200` (its close-only request `204`), echoing its epoch and seq.
+        WriteOutcome::Appended { tail, closed, producer: Some((epoch, seq)) } => {
+            let mut response = if has_body { HttpResponse::Ok() } else { HttpResponse::NoContent() };
+            response
+                .insert_header(("Producer-Epoch", epoch.to_string()))
+                .insert_header(("Producer-Seq", seq.to_string()));
+            with_tail(response, state, tail, closed)
+        }
+        WriteOutcome::Appended { tail, closed, producer: None } => {
+            with_tail(HttpResponse::NoContent(), state, tail, closed)
+        }
+        // A retry of what is there: the producer's highest accepted seq.
+        WriteOutcome::Duplicate { tail, closed, epoch, seq } => {
+            let mut response = HttpResponse::NoContent();
+            response
+                .insert_header(("Producer-Epoch", epoch.to_string()))
+                .insert_header(("Producer-Seq", seq.to_string()));
+            with_tail(response, state, tail, closed)
+        }
+        other => return Err(unexpected(other)),
+    })
 }
 
 /// The answer with the stream's tail after the write (`Stream-Next-Offset`) and its closure.

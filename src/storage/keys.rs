@@ -42,6 +42,23 @@ pub fn meta_key(id: u64) -> [u8; 9] {
     key
 }
 
+/// `P ‖ id ‖ producer id` → a producer's state on the stream (epoch, highest seq accepted),
+/// written in the batch of the append it belongs to (layout 4).
+pub const PRODUCER: u8 = b'P';
+
+pub fn producer_prefix(id: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = PRODUCER;
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+pub fn producer_key(id: u64, producer: &str) -> Vec<u8> {
+    let mut key = producer_prefix(id).to_vec();
+    key.extend_from_slice(producer.as_bytes());
+    key
+}
+
 /// `R ‖ id ‖ first seq` → a [`LogRecord`]: one or more consecutive messages of the stream.
 pub fn record_key(id: u64, first_seq: u64) -> [u8; 17] {
     let mut key = [0u8; 17];

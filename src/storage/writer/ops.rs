@@ -21,7 +21,9 @@ use crate::storage::expiry;
 use crate::storage::keys::{self, StreamRecord};
 use crate::storage::tombstones::{self, Ending, NextLife, Tombstone};
 use crate::storage::{now_ms, StorageError};
-use crate::writes::{check_append, check_broadcast, same_configuration, Append, Refusal, WriteOp, WriteOutcome};
+use crate::writes::{
+    check_broadcast, plan_append, same_configuration, Append, AppendPlan, ProducerState, Refusal, WriteOp, WriteOutcome,
+};
 
 /// What applying one group did, to publish after its flush.
 pub(in crate::storage) struct Applied {
@@ -63,6 +65,8 @@ struct Group {
     metas: HashMap<u64, (Arc<StreamEntry>, SharedMeta)>,
     records: Vec<([u8; 17], Vec<u8>)>,
     created: super::Created,
+    /// (stream id, producer id) → producer state after the group's requests so far.
+    producers: HashMap<(u64, String), ProducerState>,
 }
 
 impl Group {
@@ -75,6 +79,19 @@ impl Group {
         match self.index.get(&entry.name) {
             Some(&i) => self.runs[i].last_seq,
             None => entry.allocated.load(Ordering::Acquire),
+        }
+    }
+
+    /// A producer's state on a stream: as the group left it, else as stored.
+    fn producer_state(&self, db: &sled::Db, id: u64, producer: &str) -> Result<Option<ProducerState>, StorageError> {
+        if let Some(state) = self.producers.get(&(id, producer.to_string())) {
+            return Ok(Some(*state));
+        }
+        match db.get(keys::producer_key(id, producer))? {
+            Some(bytes) => {
+                ProducerState::decode(&bytes).map(Some).ok_or_else(|| crate::storage::corrupt("producer state"))
+            }
+            None => Ok(None),
         }
     }
 
@@ -132,18 +149,18 @@ impl State {
                 }
             }
         }
-        let Group { mut runs, metas, mut records, created, .. } = group;
+        let Group { mut runs, metas, mut records, created, producers, .. } = group;
         for run in &mut runs {
             run.close(&mut records);
         }
-        let wrote = !records.is_empty() || !created.is_empty() || !metas.is_empty();
+        let wrote = !records.is_empty() || !created.is_empty() || !metas.is_empty() || !producers.is_empty();
         if wrote {
             // Each request must be stored whole or not at all. When every request names one
             // stream, and each stream's messages fit one record, every request lies in a single
             // key, which a plain `insert` stores atomically. sled's `apply_batch` is dearer than
             // it looks: it rolls the log buffer and writes and syncs it on the spot, on top of
             // the group's flush (see docs/PERFORMANCE.md).
-            let more_keys = !created.is_empty() || !metas.is_empty();
+            let more_keys = !created.is_empty() || !metas.is_empty() || !producers.is_empty();
             let applied = if each_request_in_one_key(requests, runs.len(), records.len(), more_keys) {
                 records.iter().try_for_each(|(key, value)| db.insert(key, &value[..]).map(drop))
             } else {
@@ -164,6 +181,9 @@ impl State {
                 }
                 for (entry, meta) in metas.values() {
                     batch.insert(&keys::meta_key(entry.id)[..], meta.encode());
+                }
+                for ((id, producer), state) in &producers {
+                    batch.insert(keys::producer_key(*id, producer), &state.encode()[..]);
                 }
                 db.apply_batch(batch)
             };
@@ -244,19 +264,33 @@ impl State {
         if entry.expired(&meta, now) {
             return Ok(Err(Refusal::NotFound));
         }
-        let next = match check_append(&meta, group.tail(&entry), append) {
-            Ok(next) => next,
-            Err(refusal) => return Ok(Err(refusal)),
+        let producer_state = match &append.producer {
+            Some(p) => group.producer_state(db, entry.id, &p.id)?,
+            None => None,
         };
         entry.renew(now);
+        let tail = group.tail(&entry);
+        let (next, producer) = match plan_append(&meta, tail, append, producer_state) {
+            Ok(AppendPlan::Write { meta, producer }) => (meta, producer),
+            Ok(AppendPlan::Duplicate { state, closed }) => {
+                return Ok(Ok(WriteOutcome::Duplicate { tail, closed, epoch: state.epoch, seq: state.last_seq }));
+            }
+            Err(refusal) => return Ok(Err(refusal)),
+        };
         for message in &append.messages {
             group.push(&entry, message, now);
+        }
+        if let (Some(p), Some(state)) = (&append.producer, producer) {
+            // Written in the same batch as the messages: a retry after any crash finds both
+            // or neither (WRITE.md §3.4).
+            group.producers.insert((entry.id, p.id.clone()), state);
         }
         let closed = next.closed;
         if next != *meta {
             group.metas.insert(entry.id, (entry.clone(), Arc::new(next)));
         }
-        Ok(Ok(WriteOutcome::Appended { tail: group.tail(&entry), closed }))
+        let echo = append.producer.as_ref().map(|p| (p.epoch, p.seq));
+        Ok(Ok(WriteOutcome::Appended { tail: group.tail(&entry), closed, producer: echo }))
     }
 
     /// A `PUT`: the stream is there with the same configuration (`200`, nothing written), or
@@ -430,6 +464,9 @@ pub(in crate::storage) fn remove_stream_keys(
     batch.remove(&keys::stream_key(id)[..]);
     batch.remove(&keys::meta_key(id)[..]);
     for item in db.range(keys::record_key(id, 0)..=keys::record_key(id, u64::MAX)) {
+        batch.remove(item?.0);
+    }
+    for item in db.scan_prefix(keys::producer_prefix(id)) {
         batch.remove(item?.0);
     }
     Ok(())

@@ -1,6 +1,6 @@
 // Runs the official conformance suite against the release binary and compares the per-test
-// results with the checked-in list of expected failures (expected-failures.txt, and
-// expected-failures-nats.txt in cluster mode): an unlisted failure, or a listed test that passes, fails the run, so the
+// results with the checked-in list of expected failures (expected-failures.txt, one list for
+// both engines): an unlisted failure, or a listed test that passes, fails the run, so the
 // list can only shrink. `node run.js --update` rewrites the list instead.
 //
 // The server runs as the suite assumes (WRITE.md §8): streams under /v1/stream, no
@@ -15,8 +15,8 @@ import { fileURLToPath } from "node:url";
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.ANYCABLE_DS_BIN || resolve(here, "..", "..", "target", "release", "anycable-ds");
 const ENGINE = process.env.ANYCABLE_DS_TEST_ENGINE || "sled";
-// One list per engine while cluster mode lacks the write API (issue 20); they converge.
-const LIST = join(here, ENGINE === "sled" ? "expected-failures.txt" : `expected-failures-${ENGINE}.txt`);
+// Both engines pass and fail the same tests: one list.
+const LIST = join(here, "expected-failures.txt");
 /** Tests the suite runs without `subscriptions: true`. */
 const EXPECTED_TESTS = 332;
 const update = process.argv.includes("--update");

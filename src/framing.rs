@@ -52,11 +52,6 @@ impl Framer {
         self.count += count;
     }
 
-    /// What adding a message of `len` bytes adds to the body.
-    pub(crate) fn added_len(&self, len: usize) -> usize {
-        len + usize::from(self.framing == Framing::Json && self.count > 0)
-    }
-
     /// Messages so far.
     pub(crate) fn count(&self) -> usize {
         self.count
@@ -96,7 +91,6 @@ mod tests {
         for (framing, expected) in [(Framing::Json, &b"[1,\"a\",[2,3]]"[..]), (Framing::Raw, &b"1\"a\"[2,3]"[..])] {
             let mut body = Framer::new(framing, 0);
             body.push(b"1");
-            assert_eq!(body.added_len(3), if framing == Framing::Json { 4 } else { 3 });
             body.push(b"\"a\"");
             body.push_joined(b"[2,3]", 1);
             assert_eq!(body.count(), 3);

@@ -167,10 +167,17 @@ async fn retention_lives_on_the_stream_and_a_node_with_other_settings_refuses_to
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("broker.history_limit") && stderr.contains("10") && stderr.contains("20"), "{stderr}");
     assert!(stderr.contains("--nats_update_stream"), "{stderr}");
-    // Told to, a node applies its own settings (a rolling change).
+    // Told to, a node applies its own settings (a rolling change). The others learn them
+    // from the stream within a second (the count limit is applied by the nodes, see
+    // src/cluster/retention.rs).
     let b = cluster_node(other.path(), &cluster, "C", &["--history_limit", "20", "--nats_update_stream"]);
     b.publish("c", numbered(2..=25)).await;
-    assert_eq!(a.read("c", "-1").await.0, numbered(6..=25), "20 kept now");
+    assert_eq!(b.read("c", "-1").await.0, numbered(6..=25), "20 kept now");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while a.read("c", "-1").await.0 != numbered(6..=25) {
+        assert!(Instant::now() < deadline, "node A still applies the old limit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

@@ -2,45 +2,19 @@
 //! broadcast key, broadcasts and `PUT` streams in one log, retention, byte streams in every
 //! read mode, closure waking live readers, bad input, and `kill -9`. The protocol's fine
 //! print is the official conformance suite's job (`tests/conformance`).
+//!
+//! Every test runs on both engines (`ANYCABLE_DS_TEST_ENGINE`, see `tests/common`; `scripts/test`
+//! runs this file again in cluster mode). On NATS, `kill -9` kills the node, and what must
+//! survive is what JetStream acknowledged; what only a cluster has (several nodes writing one
+//! stream) is in `tests/cluster_writes.rs`.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{header, temp_dir, Server, SseClient, KEY};
+use common::ds_write::{bytes, close, post, put, refused, write};
+use common::{header, temp_dir, Server, SseClient};
 use serde_json::{json, Value};
-
-/// A write request with the broadcast key.
-fn write(server: &Server, method: reqwest::Method, stream: &str) -> reqwest::RequestBuilder {
-    server.client.request(method, server.ds(stream)).bearer_auth(KEY)
-}
-
-async fn put(server: &Server, stream: &str, content_type: &str, body: &'static [u8]) -> reqwest::Response {
-    write(server, reqwest::Method::PUT, stream).header("content-type", content_type).body(body).send().await.unwrap()
-}
-
-async fn post(server: &Server, stream: &str, content_type: &str, body: Vec<u8>) -> reqwest::Response {
-    write(server, reqwest::Method::POST, stream).header("content-type", content_type).body(body).send().await.unwrap()
-}
-
-async fn close(server: &Server, stream: &str) -> reqwest::Response {
-    write(server, reqwest::Method::POST, stream).header("stream-closed", "true").send().await.unwrap()
-}
-
-/// Status and JSON error of a refused request.
-async fn refused(response: reqwest::Response) -> (u16, String) {
-    let status = response.status().as_u16();
-    assert_eq!(header(&response, "content-type").as_deref(), Some("application/json"), "{status}");
-    let body: Value = response.json().await.unwrap();
-    (status, body["error"].as_str().expect("an error message").to_string())
-}
-
-/// The raw bytes of a catch-up read from the start.
-async fn bytes(server: &Server, stream: &str) -> Vec<u8> {
-    let response = server.get(&format!("{stream}?offset=-1")).await;
-    assert_eq!(response.status(), 200);
-    response.bytes().await.unwrap().to_vec()
-}
 
 #[tokio::test]
 async fn writes_need_the_broadcast_key_and_can_be_turned_off() {
@@ -279,7 +253,8 @@ async fn a_deleted_stream_can_be_created_again_at_once_and_starts_empty() {
 }
 
 /// Everything a write acknowledged survives `kill -9`: content, content type, closure, TTL,
-/// and the `Stream-Seq` state (a repeat is still refused).
+/// and the `Stream-Seq` state (a repeat is still refused). (In cluster mode the node
+/// restarts on the same JetStream stream.)
 #[tokio::test]
 async fn acknowledged_writes_and_their_metadata_survive_kill_9() {
     let dir = temp_dir();

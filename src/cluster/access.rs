@@ -13,7 +13,11 @@
 //!
 //! A request that finds a stream expired answers as if it did not exist and removes it in
 //! the background: a `delete` control message guarded by the last sequence it saw (a write
-//! in between renewed the stream, so the removal gives up), then a purge.
+//! in between renewed the stream, so the removal gives up), then a purge. Streams nobody asks
+//! for are swept: each node keeps the deadlines of the streams with an expiry it has seen
+//! (requests, and every write through the wake-up feed), and once a second removes those
+//! due, after checking with the stream leader (another node may have renewed it). A stream
+//! that no running node has seen since it started is removed at its next request.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,25 +25,30 @@ use std::sync::Mutex;
 
 use futures_util::StreamExt;
 
-use super::state::StreamState;
+use super::state::{Marks, StreamState};
 use super::{subject, Cluster};
 use crate::meta::{SharedMeta, StreamMeta};
 use crate::storage::now_ms;
 
 /// Streams whose last access a node remembers; beyond it the map is cleared and the floor
-/// raised.
+/// raised. Streams whose deadline it keeps for the sweep; beyond it new ones wait for a
+/// request.
 const MAX_ACCESSES: usize = 100_000;
+/// Expired streams the sweep removes per second at most (the rest wait for the next tick).
+const SWEEP_PER_TICK: usize = 1000;
 
-/// The newest read or write this node knows of each stream with a TTL.
+/// The newest read or write this node knows of each stream with a TTL, and when the streams
+/// with an expiry it has seen are due.
 #[derive(Debug)]
 pub(super) struct Accesses {
     last: Mutex<HashMap<String, u64>>,
     floor: AtomicU64,
+    due: Mutex<HashMap<String, u64>>,
 }
 
 impl Default for Accesses {
     fn default() -> Accesses {
-        Accesses { last: Mutex::new(HashMap::new()), floor: AtomicU64::new(now_ms()) }
+        Accesses { last: Mutex::new(HashMap::new()), floor: AtomicU64::new(now_ms()), due: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -64,6 +73,24 @@ impl Accesses {
     /// accessed now.
     pub(super) fn lost_track(&self) {
         self.floor.fetch_max(now_ms(), Ordering::AcqRel);
+    }
+
+    /// The stream expires at `deadline` (ms) as far as this node knows.
+    fn note_due(&self, stream: &str, deadline: u64) {
+        let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        if due.len() < MAX_ACCESSES || due.contains_key(stream) {
+            due.insert(stream.to_string(), deadline);
+        }
+    }
+
+    /// Streams due by `now` (at most `max`), no longer noted.
+    fn take_due(&self, now: u64, max: usize) -> Vec<String> {
+        let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        let ready: Vec<String> = due.iter().filter(|(_, &at)| at <= now).take(max).map(|(s, _)| s.clone()).collect();
+        for stream in &ready {
+            due.remove(stream);
+        }
+        ready
     }
 }
 
@@ -125,13 +152,43 @@ impl Cluster {
     /// Whether the stream of `state` is there, now.
     pub(super) fn life(&self, stream: &str, state: &StreamState) -> Life {
         let Some(meta) = &state.meta else { return Life::Missing };
-        if meta.expires() {
-            let last = self.inner.accesses.last(stream).max(state.written_ms);
-            if meta.expired(now_ms(), last) {
+        let last = self.inner.accesses.last(stream).max(state.written_ms);
+        if let Some(deadline) = meta.deadline_ms(last) {
+            if now_ms() >= deadline {
                 return Life::Expired;
             }
+            self.inner.accesses.note_due(stream, deadline);
         }
         Life::Live(meta.clone())
+    }
+
+    /// A write seen on the wake-up feed (any node's): a stream with an expiry is due again.
+    pub(super) fn written(&self, stream: &str, marks: &Marks) {
+        if let Some(at) = marks.at {
+            self.inner.accesses.record(stream, at);
+        }
+        // Only metadata with an expiry holds these keys (`meta::StreamMeta`'s names).
+        let Some(json) = marks.meta.as_deref().filter(|m| m.contains("\"ttl\"") || m.contains("\"exp\"")) else {
+            return;
+        };
+        if let Some(meta) = StreamMeta::decode(json.as_bytes()) {
+            if let Some(deadline) = meta.deadline_ms(self.inner.accesses.last(stream).max(marks.at.unwrap_or(0))) {
+                self.inner.accesses.note_due(stream, deadline);
+            }
+        }
+    }
+
+    /// Once a second, removes the streams due (see the module docs).
+    pub(super) fn sweep(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                for stream in this.inner.accesses.take_due(now_ms(), SWEEP_PER_TICK) {
+                    this.expire(&stream);
+                }
+            }
+        });
     }
 
     /// [`Cluster::life`] for a request: an expired stream is removed in the background, and

@@ -164,7 +164,10 @@ impl Cluster {
     /// stored (new streams, or streams whose every message retention deleted), the chain
     /// starts where retention stands, asked now that they were seen empty (see the module
     /// docs of `cluster`).
-    async fn predecessors<'s>(&self, looked: &HashMap<&'s str, Looked>) -> Result<HashMap<&'s str, Prev>, StorageError> {
+    async fn predecessors<'s>(
+        &self,
+        looked: &HashMap<&'s str, Looked>,
+    ) -> Result<HashMap<&'s str, Prev>, StorageError> {
         let empty: HashSet<&str> = looked.iter().filter(|(_, l)| l.state.last == 0).map(|(s, _)| *s).collect();
         let chain_start = if empty.is_empty() { 0 } else { self.chain_start().await? };
         Ok(looked.iter().map(|(stream, l)| (*stream, Prev::after(l.state.last, chain_start))).collect())

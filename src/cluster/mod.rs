@@ -217,6 +217,7 @@ impl Cluster {
             .await
             .map_err(|e| ConnectError::Stream { stream: config.nats.stream.clone(), message: e })?;
         cluster.watch_health();
+        cluster.sweep();
         Ok(cluster)
     }
 
@@ -252,9 +253,7 @@ impl Cluster {
                 // RePublish copies every header: the message's marks too.
                 let marks = Marks::from_headers(message.headers.as_ref());
                 this.learned(&name, seq, &marks);
-                if let Some(at) = marks.at {
-                    this.inner.accesses.record(&name, at);
-                }
+                this.written(&name, &marks);
                 this.inner.hub.wake(&name, seq);
             }
         });

@@ -109,7 +109,8 @@ impl Cluster {
         if broadcast {
             // AnyCable's count retention (see `retention`): a reader whose next message left
             // the window missed it; one from the start begins inside it.
-            if from_token && batch.messages.first().is_some_and(|m| m.marks.is_message() && !self.in_window(m.pending)) {
+            if from_token && batch.messages.first().is_some_and(|m| m.marks.is_message() && !self.in_window(m.pending))
+            {
                 return Err(ReadError::Gone);
             }
             while let Some(skipped) = self.skip_outside_window(&mut batch) {
@@ -209,15 +210,16 @@ impl Cluster {
         let at = |seq| Position { epoch: self.inner.epoch, seq };
         let framing = meta.framing();
         let mut body = Framer::new(framing, 0);
-        let mut size = body.len_closed();
-        let mut taken = 0;
+        let (mut size, mut count, mut taken) = (body.len_closed(), 0, 0);
         for message in &batch.messages {
             if message.marks.is_message() {
-                let added = body.added_len(message.payload.len());
-                if body.count() > 0 && size + added > max_bytes {
+                // JSON: a comma before every message but the first.
+                let added = message.payload.len() + usize::from(framing == Framing::Json && count > 0);
+                if count > 0 && size + added > max_bytes {
                     break;
                 }
                 size += added;
+                count += 1;
             }
             taken += 1;
         }

@@ -45,8 +45,12 @@ enum Plan {
 /// The outcome of a stored write.
 #[derive(Debug, Clone, Copy)]
 enum Done {
-    Created { closed: bool },
-    Appended { closed: bool },
+    Created {
+        closed: bool,
+    },
+    Appended {
+        closed: bool,
+    },
     /// A close-only `POST`: the tail does not move.
     Closed,
 }
@@ -226,7 +230,11 @@ fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
 fn with_meta(messages: &[Bytes], after: &StreamMeta) -> Vec<(Bytes, StreamMeta, Option<Control>)> {
     let during = StreamMeta { closed: false, ..after.clone() };
     let last = messages.len().saturating_sub(1);
-    messages.iter().enumerate().map(|(i, m)| (m.clone(), if i == last { after.clone() } else { during.clone() }, None)).collect()
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.clone(), if i == last { after.clone() } else { during.clone() }, None))
+        .collect()
 }
 
 #[cfg(test)]

@@ -32,8 +32,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::hub::Hub;
 use crate::framing::Framer;
+use crate::hub::Hub;
 use crate::meta::{Framing, SharedMeta};
 use crate::offset::{Epoch, Offset, Position};
 use crate::writes::{WriteError, WriteOp, WriteOutcome};

@@ -9,36 +9,33 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::ds_write::{bytes, close, post, put, refused, write};
+use common::ds_write::{bytes, close, post, put, refused, same_stream_seq, write};
 use common::nats::NatsCluster;
-use common::{cluster_node, header, numbered, temp_dir};
+use common::{cluster_node, header, numbered, temp_dir, Server};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Two nodes on `cluster` sharing the JetStream stream `stream` (their directories first, so
+/// they outlive the servers).
+fn two_nodes(cluster: &NatsCluster, stream: &str, args: &[&str]) -> ([tempfile::TempDir; 2], Server, Server) {
+    let dirs = [temp_dir(), temp_dir()];
+    let a = cluster_node(dirs[0].path(), cluster, stream, args);
+    let b = cluster_node(dirs[1].path(), cluster, stream, args);
+    (dirs, a, b)
+}
+
 #[tokio::test]
 async fn one_stream_seq_sent_through_two_nodes_at_once_is_accepted_exactly_once() {
     let cluster = NatsCluster::start();
-    let (da, db) = (temp_dir(), temp_dir());
     // Debug logs say when a write found the stream moved by the other node and started over.
     let args = ["--ds_implicit_streams", "false", "--log_level", "debug"];
-    let a = cluster_node(da.path(), &cluster, "Q", &args);
-    let b = cluster_node(db.path(), &cluster, "Q", &args);
+    let (_dirs, a, b) = two_nodes(&cluster, "Q", &args);
     assert_eq!(put(&a, "seq", "text/plain", b"").await.status(), 201);
     const ROUNDS: usize = 30;
     for round in 0..ROUNDS {
-        let seq = format!("{round:04}");
         // Three writers per node, all with the same Stream-Seq, all at once.
-        let attempts = (0..6).map(|i| {
-            let node = if i % 2 == 0 { &a } else { &b };
-            write(node, reqwest::Method::POST, "seq")
-                .header("content-type", "text/plain")
-                .header("stream-seq", seq.as_str())
-                .body(format!("{round}.{i};"))
-                .send()
-        });
-        let statuses: Vec<u16> =
-            futures_util::future::join_all(attempts).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
+        let statuses = same_stream_seq(&[&a, &b], "seq", round, 6).await;
         assert_eq!(statuses.iter().filter(|&&s| s == 204).count(), 1, "round {round}: {statuses:?}");
         assert_eq!(statuses.iter().filter(|&&s| s == 409).count(), 5, "round {round}: {statuses:?}");
     }
@@ -52,9 +49,7 @@ async fn one_stream_seq_sent_through_two_nodes_at_once_is_accepted_exactly_once(
 #[tokio::test]
 async fn a_close_on_one_node_refuses_the_next_append_on_another() {
     let cluster = NatsCluster::start();
-    let (da, db) = (temp_dir(), temp_dir());
-    let a = cluster_node(da.path(), &cluster, "K", &[]);
-    let b = cluster_node(db.path(), &cluster, "K", &[]);
+    let (_dirs, a, b) = two_nodes(&cluster, "K", &[]);
     for round in 0..10 {
         let stream = format!("closing-{round}");
         assert_eq!(put(&a, &stream, "application/json", b"[1]").await.status(), 201);
@@ -79,9 +74,7 @@ async fn a_close_on_one_node_refuses_the_next_append_on_another() {
 #[tokio::test]
 async fn a_stream_deleted_on_one_node_is_gone_on_another_and_can_be_made_again_at_once() {
     let cluster = NatsCluster::start();
-    let (da, db) = (temp_dir(), temp_dir());
-    let a = cluster_node(da.path(), &cluster, "D", &["--ds_implicit_streams", "false"]);
-    let b = cluster_node(db.path(), &cluster, "D", &["--ds_implicit_streams", "false"]);
+    let (_dirs, a, b) = two_nodes(&cluster, "D", &["--ds_implicit_streams", "false"]);
     for round in 0..5 {
         assert_eq!(put(&a, "again", "text/plain", b"old").await.status(), 201, "round {round}");
         assert_eq!(post(&b, "again", "text/plain", b" and more".to_vec()).await.status(), 204);
@@ -98,10 +91,8 @@ async fn a_stream_deleted_on_one_node_is_gone_on_another_and_can_be_made_again_a
 #[tokio::test]
 async fn anycable_retention_spares_streams_made_by_put() {
     let cluster = NatsCluster::start();
-    let (da, db) = (temp_dir(), temp_dir());
     let args = ["--history_limit", "3", "--history_ttl", "2"];
-    let a = cluster_node(da.path(), &cluster, "T", &args);
-    let b = cluster_node(db.path(), &cluster, "T", &args);
+    let (_dirs, a, b) = two_nodes(&cluster, "T", &args);
     assert_eq!(put(&a, "kept", "application/json", b"[1,2]").await.status(), 201);
     for n in 3..=8 {
         let node = if n % 2 == 0 { &a } else { &b };
@@ -126,9 +117,7 @@ async fn anycable_retention_spares_streams_made_by_put() {
 #[tokio::test]
 async fn a_read_on_one_node_renews_a_ttl_for_every_node() {
     let cluster = NatsCluster::start();
-    let (da, db) = (temp_dir(), temp_dir());
-    let a = cluster_node(da.path(), &cluster, "R", &["--ds_implicit_streams", "false"]);
-    let b = cluster_node(db.path(), &cluster, "R", &["--ds_implicit_streams", "false"]);
+    let (_dirs, a, b) = two_nodes(&cluster, "R", &["--ds_implicit_streams", "false"]);
     let created = write(&a, reqwest::Method::PUT, "short").header("stream-ttl", "3").send().await.unwrap();
     assert_eq!(created.status(), 201);
     let started = Instant::now();

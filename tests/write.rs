@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::ds_write::{bytes, close, post, put, refused, write};
+use common::ds_write::{bytes, close, post, put, refused, same_stream_seq, write};
 use common::{header, temp_dir, Server, SseClient};
 use serde_json::{json, Value};
 
@@ -169,16 +169,7 @@ async fn concurrent_appends_with_one_stream_seq_are_accepted_once() {
     let server = Server::start(dir.path(), &[]);
     assert_eq!(put(&server, "seq", "text/plain", b"").await.status(), 201);
     for round in 0..20 {
-        let seq = format!("{round:04}");
-        let attempts = (0..8).map(|i| {
-            write(&server, reqwest::Method::POST, "seq")
-                .header("content-type", "text/plain")
-                .header("stream-seq", seq.as_str())
-                .body(format!("{round}.{i};"))
-                .send()
-        });
-        let statuses: Vec<u16> =
-            futures_util::future::join_all(attempts).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
+        let statuses = same_stream_seq(&[&server], "seq", round, 8).await;
         assert_eq!(statuses.iter().filter(|&&s| s == 204).count(), 1, "round {round}: {statuses:?}");
         assert_eq!(statuses.iter().filter(|&&s| s == 409).count(), 7, "round {round}: {statuses:?}");
     }

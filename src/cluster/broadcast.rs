@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use super::publish::{Outgoing, Prev, Publish, PUBLISH_ATTEMPTS};
+use super::publish::{back_off, Outgoing, Prev, Publish, PUBLISH_ATTEMPTS};
 use super::state::{self, StreamState};
 use super::{Cluster, MAX_BATCH};
 use crate::meta::{self, SharedMeta};
@@ -95,17 +95,12 @@ impl Cluster {
                     return Ok(());
                 }
                 Err(Publish::Moved) => {
-                    // Another node wrote one of these streams since: learn and try again,
-                    // after a short random pause once it keeps happening (two nodes
-                    // retrying in lockstep would keep colliding).
+                    // Another node wrote one of these streams since: learn and try again.
                     for stream in &streams {
                         self.forget(stream);
                     }
                     log::debug!("expected sequence moved (attempt {attempt}); retrying");
-                    if attempt > 2 {
-                        let pause = rand::random_range(0..(attempt as u64).min(20));
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                    }
+                    back_off(attempt).await;
                 }
                 Err(Publish::Failed(e)) => return Err(e.into()),
             }

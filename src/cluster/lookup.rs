@@ -39,15 +39,20 @@ impl Cluster {
         self.leader_get(serde_json::json!({ "last_by_subj": subject }).to_string()).await
     }
 
-    /// One `$JS.API.STREAM.MSG.GET` (which only the leader answers).
-    pub(super) async fn leader_get(&self, request: String) -> Result<Option<(u64, Marks)>, StorageError> {
-        let api = format!("$JS.API.STREAM.MSG.GET.{}", self.inner.stream);
+    /// One request to the stream's JetStream API (`$JS.API.STREAM.<what>.<stream>`), which
+    /// the stream leader answers; its JSON answer.
+    pub(super) async fn stream_api(&self, what: &str, request: String) -> Result<serde_json::Value, StorageError> {
+        let api = format!("$JS.API.STREAM.{what}.{}", self.inner.stream);
         let reply = tokio::time::timeout(READ_TIMEOUT, self.inner.client.request(api, request.into()))
             .await
             .map_err(|_| StorageError::Unavailable("no answer from the stream leader".into()))?
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let answer: serde_json::Value =
-            serde_json::from_slice(&reply.payload).map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        serde_json::from_slice(&reply.payload).map_err(|e| StorageError::Unavailable(e.to_string()))
+    }
+
+    /// One `$JS.API.STREAM.MSG.GET` (which only the leader answers).
+    pub(super) async fn leader_get(&self, request: String) -> Result<Option<(u64, Marks)>, StorageError> {
+        let answer = self.stream_api("MSG.GET", request).await?;
         if let Some(seq) = answer.pointer("/message/seq").and_then(|v| v.as_u64()) {
             let hdrs = answer.pointer("/message/hdrs").and_then(|v| v.as_str());
             return Ok(Some((seq, Marks::from_encoded(hdrs))));

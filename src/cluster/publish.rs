@@ -189,6 +189,15 @@ impl Cluster {
     }
 }
 
+/// Before another attempt after a guard moved: at once at first, then a short random pause
+/// (two nodes retrying in lockstep would keep colliding).
+pub(super) async fn back_off(attempt: usize) {
+    if attempt > 2 {
+        let pause = rand::random_range(0..(attempt as u64).min(20));
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+    }
+}
+
 /// The per-stream turns a publish holds; the last holder of a stream removes its entry.
 pub(super) struct Turns {
     guards: Vec<tokio::sync::OwnedMutexGuard<()>>,

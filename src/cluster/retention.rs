@@ -114,13 +114,7 @@ impl Cluster {
     /// anything stored after it stays).
     pub(super) async fn purge_through(&self, stream: &str, seq: u64) -> Result<(), StorageError> {
         let request = serde_json::json!({ "filter": self.subject(stream), "seq": seq + 1 }).to_string();
-        let api = format!("$JS.API.STREAM.PURGE.{}", self.inner.stream);
-        let reply = tokio::time::timeout(READ_TIMEOUT, self.inner.client.request(api, request.into()))
-            .await
-            .map_err(|_| StorageError::Unavailable("no answer to a purge".into()))?
-            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let answer: serde_json::Value =
-            serde_json::from_slice(&reply.payload).map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        let answer = self.stream_api("PURGE", request).await?;
         match answer.get("success").and_then(|v| v.as_bool()) {
             Some(true) => Ok(()),
             _ => Err(StorageError::Unavailable(format!("purge refused: {answer}"))),

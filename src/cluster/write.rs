@@ -16,14 +16,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
 use super::access::Life;
 use super::broadcast::unanswered;
-use super::publish::{Outgoing, Prev, Publish, PUBLISH_ATTEMPTS};
+use super::publish::{back_off, Outgoing, Prev, Publish, PUBLISH_ATTEMPTS};
 use super::state::{self, Control, StreamState};
 use super::Cluster;
 use crate::meta::StreamMeta;
@@ -141,10 +140,7 @@ impl Cluster {
                     self.forget(stream);
                     ask_leader = true;
                     log::debug!("stream {stream:?} moved under a write (attempt {attempt}); retrying");
-                    if attempt > 2 {
-                        let pause = rand::random_range(0..(attempt as u64).min(20));
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                    }
+                    back_off(attempt).await;
                 }
                 Err(Publish::Failed(e)) => return Err(e.into()),
             }

@@ -36,3 +36,17 @@ pub async fn bytes(server: &Server, stream: &str) -> Vec<u8> {
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap().to_vec()
 }
+
+/// One round of `writers` concurrent appends to `stream`, all with the same `Stream-Seq`
+/// (`round`, zero-padded), sent through `nodes` in turn; their statuses.
+pub async fn same_stream_seq(nodes: &[&Server], stream: &str, round: usize, writers: usize) -> Vec<u16> {
+    let seq = format!("{round:04}");
+    let attempts = (0..writers).map(|i| {
+        write(nodes[i % nodes.len()], reqwest::Method::POST, stream)
+            .header("content-type", "text/plain")
+            .header("stream-seq", seq.as_str())
+            .body(format!("{round}.{i};"))
+            .send()
+    });
+    futures_util::future::join_all(attempts).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect()
+}

@@ -86,7 +86,7 @@ impl Cluster {
         })
     }
 
-    /// The position after the last message of `stream` (see [`Cluster::stream_state`]).
+    /// The position after the last message of `stream` (see `stream_state`).
     pub async fn tail(&self, stream: &str) -> Result<Position, StorageError> {
         let state = self.stream_state(stream).await?;
         Ok(Position { epoch: self.inner.epoch, seq: state.tail })

@@ -5,13 +5,21 @@
 //!   `P.s.<token>` with the name encoded by [`subject::token`];
 //! - its RePublish copies each stored message's headers to `P.w.<token>`: every node
 //!   subscribes to `P.w.*` and wakes its own live readers (the hub), whoever wrote;
-//! - transient broadcasts go to `P.t.<token>` (core NATS, never stored), and every node
-//!   hands them to its hub.
+//! - transient broadcasts go to `P.t.<token>` and reads of streams with a `Stream-TTL` to
+//!   `P.a.<token>` (core NATS, never stored); every node takes both in.
 //!
 //! Offsets: `<epoch>_<JetStream stream sequence>`, the same on every node. Sequences of one DS
 //! stream have gaps (other streams' messages sit between them), which is fine: tokens are
 //! opaque. The epoch is stored in the stream's metadata when anycable-ds creates it, so a
 //! re-created stream (sequences start again at 1) gets a new epoch and old tokens are `410`.
+//!
+//! Writes: every write to a DS stream (a broadcast, `PUT`, `POST`, `DELETE`) is guarded by
+//! its subject's last sequence (`Nats-Expected-Last-Subject-Sequence`, checked by JetStream
+//! atomically with the store), so it lands only on the state it was checked against
+//! (`publish`). The state itself (content type, closure, TTL, `Stream-Seq`) travels on the
+//! stream's own messages (`state`): the write API's metadata changes in the very publish or
+//! atomic batch that appends (`write`, `broadcast`). Streams made by `PUT` escape
+//! AnyCable's retention (`retention`); expiry (`access`).
 //!
 //! Gaps left by retention: a reader whose token points before messages that were deleted must
 //! get `410`, not silently the next retained one. Each message carries its predecessor in the
@@ -21,12 +29,13 @@
 //! is newer than T has lost that predecessor: `410`.
 //!
 //! JetStream forgets a subject with its last message, so once retention deleted every message
-//! of a DS stream its last sequence is unknown. What is known: those messages are before the
-//! stream-wide first sequence F (age-based retention deletes the oldest first), asked after
-//! the subject was seen empty. So a message written into an empty subject names `F - 1` as
-//! its predecessor (`Ds-Prev`; a new stream's F - 1 is at or before any tail handed out for
-//! it), and a read after T of an empty subject is `410` when `T + 1 < F`. Both are exact for
-//! a reader that missed messages. A reader at the last message would get that `410` too, so
+//! of a DS stream its last sequence is unknown. What is known: those messages are before F,
+//! the first message stored less than `max_age` ago (age-based retention deletes the oldest
+//! first; `retention` says why not the stream-wide first sequence), asked after the subject
+//! was seen empty. So a message written into an empty subject names `F - 1` as its
+//! predecessor (`Ds-Prev`; a new stream's F - 1 is at or before any tail handed out for it),
+//! and a read after T of an empty subject is `410` when `T + 1 < F`. Both are exact for a
+//! reader that missed messages. A reader at the last message would get that `410` too, so
 //! readers' positions move on to the stream-wide one while nothing of their stream lies
 //! between (`read::nothing_after`, `lookup::Aging`); only a reader away for longer than half
 //! of `history_ttl` can still get a `410` it did not need (docs/DECISIONS.md). The sled engine

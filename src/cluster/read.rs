@@ -97,30 +97,7 @@ impl Cluster {
                 return Err(ReadError::Gone);
             }
         }
-        // Messages before a removal belong to a life of the stream that is gone (their purge
-        // may not have run yet): never read, but read past.
-        let mut floor = after;
-        if let Some(i) = batch.messages.iter().rposition(|m| m.marks.control == Some(Control::Delete)) {
-            floor = batch.messages[i].seq;
-            batch.messages.drain(..=i);
-        }
-        let kind = batch.messages.iter().find(|m| m.marks.is_message()).map(|m| m.marks.meta());
-        let broadcast = kind.as_ref().is_some_and(|meta| meta.as_ref().is_some_and(|m| !m.created));
-        if broadcast {
-            // AnyCable's count retention (see `retention`): a reader whose next message left
-            // the window missed it; one from the start begins inside it.
-            if from_token && batch.messages.first().is_some_and(|m| m.marks.is_message() && !self.in_window(m.pending))
-            {
-                return Err(ReadError::Gone);
-            }
-            while let Some(skipped) = self.skip_outside_window(&mut batch) {
-                floor = skipped;
-                if !batch.messages.is_empty() || batch.pending == 0 {
-                    break;
-                }
-                batch = self.fetch(&subject, skipped, max_bytes).await?;
-            }
-        }
+        let floor = self.settle(&subject, &mut batch, after, from_token, max_bytes).await?;
         self.fill(&subject, &mut batch, max_bytes).await?;
         let Some(last_item) = batch.messages.last() else {
             // Everything read was a removed life of the stream.
@@ -131,6 +108,42 @@ impl Cluster {
             return Ok(empty_chunk(at(floor), None));
         };
         Ok(self.frame(&batch, floor, must, max_bytes, meta))
+    }
+
+    /// Drops what a reader never gets: a removed life of the stream (the messages up to a
+    /// `delete`, whose purge may not have run yet) and, for a stream made by broadcasts, the
+    /// messages outside AnyCable's count window (see `retention`); fetches on while that
+    /// leaves nothing but more is stored. Returns the position the rest follows.
+    async fn settle(
+        &self,
+        subject: &str,
+        batch: &mut Batch,
+        after: u64,
+        from_token: bool,
+        max_bytes: usize,
+    ) -> Result<u64, ReadError> {
+        let mut floor = after;
+        loop {
+            if let Some(i) = batch.messages.iter().rposition(|m| m.marks.control == Some(Control::Delete)) {
+                floor = batch.messages[i].seq;
+                batch.messages.drain(..=i);
+            }
+            let first_message = batch.messages.iter().find(|m| m.marks.is_message());
+            if first_message.and_then(|m| m.marks.meta()).is_some_and(|meta| !meta.created) {
+                // A reader whose next message left the window missed it; one from the start
+                // begins inside it.
+                if from_token && floor == after && first_message.is_some_and(|m| !self.in_window(m.pending)) {
+                    return Err(ReadError::Gone);
+                }
+                if let Some(skipped) = self.skip_outside_window(batch) {
+                    floor = skipped;
+                }
+            }
+            if !batch.messages.is_empty() || batch.pending == 0 {
+                return Ok(floor);
+            }
+            *batch = self.fetch(subject, floor, max_bytes).await?;
+        }
     }
 
     /// Up to a batch of the subject's messages after `after`, from any replica, and at least

@@ -170,7 +170,8 @@ impl StreamState {
 /// control message, what it does. Streams with the default metadata carry nothing; streams
 /// made by `PUT` are kept by JetStream whatever `max_age` says (`Nats-TTL: never`).
 pub(super) fn mark(headers: &mut HeaderMap, meta: &StreamMeta, control: Option<Control>, tail: u64, now_ms: u64) {
-    if *meta != StreamMeta::default() {
+    // (Compared with the one shared default: no allocation per broadcast message.)
+    if *meta != *meta::broadcast_stream() {
         headers.insert(META, String::from_utf8_lossy(&meta.encode()).as_ref());
     }
     if meta.created {

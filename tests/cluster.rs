@@ -158,13 +158,7 @@ async fn retention_lives_on_the_stream_and_a_node_with_other_settings_refuses_to
     let a = cluster_node(dir.path(), &cluster, "C", &["--history_limit", "10"]);
     a.publish("c", numbered(1..=1)).await;
     let other = temp_dir();
-    let output = Server::command(other.path())
-        .args(["--port", "0", "--broker", "nats", "--nats_stream", "C", "--history_limit", "20", "--nats_servers"])
-        .arg(cluster.urls())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(other.path(), &cluster, "C", "20");
     assert!(stderr.contains("broker.history_limit") && stderr.contains("10") && stderr.contains("20"), "{stderr}");
     assert!(stderr.contains("--nats_update_stream"), "{stderr}");
     // Told to, a node applies its own settings (a rolling change). The others learn them
@@ -178,6 +172,18 @@ async fn retention_lives_on_the_stream_and_a_node_with_other_settings_refuses_to
         assert!(Instant::now() < deadline, "node A still applies the old limit");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Starts a node on JetStream stream `stream` with `history_limit`, which must refuse to
+/// start; its stderr.
+fn refused_start(dir: &std::path::Path, cluster: &NatsCluster, stream: &str, history_limit: &str) -> String {
+    let output = Server::command(dir)
+        .args(["--port", "0", "--broker", "nats", "--nats_stream", stream, "--history_limit", history_limit])
+        .args(["--nats_servers", &cluster.urls()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[tokio::test]
@@ -459,13 +465,7 @@ async fn a_stream_made_by_an_older_version_is_moved_to_this_layout() {
         js.publish("OLD.s.sbw", json!({"n": n}).to_string().into()).await.unwrap().await.unwrap();
     }
     let refused = temp_dir();
-    let output = Server::command(refused.path())
-        .args(["--port", "0", "--broker", "nats", "--nats_stream", "OLD", "--history_limit", "7", "--nats_servers"])
-        .arg(cluster.urls())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(refused.path(), &cluster, "OLD", "7");
     assert!(stderr.contains("broker.history_limit: the stream has 5, this node 7"), "{stderr}");
 
     let dir = temp_dir();

@@ -104,9 +104,9 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     if differences.is_empty() {
         let updated = js.update_stream(wanted(epoch)).await.map_err(|e| e.to_string())?;
         log::warn!(
-            "JetStream stream {name} moved to this version's layout (history_limit in its metadata, \
-             per-message TTL on); nodes of older versions still running keep {history_limit} messages \
-             per stream only while JetStream counted them"
+            "JetStream stream {name} moved to this version's layout (history_limit {history_limit} in its \
+             metadata, per-message TTL on); nodes of an older version still running show more history \
+             until they are replaced"
         );
         return Ok((epoch, updated.config));
     }

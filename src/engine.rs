@@ -54,7 +54,7 @@ impl Engine {
     pub async fn append(&self, messages: Vec<NewMessage>) -> Result<(), WriteError> {
         match self {
             Engine::Sled(storage) => storage.append(messages)?.durable().await.map(drop),
-            Engine::Nats(cluster) => Ok(cluster.append(messages).await?),
+            Engine::Nats(cluster) => cluster.append(messages).await,
         }
     }
 
@@ -62,7 +62,7 @@ impl Engine {
     pub async fn write(&self, stream: &str, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         match self {
             Engine::Sled(storage) => storage.write(stream, op)?.durable().await,
-            Engine::Nats(_) => Err(StorageError::Unsupported("the Durable Streams write API in cluster mode").into()),
+            Engine::Nats(cluster) => cluster.write(stream, op).await,
         }
     }
 
@@ -78,14 +78,14 @@ impl Engine {
     }
 
     /// The tail and metadata of a stream; `None` if it does not exist (or has expired). Does
-    /// not renew a TTL. In cluster mode every stream exists (as a broadcast stream).
+    /// not renew a TTL.
     pub async fn head(&self, stream: &str) -> Result<Option<(Position, SharedMeta)>, StorageError> {
         match self {
             Engine::Sled(storage) => {
                 let (storage, stream) = (storage.clone(), stream.to_string());
                 blocking(move || storage.head(&stream)).await?
             }
-            Engine::Nats(cluster) => Ok(Some((cluster.tail(stream).await?, crate::meta::broadcast_stream()))),
+            Engine::Nats(cluster) => cluster.head(stream).await,
         }
     }
 
@@ -101,10 +101,7 @@ impl Engine {
                 let (storage, stream) = (storage.clone(), stream.to_string());
                 blocking(move || storage.read(&stream, offset, max_bytes)).await?
             }
-            Engine::Nats(cluster) => {
-                let chunk = cluster.read(stream, offset, max_bytes).await?;
-                Ok(Chunk { meta: Some(crate::meta::broadcast_stream()), ..chunk })
-            }
+            Engine::Nats(cluster) => cluster.read(stream, offset, max_bytes).await,
         }
     }
 

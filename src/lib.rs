@@ -4,6 +4,8 @@
 //! Module map (one concern each; see `docs/ARCHITECTURE.md`):
 //! - [`config`]: layered settings;
 //! - [`storage`]: the durable per-stream log (sled), group commit, retention, migrations;
+//! - [`cluster`]: the log in NATS JetStream (cluster mode);
+//! - [`meta`], [`writes`], [`framing`]: stream metadata, the write API's rules, response bodies;
 //! - [`offset`]: offset tokens;
 //! - [`hub`]: per-stream notify map for live readers;
 //! - [`auth`]: broadcast key, signed streams, JWT;
@@ -17,6 +19,7 @@ pub mod cluster;
 pub mod config;
 pub mod cursor;
 pub mod engine;
+pub mod framing;
 pub mod http;
 pub mod hub;
 pub mod ingest;

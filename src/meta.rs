@@ -73,25 +73,17 @@ impl StreamMeta {
 
     /// Whether the stream has expired at `now_ms`, given its last read or write.
     pub fn expired(&self, now_ms: u64, last_access_ms: u64) -> bool {
-        if let Some((_, at)) = &self.expires_at {
-            if (now_ms as i64) >= *at {
-                return true;
-            }
-        }
-        match self.ttl_secs {
-            Some(ttl) => now_ms >= last_access_ms.max(self.created_ms).saturating_add(ttl.saturating_mul(1000)),
-            None => false,
-        }
+        self.deadline_ms(last_access_ms).is_some_and(|deadline| now_ms >= deadline)
     }
 
-    /// When it expires if nothing touches it again (ms), given its last read or write.
+    /// When the stream expires (ms), given its last read or write; `None`: never.
     pub fn deadline_ms(&self, last_access_ms: u64) -> Option<u64> {
-        let by_ttl =
+        let absolute = self.expires_at.as_ref().map(|(_, at)| u64::try_from(*at).unwrap_or(0));
+        let sliding =
             self.ttl_secs.map(|ttl| last_access_ms.max(self.created_ms).saturating_add(ttl.saturating_mul(1000)));
-        let at = self.expires_at.as_ref().map(|(_, at)| (*at).max(0) as u64);
-        match (by_ttl, at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        match (absolute, sliding) {
+            (Some(absolute), Some(sliding)) => Some(absolute.min(sliding)),
+            (absolute, sliding) => absolute.or(sliding),
         }
     }
 
@@ -163,6 +155,10 @@ mod tests {
         assert!(!meta.expired(4_000, 2_500), "renewed at 2.5 s");
         let meta = StreamMeta { expires_at: Some(("x".into(), 5_000)), ..StreamMeta::default() };
         assert!(!meta.expired(4_999, 0) && meta.expired(5_000, 4_999));
+        assert_eq!(meta.deadline_ms(9_999), Some(5_000));
+        let past = StreamMeta { expires_at: Some(("1960-01-01T00:00:00Z".into(), -1)), ..StreamMeta::default() };
+        assert!(past.expired(0, 0));
+        assert_eq!(StreamMeta::default().deadline_ms(1), None);
     }
 
     #[test]

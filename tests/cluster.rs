@@ -158,19 +158,32 @@ async fn retention_lives_on_the_stream_and_a_node_with_other_settings_refuses_to
     let a = cluster_node(dir.path(), &cluster, "C", &["--history_limit", "10"]);
     a.publish("c", numbered(1..=1)).await;
     let other = temp_dir();
-    let output = Server::command(other.path())
-        .args(["--port", "0", "--broker", "nats", "--nats_stream", "C", "--history_limit", "20", "--nats_servers"])
-        .arg(cluster.urls())
+    let stderr = refused_start(other.path(), &cluster, "C", "20");
+    assert!(stderr.contains("broker.history_limit") && stderr.contains("10") && stderr.contains("20"), "{stderr}");
+    assert!(stderr.contains("--nats_update_stream"), "{stderr}");
+    // Told to, a node applies its own settings (a rolling change). The others learn them
+    // from the stream within a second (the count limit is applied by the nodes, see
+    // src/cluster/retention.rs).
+    let b = cluster_node(other.path(), &cluster, "C", &["--history_limit", "20", "--nats_update_stream"]);
+    b.publish("c", numbered(2..=25)).await;
+    assert_eq!(b.read("c", "-1").await.0, numbered(6..=25), "20 kept now");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while a.read("c", "-1").await.0 != numbered(6..=25) {
+        assert!(Instant::now() < deadline, "node A still applies the old limit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts a node on JetStream stream `stream` with `history_limit`, which must refuse to
+/// start; its stderr.
+fn refused_start(dir: &std::path::Path, cluster: &NatsCluster, stream: &str, history_limit: &str) -> String {
+    let output = Server::command(dir)
+        .args(["--port", "0", "--broker", "nats", "--nats_stream", stream, "--history_limit", history_limit])
+        .args(["--nats_servers", &cluster.urls()])
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("broker.history_limit") && stderr.contains("10") && stderr.contains("20"), "{stderr}");
-    assert!(stderr.contains("--nats_update_stream"), "{stderr}");
-    // Told to, a node applies its own settings (a rolling change).
-    let b = cluster_node(other.path(), &cluster, "C", &["--history_limit", "20", "--nats_update_stream"]);
-    b.publish("c", numbered(2..=25)).await;
-    assert_eq!(a.read("c", "-1").await.0, numbered(6..=25), "20 kept now");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[tokio::test]
@@ -418,4 +431,49 @@ async fn the_readers_of_a_lost_node_resume_on_another_with_exactly_the_rest() {
     let mut sse = SseClient::open(&b, &format!("l?offset={offset}&live=sse")).await;
     let (messages, _) = sse.next_batch(WAIT).await.expect("the rest from node B");
     assert_eq!(messages, numbered(4..=6));
+}
+
+/// A stream made by an older anycable-ds (its history_limit in JetStream's
+/// `max_msgs_per_subject`, no per-message TTL) is moved to this layout by a node with the same
+/// retention, which reads its messages on, and refused to a node with other retention.
+#[tokio::test]
+async fn a_stream_made_by_an_older_version_is_moved_to_this_layout() {
+    use async_nats::jetstream::stream;
+    let cluster = NatsCluster::start();
+    let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+    let old = stream::Config {
+        name: "OLD".into(),
+        subjects: vec!["OLD.s.*".into()],
+        max_messages_per_subject: 5,
+        max_age: Duration::from_secs(300),
+        num_replicas: 3,
+        allow_direct: true,
+        allow_atomic_publish: true,
+        duplicate_window: Duration::from_secs(120),
+        republish: Some(stream::Republish {
+            source: "OLD.s.*".into(),
+            destination: "OLD.w.{{wildcard(1)}}".into(),
+            headers_only: true,
+        }),
+        metadata: [("anycable_ds_epoch".to_string(), "oldepoch01".to_string())].into(),
+        ..Default::default()
+    };
+    js.create_stream(old).await.unwrap();
+    // Two messages of stream "o" as the older version stored them (subject token: `s` +
+    // base64url of the name).
+    for n in 1..=2u64 {
+        js.publish("OLD.s.sbw", json!({"n": n}).to_string().into()).await.unwrap().await.unwrap();
+    }
+    let refused = temp_dir();
+    let stderr = refused_start(refused.path(), &cluster, "OLD", "7");
+    assert!(stderr.contains("broker.history_limit: the stream has 5, this node 7"), "{stderr}");
+
+    let dir = temp_dir();
+    let a = cluster_node(dir.path(), &cluster, "OLD", &["--history_limit", "5"]);
+    assert_eq!(a.read("o", "-1").await.0, numbered(1..=2), "the older version's messages");
+    let info = js.get_stream("OLD").await.unwrap().cached_info().config.clone();
+    assert_eq!((info.max_messages_per_subject, info.allow_message_ttl), (-1, true));
+    assert_eq!(info.metadata.get("anycable_ds_history_limit").map(String::as_str), Some("5"));
+    a.publish("o", numbered(3..=8)).await;
+    assert_eq!(a.read("o", "-1").await.0, numbered(4..=8), "history_limit applied by the node now");
 }

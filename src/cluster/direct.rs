@@ -37,6 +37,10 @@ pub struct Item {
     /// The `Ds-Prev` and `Ds-Prev-Back` headers (see the cluster module docs).
     pub prev: Option<u64>,
     pub prev_back: Option<u64>,
+    /// Messages of the subject after this one (on the answering replica).
+    pub pending: u64,
+    /// What the message says about its stream (see `state`).
+    pub marks: super::state::Marks,
     pub payload: bytes::Bytes,
 }
 
@@ -133,6 +137,8 @@ impl DirectGet {
                         seq: header_u64(&message, "Nats-Sequence").unwrap_or(0),
                         prev: header_u64(&message, super::PREV),
                         prev_back: header_u64(&message, super::PREV_BACK),
+                        pending: out.pending,
+                        marks: super::state::Marks::from_headers(message.headers.as_ref()),
                         payload: bytes::Bytes::copy_from_slice(&message.payload),
                     });
                 }

@@ -14,7 +14,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream;
 
+use super::state::{Marks, StreamState};
 use super::{Cluster, READ_TIMEOUT};
+
+/// How long one request to the stream's API waits before it is sent again.
+const API_ATTEMPT: std::time::Duration = std::time::Duration::from_millis(500);
+/// Pause after a request nobody could take (no responders), before the next one.
+const API_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+use crate::meta::SharedMeta;
 use crate::offset::Position;
 use crate::storage::StorageError;
 
@@ -31,19 +38,49 @@ impl Cluster {
         self.inner.seen.fetch_max(seq, Ordering::AcqRel);
     }
 
-    /// The last sequence of a subject according to the stream leader (which has everything
-    /// acknowledged), or `None` when the subject holds no message.
-    pub(super) async fn leader_last(&self, subject: &str) -> Result<Option<u64>, StorageError> {
-        let request = serde_json::json!({ "last_by_subj": subject }).to_string();
-        let api = format!("$JS.API.STREAM.MSG.GET.{}", self.inner.stream);
-        let reply = tokio::time::timeout(READ_TIMEOUT, self.inner.client.request(api, request.into()))
-            .await
-            .map_err(|_| StorageError::Unavailable("no answer from the stream leader".into()))?
-            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let answer: serde_json::Value =
-            serde_json::from_slice(&reply.payload).map_err(|e| StorageError::Unavailable(e.to_string()))?;
+    /// The last message of a subject according to the stream leader (which has everything
+    /// acknowledged): its sequence and marks, or `None` when the subject holds no message.
+    pub(super) async fn leader_last(&self, subject: &str) -> Result<Option<(u64, Marks)>, StorageError> {
+        self.leader_get(serde_json::json!({ "last_by_subj": subject }).to_string()).await
+    }
+
+    /// A request to the stream's JetStream API (`$JS.API.STREAM.<what>.<stream>`), which the
+    /// stream leader answers; its JSON answer. Only for idempotent requests (a read, a purge up
+    /// to a sequence): while the stream has no leader (a NATS server was lost) a request is
+    /// never answered, so it is sent again every [`API_ATTEMPT`] until one is, within
+    /// `READ_TIMEOUT` (one request timing out the whole budget failed reads for 5 s after a
+    /// new leader was up, seen in tests/cluster_writes.rs).
+    pub(super) async fn stream_api(&self, what: &str, request: String) -> Result<serde_json::Value, StorageError> {
+        let api = format!("$JS.API.STREAM.{what}.{}", self.inner.stream);
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        let payload = bytes::Bytes::from(request);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(StorageError::Unavailable("no answer from the stream leader".into()));
+            }
+            let attempt = self.inner.client.request(api.clone(), payload.clone());
+            match tokio::time::timeout(left.min(API_ATTEMPT), attempt).await {
+                Ok(Ok(reply)) => {
+                    return serde_json::from_slice(&reply.payload).map_err(|e| StorageError::Unavailable(e.to_string()))
+                }
+                // No responders (nobody leads yet): a moment, then again.
+                Ok(Err(e)) if left > API_ATTEMPT => {
+                    log::debug!("stream API {what}: {e}, asking again");
+                    tokio::time::sleep(API_RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) => return Err(StorageError::Unavailable(e.to_string())),
+                Err(_elapsed) => log::debug!("stream API {what}: no answer yet, asking again"),
+            }
+        }
+    }
+
+    /// One `$JS.API.STREAM.MSG.GET` (which only the leader answers).
+    pub(super) async fn leader_get(&self, request: String) -> Result<Option<(u64, Marks)>, StorageError> {
+        let answer = self.stream_api("MSG.GET", request).await?;
         if let Some(seq) = answer.pointer("/message/seq").and_then(|v| v.as_u64()) {
-            return Ok(Some(seq));
+            let hdrs = answer.pointer("/message/hdrs").and_then(|v| v.as_str());
+            return Ok(Some((seq, Marks::from_encoded(hdrs))));
         }
         match answer.pointer("/error/err_code").and_then(|v| v.as_u64()) {
             // 10037: no message found.
@@ -63,12 +100,27 @@ impl Cluster {
         Ok(state)
     }
 
-    /// The position after the last message of `stream`; for a stream with nothing stored,
-    /// the stream-wide sequence seen before asking (any later message of it follows that).
-    pub async fn tail(&self, stream: &str) -> Result<Position, StorageError> {
+    /// The state of `stream` from the stream leader. For a stream with nothing stored, its
+    /// position is the stream-wide sequence seen *before* asking (any later message of it
+    /// follows that).
+    pub(super) async fn stream_state(&self, stream: &str) -> Result<StreamState, StorageError> {
         let seen = self.seen();
-        let seq = self.leader_last(&self.subject(stream)).await?.unwrap_or(seen);
-        Ok(Position { epoch: self.inner.epoch, seq })
+        Ok(match self.leader_last(&self.subject(stream)).await? {
+            Some((seq, marks)) => StreamState::after(seq, &marks),
+            None => StreamState::empty(seen),
+        })
+    }
+
+    /// The position after the last message of `stream` (see `stream_state`).
+    pub async fn tail(&self, stream: &str) -> Result<Position, StorageError> {
+        let state = self.stream_state(stream).await?;
+        Ok(Position { epoch: self.inner.epoch, seq: state.tail })
+    }
+
+    /// The tail and metadata of a stream that exists and has not expired (HEAD: never renews).
+    pub async fn head(&self, stream: &str) -> Result<Option<(Position, SharedMeta)>, StorageError> {
+        let state = self.stream_state(stream).await?;
+        Ok(self.live(stream, &state).map(|meta| (Position { epoch: self.inner.epoch, seq: state.tail }, meta)))
     }
 }
 

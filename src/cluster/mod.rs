@@ -5,13 +5,21 @@
 //!   `P.s.<token>` with the name encoded by [`subject::token`];
 //! - its RePublish copies each stored message's headers to `P.w.<token>`: every node
 //!   subscribes to `P.w.*` and wakes its own live readers (the hub), whoever wrote;
-//! - transient broadcasts go to `P.t.<token>` (core NATS, never stored), and every node
-//!   hands them to its hub.
+//! - transient broadcasts go to `P.t.<token>` and reads of streams with a `Stream-TTL` to
+//!   `P.a.<token>` (core NATS, never stored); every node takes both in.
 //!
 //! Offsets: `<epoch>_<JetStream stream sequence>`, the same on every node. Sequences of one DS
 //! stream have gaps (other streams' messages sit between them), which is fine: tokens are
 //! opaque. The epoch is stored in the stream's metadata when anycable-ds creates it, so a
 //! re-created stream (sequences start again at 1) gets a new epoch and old tokens are `410`.
+//!
+//! Writes: every write to a DS stream (a broadcast, `PUT`, `POST`, `DELETE`) is guarded by
+//! its subject's last sequence (`Nats-Expected-Last-Subject-Sequence`, checked by JetStream
+//! atomically with the store), so it lands only on the state it was checked against
+//! (`publish`). The state itself (content type, closure, TTL, `Stream-Seq`) travels on the
+//! stream's own messages (`state`): the write API's metadata changes in the very publish or
+//! atomic batch that appends (`write`, `broadcast`). Streams made by `PUT` escape
+//! AnyCable's retention (`retention`); expiry (`access`).
 //!
 //! Gaps left by retention: a reader whose token points before messages that were deleted must
 //! get `410`, not silently the next retained one. Each message carries its predecessor in the
@@ -21,12 +29,13 @@
 //! is newer than T has lost that predecessor: `410`.
 //!
 //! JetStream forgets a subject with its last message, so once retention deleted every message
-//! of a DS stream its last sequence is unknown. What is known: those messages are before the
-//! stream-wide first sequence F (age-based retention deletes the oldest first), asked after
-//! the subject was seen empty. So a message written into an empty subject names `F - 1` as
-//! its predecessor (`Ds-Prev`; a new stream's F - 1 is at or before any tail handed out for
-//! it), and a read after T of an empty subject is `410` when `T + 1 < F`. Both are exact for
-//! a reader that missed messages. A reader at the last message would get that `410` too, so
+//! of a DS stream its last sequence is unknown. What is known: those messages are before F,
+//! the first message stored less than `max_age` ago (age-based retention deletes the oldest
+//! first; `retention` says why not the stream-wide first sequence), asked after the subject
+//! was seen empty. So a message written into an empty subject names `F - 1` as its
+//! predecessor (`Ds-Prev`; a new stream's F - 1 is at or before any tail handed out for it),
+//! and a read after T of an empty subject is `410` when `T + 1 < F`. Both are exact for a
+//! reader that missed messages. A reader at the last message would get that `410` too, so
 //! readers' positions move on to the stream-wide one while nothing of their stream lies
 //! between (`read::nothing_after`, `lookup::Aging`); only a reader away for longer than half
 //! of `history_ttl` can still get a `410` it did not need (docs/DECISIONS.md). The sled engine
@@ -36,12 +45,17 @@
 //! learns what must be there (the tail this node was woken for, or the stream leader's last
 //! sequence for the subject) and reads again until the replica that answers has it.
 
+mod access;
+mod broadcast;
 mod direct;
 mod lookup;
 mod publish;
 mod read;
+mod retention;
 mod setup;
+mod state;
 mod subject;
+mod write;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,6 +70,9 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::offset::Epoch;
 use direct::{header_u64, DirectGet};
+use state::{Marks, StreamState};
+
+pub use publish::HEADER_ROOM;
 
 /// JetStream's cap on one atomic batch (nats-server's `max_batch_size` default).
 pub const MAX_BATCH: usize = 1000;
@@ -66,8 +83,8 @@ pub(crate) const PREV_BACK: &str = "Ds-Prev-Back";
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reads that talk to JetStream at once on one node; more wait (within READ_TIMEOUT).
 const READS_AT_ONCE: usize = 64;
-/// Stream tails remembered by the publisher (beyond it the map is cleared and re-learned).
-const MAX_TAILS: usize = 100_000;
+/// Streams whose state a node remembers (beyond it the map is cleared and re-learned).
+const MAX_KNOWN: usize = 100_000;
 
 /// Cheap-to-clone handle to the shared log.
 #[derive(Clone)]
@@ -86,9 +103,9 @@ struct Inner {
     /// Prefix of this process's message and batch ids (unique per process).
     node_id: String,
     ids: AtomicU64,
-    /// The last sequence this node knows for each DS stream it wrote or saw (a hint: the
-    /// expected-sequence check corrects it).
-    tails: Mutex<HashMap<String, u64>>,
+    /// What this node knows of each DS stream it wrote or saw: its state as some message left
+    /// it (a hint: the expected-sequence guard corrects it, see `state`).
+    known: Mutex<HashMap<String, Known>>,
     /// Appends in progress per stream on this node (see `take_turns`).
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connected: Arc<AtomicBool>,
@@ -99,6 +116,20 @@ struct Inner {
     seen: Arc<AtomicU64>,
     /// Which sequences were stored half of `max_age` ago (see `lookup::Aging`).
     aging: Arc<lookup::Aging>,
+    /// The stream's retention as it has it now (see `retention`).
+    retention: Arc<retention::Limits>,
+    /// Last reads and writes of streams with a `Stream-TTL` (see `access`).
+    accesses: Arc<access::Accesses>,
+}
+
+/// A stream this node knows: its state, and the count retention of its broadcasts.
+#[derive(Debug, Clone)]
+struct Known {
+    state: StreamState,
+    /// A message of it this node stored, and how many it stored after that one (see
+    /// `retention::Cluster::counted`).
+    mark: u64,
+    since: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +146,8 @@ impl Cluster {
     pub async fn connect(config: &Config, hub: Hub) -> Result<Cluster, ConnectError> {
         let servers = config.nats.servers.clone();
         let connected = Arc::new(AtomicBool::new(false));
-        let events = (connected.clone(), hub.clone());
+        let accesses = Arc::new(access::Accesses::default());
+        let events = (connected.clone(), hub.clone(), accesses.clone());
         let client = async_nats::ConnectOptions::new()
             .name("anycable-ds")
             // Room for the replies of many concurrent Direct Gets (READ_BATCH messages each)
@@ -123,14 +155,16 @@ impl Cluster {
             .subscription_capacity(1 << 18)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
-                let (connected, hub) = events.clone();
+                let (connected, hub, accesses) = events.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             connected.store(true, Ordering::Release);
                             crate::metrics::get().nats_connected.set(1);
                             // Wake-ups published while we were away are lost: every waiting
-                            // reader re-reads from its own offset.
+                            // reader re-reads from its own offset. So are other nodes' reads
+                            // of streams with a TTL: count them all as read now.
+                            accesses.lost_track();
                             hub.wake_all();
                             log::info!("NATS connection (re)established");
                         }
@@ -153,10 +187,12 @@ impl Cluster {
         let js = jetstream::new(client.clone());
         let name = config.nats.stream.clone();
         let stream_error = |message: String| ConnectError::Stream { stream: name.clone(), message };
-        let epoch = tokio::time::timeout(Duration::from_secs(30), setup::ensure_stream(&js, config))
+        let (epoch, stream_config) = tokio::time::timeout(Duration::from_secs(30), setup::ensure_stream(&js, config))
             .await
             .map_err(|_| stream_error("no answer from JetStream within 30 s".into()))?
             .map_err(stream_error)?;
+        let limits = Arc::new(retention::Limits::default());
+        limits.learn(&stream_config);
         let direct = DirectGet::new(client.clone(), &name).await.map_err(|e| stream_error(e.to_string()))?;
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -169,13 +205,15 @@ impl Cluster {
                 publish_timeout: Duration::from_secs(config.nats.publish_timeout),
                 node_id: format!("{}-{}", Epoch::random(), std::process::id()),
                 ids: AtomicU64::new(0),
-                tails: Mutex::new(HashMap::new()),
+                known: Mutex::new(HashMap::new()),
                 turns: Mutex::new(HashMap::new()),
                 connected,
                 reads: tokio::sync::Semaphore::new(READS_AT_ONCE),
                 leader: Arc::new(AtomicBool::new(true)),
                 seen: Arc::new(AtomicU64::new(0)),
                 aging: Arc::new(lookup::Aging::new(Duration::from_secs(config.broker.history_ttl))),
+                retention: limits,
+                accesses,
             }),
         };
         // Where the log stands (`seen` starts here).
@@ -188,6 +226,7 @@ impl Cluster {
             .await
             .map_err(|e| ConnectError::Stream { stream: config.nats.stream.clone(), message: e })?;
         cluster.watch_health();
+        cluster.sweep();
         Ok(cluster)
     }
 
@@ -220,10 +259,14 @@ impl Cluster {
                 let Some(name) = message.subject.rsplit('.').next().and_then(subject::name) else { continue };
                 let Some(seq) = header_u64(&message, "Nats-Sequence") else { continue };
                 this.saw(seq);
-                this.learned_tail(&name, seq);
+                // RePublish copies every header: the message's marks too.
+                let marks = Marks::from_headers(message.headers.as_ref());
+                this.learned(&name, seq, &marks);
+                this.written(&name, &marks);
                 this.inner.hub.wake(&name, seq);
             }
         });
+        self.subscribe_touches().await?;
         let hub = inner.hub.clone();
         tokio::spawn(async move {
             while let Some(message) = transients.next().await {
@@ -235,10 +278,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// Checks every second that the stream has a leader (`/health`).
+    /// Checks every second that the stream has a leader (`/health`), and learns its retention.
     fn watch_health(&self) {
         let (js, name, leader) = (self.inner.js.clone(), self.inner.stream.clone(), self.inner.leader.clone());
         let (seen, aging) = (self.inner.seen.clone(), self.inner.aging.clone());
+        let limits = self.inner.retention.clone();
         tokio::spawn(async move {
             loop {
                 let ok = match tokio::time::timeout(Duration::from_secs(2), js.get_stream(&name)).await {
@@ -246,6 +290,8 @@ impl Cluster {
                     Ok(Ok(stream)) => {
                         let info = stream.cached_info();
                         seen.fetch_max(info.state.last_sequence, Ordering::AcqRel);
+                        // Another node may have applied other retention (`--nats_update_stream`).
+                        limits.learn(&info.config);
                         info.cluster.as_ref().is_none_or(|c| c.leader.is_some())
                     }
                     _ => false,
@@ -263,28 +309,39 @@ impl Cluster {
         });
     }
 
-    fn learned_tail(&self, stream: &str, seq: u64) {
-        let mut tails = self.inner.tails.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tail) = tails.get_mut(stream) {
-            *tail = (*tail).max(seq);
+    /// A message stored at `seq` with `marks`, seen on the wake-up feed: the state of a stream
+    /// this node knows moves on (a pair of sequence and state from one message, so a guard
+    /// that passes on it proves the whole state current).
+    fn learned(&self, stream: &str, seq: u64, marks: &Marks) {
+        let mut known = self.inner.known.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = known.get_mut(stream) {
+            if seq > entry.state.last {
+                entry.state = StreamState::after(seq, marks);
+            }
         }
     }
 
-    fn remember_tail(&self, stream: &str, seq: u64) {
-        let mut tails = self.inner.tails.lock().unwrap_or_else(|p| p.into_inner());
-        if tails.len() >= MAX_TAILS && !tails.contains_key(stream) {
-            tails.clear();
+    /// The state a publish of this node left (or the leader answered).
+    fn remember(&self, stream: &str, state: StreamState) {
+        let mut known = self.inner.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= MAX_KNOWN && !known.contains_key(stream) {
+            known.clear();
         }
-        let tail = tails.entry(stream.to_string()).or_insert(0);
-        *tail = (*tail).max(seq);
+        match known.get_mut(stream) {
+            Some(entry) if entry.state.last >= state.last => {}
+            Some(entry) => entry.state = state,
+            None => {
+                known.insert(stream.to_string(), Known { state, mark: 0, since: 0 });
+            }
+        }
     }
 
-    fn forget_tail(&self, stream: &str) {
-        self.inner.tails.lock().unwrap_or_else(|p| p.into_inner()).remove(stream);
+    fn forget(&self, stream: &str) {
+        self.inner.known.lock().unwrap_or_else(|p| p.into_inner()).remove(stream);
     }
 
-    fn known_tail(&self, stream: &str) -> Option<u64> {
-        self.inner.tails.lock().unwrap_or_else(|p| p.into_inner()).get(stream).copied()
+    fn known(&self, stream: &str) -> Option<StreamState> {
+        self.inner.known.lock().unwrap_or_else(|p| p.into_inner()).get(stream).map(|k| k.state.clone())
     }
 
     fn next_id(&self) -> String {

@@ -1,15 +1,20 @@
 //! The read path: messages of one DS stream after a position, from any replica (batched
-//! Direct Get), checked for what must be there and for gaps left by retention.
+//! Direct Get), checked for what must be there, for gaps left by retention, and framed for
+//! the stream's content type. The stream's metadata comes with its messages (`state`): the
+//! last message read says what the stream is, so a chunk that reaches the tail of a closed
+//! stream says so, and one of a removed or expired stream says it does not exist.
 
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-
+use super::direct::{Batch, Item};
+use super::state::{Control, StreamState};
 use super::{Cluster, READ_TIMEOUT};
+use crate::framing::{empty_body, Framer};
+use crate::meta::{Framing, SharedMeta};
 use crate::offset::{Offset, Position};
 use crate::storage::{Chunk, ReadError, StorageError};
 
-/// Bytes allowed per read on top of twice the JSON budget, for stored headers.
+/// Bytes allowed per read on top of twice the body budget, for stored headers.
 const READ_OVERHEAD: usize = 64 * 1024;
 /// Most messages one read asks for. Each comes as its own NATS message with ~200 bytes of
 /// headers; bigger batches from several readers at once overran the reply subscription.
@@ -20,6 +25,10 @@ impl Cluster {
         let started = std::time::Instant::now();
         let result = self.read_inner(stream, offset, max_bytes).await;
         crate::metrics::get().nats_read_seconds.observe(started.elapsed().as_secs_f64());
+        if let Ok(Chunk { meta: Some(meta), .. }) = &result {
+            // A read renews a sliding TTL.
+            self.renew(stream, meta);
+        }
         result
     }
 
@@ -28,8 +37,9 @@ impl Cluster {
         let at = |seq| Position { epoch, seq };
         let (after, from_token) = match offset {
             Offset::Now => {
-                let tail = self.tail(stream).await?;
-                return Ok(empty_chunk(tail));
+                let state = self.stream_state(stream).await?;
+                let meta = self.live(stream, &state);
+                return Ok(empty_chunk(at(state.tail), meta));
             }
             Offset::Start => (0, false),
             Offset::At(position) if position.epoch != epoch => return Err(ReadError::Gone),
@@ -43,57 +53,39 @@ impl Cluster {
             .map_err(|_| StorageError::Closed)?;
         let subject = self.subject(stream);
         // First the stream-wide position (see `lookup`), then what the answer must reach: the
-        // tail this node was woken for, else the leader's.
+        // sequence this node was woken for, else the leader's last message.
         let seen = self.seen();
         let woken = self.inner.hub.tail(stream);
-        let must = if woken > after { Some(woken) } else { self.leader_last(&subject).await? };
-        let Some(must) = must.filter(|&must| must > after) else {
-            return self.nothing_after(after, from_token, seen, must).await;
-        };
-        let mut attempt = 0;
-        let batch = loop {
-            // JetStream counts stored bytes (headers included) against `max_bytes`; ask for
-            // more and cut at the JSON budget below.
-            let budget = max_bytes.saturating_mul(2).saturating_add(READ_OVERHEAD);
-            let batch = self
-                .inner
-                .direct
-                .batch(&subject, after + 1, READ_BATCH, budget, READ_TIMEOUT)
-                .await
-                .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-            let last = batch.messages.last().map_or(0, |m| m.seq);
-            // A replica behind the leader: it ended (nothing pending) before what must be there.
-            let behind = last < must && batch.pending == 0;
-            attempt += 1;
-            if !behind || attempt >= 50 {
-                break batch;
-            }
-            tokio::time::sleep(Duration::from_millis(attempt.min(10))).await;
-        };
-        // Fill the chunk up to its byte budget, as the sled engine does: more batches while
-        // messages are pending.
-        let mut batch = batch;
-        let mut bytes: usize = batch.messages.iter().map(|m| m.payload.len() + 1).sum();
-        while batch.pending > 0 && bytes < max_bytes {
-            let Some(last) = batch.messages.last().map(|m| m.seq) else { break };
-            let budget = (max_bytes - bytes).saturating_mul(2).saturating_add(READ_OVERHEAD);
-            let more = self
-                .inner
-                .direct
-                .batch(&subject, last + 1, READ_BATCH, budget, READ_TIMEOUT)
-                .await
-                .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-            if more.messages.is_empty() {
-                break;
-            }
-            bytes += more.messages.iter().map(|m| m.payload.len() + 1).sum::<usize>();
-            batch.pending = more.pending;
-            batch.messages.extend(more.messages);
+        let mut must = woken;
+        let mut last = None;
+        if woken <= after {
+            last = self.leader_last(&subject).await?;
+            must = last.as_ref().map_or(0, |(seq, _)| *seq);
         }
-        let Some(first) = batch.messages.first() else {
-            return Err(StorageError::Unavailable(format!("a replica still lacks message {must}")).into());
+        let batch = loop {
+            if must <= after {
+                let state = match &last {
+                    Some((seq, marks)) => StreamState::after(*seq, marks),
+                    None => StreamState::empty(seen),
+                };
+                return self.nothing_after(stream, after, from_token, seen, &state).await;
+            }
+            match self.fetch_through(&subject, after, must, max_bytes).await? {
+                Some(batch) => break batch,
+                // What this node was woken for is no longer stored (a removal purged it):
+                // the leader says where the stream ends.
+                None => {
+                    last = self.leader_last(&subject).await?;
+                    let leader = last.as_ref().map_or(0, |(seq, _)| *seq);
+                    if leader >= must {
+                        return Err(StorageError::Unavailable(format!("a replica still lacks message {must}")).into());
+                    }
+                    must = leader;
+                }
+            }
         };
-        if from_token {
+        let mut batch = batch;
+        if let Some(first) = batch.messages.first().filter(|_| from_token) {
             let prev = match (first.prev, first.prev_back) {
                 (Some(prev), _) => prev,
                 (None, Some(back)) => first.seq.saturating_sub(back),
@@ -105,95 +97,242 @@ impl Cluster {
                 return Err(ReadError::Gone);
             }
         }
-        // As many messages as fit in `max_bytes` of JSON array (at least one), as the sled
-        // engine answers.
-        let mut size = 2;
-        let mut count = 0;
-        for message in &batch.messages {
-            let more = message.payload.len() + usize::from(count > 0);
-            if count > 0 && size + more > max_bytes {
-                break;
-            }
-            size += more;
-            count += 1;
-        }
-        let mut body = BytesMut::with_capacity(size);
-        body.put_u8(b'[');
-        let mut next = after;
-        for (i, message) in batch.messages[..count].iter().enumerate() {
-            if i > 0 {
-                body.put_u8(b',');
-            }
-            body.put_slice(&message.payload);
-            next = message.seq;
-        }
-        body.put_u8(b']');
-        let complete = count == batch.messages.len() && batch.pending == 0;
-        Ok(Chunk {
-            body: body.freeze(),
-            count,
-            start: at(after),
-            next: at(next),
-            up_to_date: complete && next >= must,
-            meta: None,
-        })
+        let floor = self.settle(&subject, &mut batch, after, from_token, max_bytes).await?;
+        self.fill(&subject, &mut batch, max_bytes).await?;
+        let Some(last_item) = batch.messages.last() else {
+            // Everything read was a removed life of the stream.
+            return Ok(empty_chunk(at(floor), None));
+        };
+        let state = StreamState::after(last_item.seq, &last_item.marks);
+        let Some(meta) = self.live(stream, &state) else {
+            return Ok(empty_chunk(at(floor), None));
+        };
+        Ok(self.frame(&batch, floor, must, max_bytes, meta))
     }
 
-    /// The answer when the subject holds nothing after `after`: `last` is its last message
-    /// (`None`: it holds none), `seen` the stream-wide sequence learned before asking.
+    /// Drops what a reader never gets: a removed life of the stream (the messages up to a
+    /// `delete`, whose purge may not have run yet) and, for a stream made by broadcasts, the
+    /// messages outside AnyCable's count window (see `retention`); fetches on while that
+    /// leaves nothing but more is stored. Returns the position the rest follows.
+    async fn settle(
+        &self,
+        subject: &str,
+        batch: &mut Batch,
+        after: u64,
+        from_token: bool,
+        max_bytes: usize,
+    ) -> Result<u64, ReadError> {
+        let mut floor = after;
+        loop {
+            if let Some(i) = batch.messages.iter().rposition(|m| m.marks.control == Some(Control::Delete)) {
+                floor = batch.messages[i].seq;
+                batch.messages.drain(..=i);
+            }
+            let first_message = batch.messages.iter().find(|m| m.marks.is_message());
+            if first_message.and_then(|m| m.marks.meta()).is_some_and(|meta| !meta.created) {
+                // A reader whose next message left the window missed it; one from the start
+                // begins inside it.
+                if from_token && floor == after && first_message.is_some_and(|m| !self.in_window(m.pending)) {
+                    return Err(ReadError::Gone);
+                }
+                if let Some(skipped) = self.skip_outside_window(batch) {
+                    floor = skipped;
+                }
+            }
+            if !batch.messages.is_empty() || batch.pending == 0 {
+                return Ok(floor);
+            }
+            *batch = self.fetch(subject, floor, max_bytes).await?;
+        }
+    }
+
+    /// Up to a batch of the subject's messages after `after`, from any replica, and at least
+    /// through `must`: a replica behind the leader is asked again. `None`: even the end of
+    /// what is stored is before `must` (it was deleted).
+    async fn fetch_through(
+        &self,
+        subject: &str,
+        after: u64,
+        must: u64,
+        max_bytes: usize,
+    ) -> Result<Option<Batch>, StorageError> {
+        let mut attempt = 0;
+        loop {
+            let batch = self.fetch(subject, after, max_bytes).await?;
+            let last = batch.messages.last().map_or(0, |m| m.seq);
+            // A replica behind the leader: it ended (nothing pending) before what must be there.
+            let behind = last < must && batch.pending == 0;
+            if !behind {
+                return Ok(Some(batch));
+            }
+            attempt += 1;
+            if attempt == 3 {
+                // Still missing: is it there at all? (A removal purges what woke readers.)
+                let leader = self.leader_last(subject).await?.map_or(0, |(seq, _)| seq);
+                if leader < must {
+                    return Ok(None);
+                }
+            }
+            if attempt >= 50 {
+                return Err(StorageError::Unavailable(format!("a replica still lacks message {must}")));
+            }
+            tokio::time::sleep(Duration::from_millis(attempt.min(10))).await;
+        }
+    }
+
+    /// One batched Direct Get of the messages after `after`, about `max_bytes` of them.
+    async fn fetch(&self, subject: &str, after: u64, max_bytes: usize) -> Result<Batch, StorageError> {
+        // JetStream counts stored bytes (headers included) against `max_bytes`; ask for more
+        // and cut at the body budget (`frame`).
+        let budget = max_bytes.saturating_mul(2).saturating_add(READ_OVERHEAD);
+        self.inner
+            .direct
+            .batch(subject, after + 1, READ_BATCH, budget, READ_TIMEOUT)
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))
+    }
+
+    /// Drops the leading messages outside the count window; the last one dropped, if any.
+    fn skip_outside_window(&self, batch: &mut Batch) -> Option<u64> {
+        let outside = batch.messages.iter().take_while(|m| !self.in_window(m.pending)).count();
+        let skipped = batch.messages.get(outside.checked_sub(1)?)?.seq;
+        batch.messages.drain(..outside);
+        Some(skipped)
+    }
+
+    /// More batches while messages are pending, up to the chunk's byte budget, as the sled
+    /// engine answers.
+    async fn fill(&self, subject: &str, batch: &mut Batch, max_bytes: usize) -> Result<(), StorageError> {
+        let mut bytes: usize = batch.messages.iter().map(|m| m.payload.len() + 1).sum();
+        while batch.pending > 0 && bytes < max_bytes {
+            let Some(last) = batch.messages.last().map(|m| m.seq) else { break };
+            let more = self.fetch(subject, last, max_bytes - bytes).await?;
+            if more.messages.is_empty() {
+                break;
+            }
+            bytes += more.messages.iter().map(|m| m.payload.len() + 1).sum::<usize>();
+            batch.pending = more.pending;
+            batch.messages.extend(more.messages);
+        }
+        Ok(())
+    }
+
+    /// The chunk: as many messages as fit in `max_bytes` of body (at least one), control
+    /// messages taken along but never read as messages.
+    fn frame(&self, batch: &Batch, after: u64, must: u64, max_bytes: usize, meta: SharedMeta) -> Chunk {
+        let at = |seq| Position { epoch: self.inner.epoch, seq };
+        let framing = meta.framing();
+        let mut body = Framer::new(framing, 0);
+        let (mut size, mut count, mut taken) = (body.len_closed(), 0, 0);
+        for message in &batch.messages {
+            if message.marks.is_message() {
+                // JSON: a comma before every message but the first.
+                let added = message.payload.len() + usize::from(framing == Framing::Json && count > 0);
+                if count > 0 && size + added > max_bytes {
+                    break;
+                }
+                size += added;
+                count += 1;
+            }
+            taken += 1;
+        }
+        body.reserve(size);
+        let mut next = after;
+        for message in &batch.messages[..taken] {
+            if message.marks.is_message() {
+                body.push(&message.payload);
+            }
+            next = next.max(message.marks.position(message.seq).unwrap_or(message.seq));
+        }
+        let last = batch.messages[..taken].last().map_or(after, |m| m.seq);
+        let complete = taken == batch.messages.len() && batch.pending == 0;
+        // A chunk cut before the stream's end says nothing about its closure.
+        let meta = if complete { meta } else { meta_before(&batch.messages[..taken]).unwrap_or(meta) };
+        Chunk {
+            count: body.count(),
+            body: body.finish(),
+            start: at(after),
+            next: at(next),
+            up_to_date: complete && last >= must,
+            meta: Some(meta),
+        }
+    }
+
+    /// The answer when the subject holds nothing after `after`: `state` is what its last
+    /// message left (a subject with nothing stored: `seen`, the stream-wide sequence learned
+    /// before asking).
     ///
     /// Where a reader goes on from may move ahead to `seen` whenever nothing of the stream lies
     /// between: no message of it after `after` is stored (the leader just said so) or was
     /// deleted (checked below), and any later one follows `seen`.
     async fn nothing_after(
         &self,
+        stream: &str,
         after: u64,
         from_token: bool,
         seen: u64,
-        last: Option<u64>,
+        state: &StreamState,
     ) -> Result<Chunk, ReadError> {
         let at = |seq| Position { epoch: self.inner.epoch, seq };
+        let meta = self.live(stream, state);
+        let made_by_put = meta.as_ref().is_some_and(|m| m.created);
+        let chunk = |seq| empty_chunk(at(seq), meta.clone());
         if !from_token {
             // From the start: the position after everything stored before the subject was
             // seen empty (any later message of the stream follows it), as the tail answers.
-            return Ok(empty_chunk(at(seen)));
+            return Ok(chunk(if state.last == 0 { seen } else { state.tail }));
         }
-        match last {
+        if made_by_put {
+            // Retention never deleted anything of a stream made by `PUT`: no gap to look for,
+            // and the reader stays where it is (unless past everything ever stored).
+            if after > state.last && after > seen && after > self.state().await?.last_sequence {
+                return Err(ReadError::Gone);
+            }
+            return Ok(chunk(after));
+        }
+        match state.last {
             // At the stream's last message: stay there, unless it is old (`lookup::Aging`).
-            Some(last) if last == after => {
+            last if last > 0 && last == after => {
                 let next = if last <= self.inner.aging.old() { after.max(seen) } else { after };
-                Ok(empty_chunk(at(next)))
+                Ok(chunk(next))
             }
             // Past the stream's last message (a position moved on before): fine unless past
             // everything ever stored.
-            Some(_) => {
+            last if last > 0 => {
                 if after > seen && after > self.state().await?.last_sequence {
                     return Err(ReadError::Gone);
                 }
-                Ok(empty_chunk(at(after.max(seen))))
+                Ok(chunk(after.max(seen)))
             }
-            None => {
+            _ => {
                 // Asked after the subject was seen empty: whatever retention deleted before
-                // that is before the stream's first sequence now.
-                let state = self.state().await?;
-                if after > state.last_sequence {
+                // that is before where age retention stands now.
+                let (first, last_sequence) = self.horizon().await?;
+                if after > last_sequence {
                     return Err(ReadError::Gone);
                 }
-                if after + 1 < state.first_sequence {
+                if after + 1 < first {
                     // Nothing is left of the stream, and its messages after `after` (if it had
-                    // any) would be before the first sequence still stored: retention may have
+                    // any) would be before the first message still kept: retention may have
                     // deleted messages this reader never got. JetStream forgot the stream's
                     // last sequence with its last message, so a reader that had read it cannot
                     // be told apart (unless it was moved on in time, see `lookup::Aging`):
                     // `410` for both; a re-read from the start costs it nothing.
                     return Err(ReadError::Gone);
                 }
-                Ok(empty_chunk(at(after.max(seen))))
+                Ok(chunk(after.max(seen)))
             }
         }
     }
 }
 
-fn empty_chunk(position: Position) -> Chunk {
-    Chunk { body: Bytes::from_static(b"[]"), count: 0, start: position, next: position, up_to_date: true, meta: None }
+/// The metadata as the last message taken left it (a chunk cut short reports the stream as
+/// it was there: a content type, never a closure that comes later).
+fn meta_before(taken: &[Item]) -> Option<SharedMeta> {
+    taken.last().and_then(|m| m.marks.meta())
+}
+
+fn empty_chunk(position: Position, meta: Option<SharedMeta>) -> Chunk {
+    let framing = meta.as_ref().map_or(Framing::Json, |m| m.framing());
+    Chunk { body: empty_body(framing), count: 0, start: position, next: position, up_to_date: true, meta }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
+use super::retention;
 use crate::config::Config;
 use crate::offset::Epoch;
 
@@ -26,20 +27,23 @@ pub(super) fn check_version(version: &str) -> Result<(), String> {
 }
 
 /// Creates the stream, or checks that the existing one has this node's settings (or applies
-/// them with `nats.update_stream`). Returns the epoch of its tokens.
-pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<Epoch, String> {
+/// them with `nats.update_stream`). Returns the epoch of its tokens and its config.
+///
+/// `broker.history_limit` lives in the stream's metadata, not in `max_msgs_per_subject`,
+/// which would trim streams made by `PUT` too (see `retention`); a stream made by an older
+/// anycable-ds (the limit in `max_msgs_per_subject`, no per-message TTL) is moved to this
+/// layout when its retention is this node's.
+pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(Epoch, stream::Config), String> {
     let name = &config.nats.stream;
-    let max_per_subject = match config.broker.history_limit {
-        0 => -1,
-        n => i64::try_from(n).unwrap_or(i64::MAX),
-    };
+    let history_limit = config.broker.history_limit;
     let max_age = Duration::from_secs(config.broker.history_ttl);
     let replicas = config.nats.replicas as usize;
     let wanted = |epoch: Epoch| stream::Config {
         name: name.clone(),
         subjects: vec![format!("{name}.s.*")],
-        max_messages_per_subject: max_per_subject,
+        max_messages_per_subject: -1,
         max_age,
+        allow_message_ttl: true,
         num_replicas: replicas,
         allow_direct: true,
         allow_atomic_publish: true,
@@ -51,7 +55,10 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
             destination: format!("{name}.w.{{{{wildcard(1)}}}}"),
             headers_only: true,
         }),
-        metadata: HashMap::from([(EPOCH_KEY.to_string(), epoch.to_string())]),
+        metadata: HashMap::from([
+            (EPOCH_KEY.to_string(), epoch.to_string()),
+            (retention::HISTORY_LIMIT_KEY.to_string(), history_limit.to_string()),
+        ]),
         ..Default::default()
     };
     let existing = match js.get_stream(name).await {
@@ -67,7 +74,10 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     let existing = match existing {
         Some(existing) => existing,
         None => match js.create_stream(wanted(Epoch::random())).await {
-            Ok(created) => return stream_epoch(&created.cached_info().config),
+            Ok(created) => {
+                let config = created.cached_info().config.clone();
+                return Ok((stream_epoch(&config)?, config));
+            }
             // Another node may have created it first: use theirs.
             Err(create) => match js.get_stream(name).await {
                 Ok(stream) => stream.cached_info().config.clone(),
@@ -77,11 +87,7 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     };
     let epoch = stream_epoch(&existing)?;
     let differences: Vec<String> = [
-        (
-            "broker.history_limit (max_msgs_per_subject)",
-            existing.max_messages_per_subject.to_string(),
-            max_per_subject.to_string(),
-        ),
+        ("broker.history_limit", retention::history_limit(&existing).to_string(), history_limit.to_string()),
         ("broker.history_ttl (max_age)", format!("{:?}", existing.max_age), format!("{max_age:?}")),
         ("nats.replicas", existing.num_replicas.to_string(), replicas.to_string()),
     ]
@@ -89,8 +95,20 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     .filter(|(_, theirs, ours)| theirs != ours)
     .map(|(key, theirs, ours)| format!("{key}: the stream has {theirs}, this node {ours}"))
     .collect();
+    let old_layout = existing.max_messages_per_subject != -1
+        || !existing.allow_message_ttl
+        || !existing.metadata.contains_key(retention::HISTORY_LIMIT_KEY);
+    if differences.is_empty() && !old_layout {
+        return Ok((epoch, existing));
+    }
     if differences.is_empty() {
-        return Ok(epoch);
+        let updated = js.update_stream(wanted(epoch)).await.map_err(|e| e.to_string())?;
+        log::warn!(
+            "JetStream stream {name} moved to this version's layout (history_limit {history_limit} in its \
+             metadata, per-message TTL on); nodes of an older version still running show more history \
+             until they are replaced"
+        );
+        return Ok((epoch, updated.config));
     }
     if !config.nats.update_stream {
         return Err(format!(
@@ -98,9 +116,9 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
             differences.join("; ")
         ));
     }
-    js.update_stream(wanted(epoch)).await.map_err(|e| e.to_string())?;
+    let updated = js.update_stream(wanted(epoch)).await.map_err(|e| e.to_string())?;
     log::warn!("JetStream stream {name} updated: {}", differences.join("; "));
-    Ok(epoch)
+    Ok((epoch, updated.config))
 }
 
 fn stream_epoch(config: &stream::Config) -> Result<Epoch, String> {

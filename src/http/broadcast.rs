@@ -50,7 +50,8 @@ pub async fn handle(
         // flush that makes them durable.
         state.engine.append(broadcast.stored).await.map_err(|e| match e {
             WriteError::Storage(e) => {
-                if let crate::storage::StorageError::BatchTooLarge(_) = e {
+                use crate::storage::StorageError::{BatchTooLarge, MessageTooLarge};
+                if let BatchTooLarge(_) | MessageTooLarge { .. } = e {
                     metrics::get().broadcast_rejected.with_label_values(&["too_large"]).inc();
                 }
                 ApiError::unavailable(&e, &context)

@@ -190,7 +190,8 @@ impl ApiError {
                 return ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
-                        "a broadcast holds at most {limit} messages in cluster mode (JetStream's atomic batch limit)"
+                        "one broadcast or write holds at most {limit} messages in cluster mode (JetStream's \
+                         atomic batch limit)"
                     ),
                 )
             }

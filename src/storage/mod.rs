@@ -34,6 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use crate::framing::Framer;
 use crate::hub::Hub;
 use crate::meta::{Framing, SharedMeta};
 use crate::offset::{Epoch, Offset, Position};
@@ -146,75 +147,6 @@ impl Chunk {
     }
 }
 
-/// Length of `count` messages of `message_bytes` in all, framed.
-pub(crate) fn framed_len(framing: Framing, count: usize, message_bytes: usize) -> usize {
-    match framing {
-        Framing::Json => message_bytes + count.saturating_sub(1) + 2,
-        Framing::Raw => message_bytes,
-    }
-}
-
-/// Builds a chunk body: a JSON array, or the messages concatenated.
-pub(crate) struct Framer {
-    framing: Framing,
-    body: Vec<u8>,
-    count: usize,
-}
-
-impl Framer {
-    pub(crate) fn new(framing: Framing, capacity: usize) -> Framer {
-        let mut body = Vec::with_capacity(capacity);
-        if framing == Framing::Json {
-            body.push(b'[');
-        }
-        Framer { framing, body, count: 0 }
-    }
-
-    /// Adds one message.
-    pub(crate) fn push(&mut self, message: &[u8]) {
-        if self.framing == Framing::Json && self.count > 0 {
-            self.body.push(b',');
-        }
-        self.body.extend_from_slice(message);
-        self.count += 1;
-    }
-
-    /// Adds `count` consecutive messages of a record, as stored (JSON: already joined by
-    /// commas, so one copy; raw: one copy per message, without the separators).
-    fn push_record(&mut self, record: &keys::LogRecord, from: usize, to: usize) -> Option<()> {
-        match self.framing {
-            Framing::Json => {
-                if self.count > 0 {
-                    self.body.push(b',');
-                }
-                self.body.extend_from_slice(record.messages(from, to)?);
-                self.count += to - from;
-            }
-            Framing::Raw => {
-                for i in from..to {
-                    self.push(record.message(i)?);
-                }
-            }
-        }
-        Some(())
-    }
-
-    /// Bytes so far plus what closing the body adds.
-    fn len_closed(&self) -> usize {
-        self.body.len() + usize::from(self.framing == Framing::Json)
-    }
-
-    fn reserve(&mut self, additional: usize) {
-        self.body.reserve(additional);
-    }
-
-    pub(crate) fn finish(mut self) -> Bytes {
-        if self.framing == Framing::Json {
-            self.body.push(b']');
-        }
-        Bytes::from(self.body)
-    }
-}
 /// Cheap-to-clone handle to the log.
 #[derive(Clone)]
 pub struct Storage {
@@ -583,7 +515,7 @@ impl Storage {
                 end += 1;
             }
             if end > from {
-                body.push_record(&record, from, end).ok_or_else(|| corrupt("log record"))?;
+                push_record(&mut body, &record, from, end).ok_or_else(|| corrupt("log record"))?;
                 count += end - from;
                 last = record.first_seq + end as u64 - 1;
             }
@@ -642,10 +574,7 @@ impl Storage {
 
     fn empty_chunk(&self, seq: u64, framing: Framing) -> Chunk {
         let position = self.position(seq);
-        let body = match framing {
-            Framing::Json => Bytes::from_static(b"[]"),
-            Framing::Raw => Bytes::new(),
-        };
+        let body = crate::framing::empty_body(framing);
         Chunk { body, count: 0, start: position, next: position, up_to_date: true, meta: None }
     }
 
@@ -667,6 +596,20 @@ impl Storage {
     fn load(&self, stream: &str) -> Result<Option<Arc<cache::StreamEntry>>, StorageError> {
         self.inner.cache.get_or_load(&self.inner.db.get()?, stream)
     }
+}
+
+/// Adds `to - from` consecutive messages of a record, as stored (JSON: already joined by
+/// commas, so one copy; raw: one copy per message, without the separators).
+fn push_record(body: &mut Framer, record: &keys::LogRecord, from: usize, to: usize) -> Option<()> {
+    match body.framing() {
+        Framing::Json => body.push_joined(record.messages(from, to)?, to - from),
+        Framing::Raw => {
+            for i in from..to {
+                body.push(record.message(i)?);
+            }
+        }
+    }
+    Some(())
 }
 
 /// What one scan reads.

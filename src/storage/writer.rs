@@ -448,14 +448,14 @@ impl State {
         let message_bytes: usize = run.messages.iter().map(Bytes::len).sum();
         // `Storage::scan` always takes the first message, then stops before one that would
         // take the body past the limit.
-        let fits = count == 1 || super::framed_len(framing, count, message_bytes) <= self.live.max_bytes;
+        let fits = count == 1 || crate::framing::framed_len(framing, count, message_bytes) <= self.live.max_bytes;
         // (A batch longer than the retention count limit needs no check: reads at `after` are
         // then answered 410 before the cache is consulted.)
         let readers_wait_at_after = run.entry.visible.load(Ordering::Acquire) == after;
         if !fits || !readers_wait_at_after || !self.hub.is_watched(&run.entry.name) {
             return;
         }
-        let mut body = super::Framer::new(framing, super::framed_len(framing, count, message_bytes));
+        let mut body = crate::framing::Framer::new(framing, crate::framing::framed_len(framing, count, message_bytes));
         for message in &run.messages {
             body.push(message);
         }

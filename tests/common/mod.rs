@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod ds_write;
 pub mod nats;
 
 use std::io::{BufRead, BufReader};

@@ -15,7 +15,8 @@ import { fileURLToPath } from "node:url";
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.ANYCABLE_DS_BIN || resolve(here, "..", "..", "target", "release", "anycable-ds");
 const ENGINE = process.env.ANYCABLE_DS_TEST_ENGINE || "sled";
-// One list per engine while cluster mode lacks the write API (issue 20); they converge.
+// Both engines pass and fail the same tests: one list.
+// One list per engine while cluster mode lacks idempotent producers (issue 21); they converge.
 const LIST = join(here, ENGINE === "sled" ? "expected-failures.txt" : `expected-failures-${ENGINE}.txt`);
 /** Tests the suite runs without `subscriptions: true`. */
 const EXPECTED_TESTS = 332;

@@ -5,13 +5,10 @@ import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { DurableStream, stream } from "@durable-streams/client";
 import { broadcaster } from "./lib/anycable.js";
-import { startServer, BROADCAST_KEY, ENGINE } from "./lib/server.js";
+import { startServer, BROADCAST_KEY } from "./lib/server.js";
 
 const headers = { Authorization: `Bearer ${BROADCAST_KEY}` };
-// Cluster mode answers 501 to writes until its engine has them (issue 20).
-const skip = ENGINE === "nats" && "the write API in cluster mode is not built yet";
-
-describe("writes with the official client", { timeout: 60_000, skip }, () => {
+describe("writes with the official client", { timeout: 60_000 }, () => {
   let server;
   before(async () => {
     server = await startServer({ args: ["--public_streams", "--ds_implicit_streams", "false"] });

@@ -1,0 +1,308 @@
+//! The Durable Streams write API in cluster mode: `PUT` (create), `POST` (append, close),
+//! `DELETE`, with the rules both engines share (`writes.rs`).
+//!
+//! Each write reads the stream's state (this node's memory, else the stream leader's last
+//! message of the subject, see `state`), checks the request against it, and stores the result
+//! guarded by that state's last sequence (`publish`): one message, or one atomic batch that
+//! carries the new metadata on its messages. If anything was stored in the subject since,
+//! on any node, JetStream refuses the publish and the write starts over with the new state.
+//! So a check (closed, content type, `Stream-Seq`, existence, configuration) always holds
+//! for the state the write lands on, and a write is answered only once JetStream
+//! acknowledged it (a quorum of replicas has it): a close is never acknowledged without
+//! being durable, and no crash or lost NATS server can separate an append from its metadata.
+//! An answer that stores nothing (`200` on an identical `PUT`, a refusal, a repeated close)
+//! is given only from the leader's state, never from this node's memory, which may be
+//! behind.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use super::access::Life;
+use super::broadcast::unanswered;
+use super::publish::{back_off, Outgoing, Prev, Publish, PUBLISH_ATTEMPTS};
+use super::state::{self, Control, StreamState};
+use super::Cluster;
+use crate::meta::StreamMeta;
+use crate::storage::{now_ms, StorageError};
+use crate::writes::{check_append, same_configuration, Append, Refusal, WriteError, WriteOp, WriteOutcome};
+
+/// What a write does, given the stream's state.
+#[derive(Debug)]
+enum Plan {
+    /// Nothing to store: the answer.
+    Answer(Result<WriteOutcome, Refusal>),
+    /// Remove the stream: `DELETE`, or an expired stream in the way of a `PUT` (which then
+    /// starts over).
+    Remove { then_create: bool },
+    /// Store these messages: bodies with the metadata after each, or one control message.
+    Store { messages: Vec<(Bytes, StreamMeta, Option<Control>)>, done: Done },
+}
+
+/// The outcome of a stored write.
+#[derive(Debug, Clone, Copy)]
+enum Done {
+    Created {
+        closed: bool,
+    },
+    Appended {
+        closed: bool,
+    },
+    /// A close-only `POST`: the tail does not move.
+    Closed,
+}
+
+impl Cluster {
+    /// A write to one stream; resolves once JetStream acknowledged it (or it was refused),
+    /// within `nats.publish_timeout`.
+    pub async fn write(&self, stream: &str, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+        // Producer state is not kept in cluster mode yet: refused rather than ignored (an
+        // ignored producer would turn a retried write into a duplicate).
+        if matches!(&op, WriteOp::Append(Append { producer: Some(_), .. })) {
+            return Err(StorageError::Unsupported("idempotent producers in cluster mode").into());
+        }
+        let timeout = self.inner.publish_timeout;
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(timeout, self.write_inner(stream, &op)).await {
+            Ok(result) => result,
+            Err(_) => Err(unanswered(timeout).into()),
+        };
+        crate::metrics::get().nats_publish_seconds.observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn write_inner(&self, stream: &str, op: &WriteOp) -> Result<WriteOutcome, WriteError> {
+        // This node's writes of the stream take turns; other nodes' are caught by the guard.
+        let _turn = self.take_turns(&[stream]).await;
+        let mut ask_leader = false;
+        for attempt in 1..=PUBLISH_ATTEMPTS {
+            let (state, from_memory) = match self.known(stream).filter(|_| !ask_leader) {
+                Some(state) => (state, true),
+                None => (self.stream_state(stream).await?, false),
+            };
+            let now = now_ms();
+            let life = self.life(stream, &state);
+            let expired = matches!(life, Life::Expired);
+            let (messages, done) = match plan(op, &state, life, now) {
+                // Stores nothing: only on the leader's word.
+                Plan::Answer(_) | Plan::Remove { .. } if from_memory => {
+                    ask_leader = true;
+                    continue;
+                }
+                Plan::Answer(answer) => {
+                    if expired {
+                        self.expire(stream);
+                    }
+                    if let (Ok(WriteOutcome::Appended { .. }), Some(meta)) = (&answer, &state.meta) {
+                        // A repeated close renews the TTL too, as every `POST` does.
+                        self.renew(stream, meta);
+                    }
+                    return answer.map_err(Into::into);
+                }
+                Plan::Remove { then_create } => {
+                    let removed = self.remove(stream, &state).await?;
+                    if removed && !then_create {
+                        return Ok(WriteOutcome::Deleted);
+                    }
+                    // Removed for a `PUT`, or written in between: look again.
+                    ask_leader = true;
+                    continue;
+                }
+                Plan::Store { messages, done } => (messages, done),
+            };
+            // What the stream is after the write: the metadata its last message carries.
+            let final_meta = messages.last().map(|(_, meta, _)| meta.clone()).unwrap_or_default();
+            let outgoing: Vec<Outgoing> = messages
+                .into_iter()
+                .map(|(payload, meta, control)| {
+                    let mut headers = HeaderMap::new();
+                    state::mark(&mut headers, &meta, control, state.tail, now);
+                    Outgoing { stream, payload, headers }
+                })
+                .collect();
+            self.check_sizes(&outgoing)?;
+            // Asked only after the subject was seen empty (see `retention::chain_start`).
+            let chain_start = if state.last == 0 { self.chain_start().await? } else { 0 };
+            let prevs = HashMap::from([(stream, Prev::after(state.last, chain_start))]);
+            match self.publish_guarded(&outgoing, &prevs).await {
+                Ok(last) => {
+                    self.published(&outgoing, last);
+                    let tail = if let Done::Closed = done { state.tail } else { last };
+                    let written_ms = if final_meta.ttl_secs.is_some() { now } else { 0 };
+                    if written_ms > 0 {
+                        self.inner.accesses.record(stream, now);
+                    }
+                    self.remember(stream, StreamState { last, tail, meta: Some(Arc::new(final_meta)), written_ms });
+                    return Ok(match done {
+                        Done::Created { closed } => WriteOutcome::Created { tail, closed },
+                        Done::Appended { closed } => WriteOutcome::Appended { tail, closed, producer: None },
+                        Done::Closed => WriteOutcome::Appended { tail, closed: true, producer: None },
+                    });
+                }
+                Err(Publish::Moved) => {
+                    self.forget(stream);
+                    ask_leader = true;
+                    log::debug!("stream {stream:?} moved under a write (attempt {attempt}); retrying");
+                    back_off(attempt).await;
+                }
+                Err(Publish::Failed(e)) => return Err(e.into()),
+            }
+        }
+        Err(StorageError::Unavailable("the stream kept moving under concurrent writers".into()).into())
+    }
+
+    /// Removes a stream (`DELETE`, expiry): a `delete` control message guarded by `state`'s
+    /// last sequence, then a purge of everything up to it. `Ok(false)`: the stream moved
+    /// since `state` (a write came in between), nothing removed. Readers ignore whatever is
+    /// left before a `delete` message, so a purge that fails (logged) loses nothing but
+    /// disk space until the next removal under the name.
+    pub(super) async fn remove(&self, stream: &str, state: &StreamState) -> Result<bool, StorageError> {
+        let mut headers = HeaderMap::new();
+        state::mark(&mut headers, &StreamMeta::default(), Some(Control::Delete), 0, 0);
+        let outgoing = [Outgoing { stream, payload: Bytes::new(), headers }];
+        let prevs = HashMap::from([(stream, Prev::after(state.last, state.last))]);
+        match self.publish_guarded(&outgoing, &prevs).await {
+            Ok(last) => {
+                self.published(&outgoing, last);
+                self.forget(stream);
+                crate::metrics::get().streams_removed.inc();
+                if let Err(e) = self.purge_through(stream, last).await {
+                    log::warn!("stream {stream:?} removed, but its messages stay on disk for now: {e}");
+                }
+                Ok(true)
+            }
+            Err(Publish::Moved) => {
+                self.forget(stream);
+                Ok(false)
+            }
+            Err(Publish::Failed(e)) => Err(e),
+        }
+    }
+}
+
+/// What `op` does to a stream in `state` (alive or not: `life`), at `now`.
+fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
+    match op {
+        WriteOp::Create { meta, messages } => match life {
+            Life::Live(current) => Plan::Answer(if same_configuration(&current, meta) {
+                Ok(WriteOutcome::Exists { tail: state.tail, closed: current.closed })
+            } else {
+                Err(Refusal::ConfigMismatch)
+            }),
+            Life::Expired => Plan::Remove { then_create: true },
+            Life::Missing => {
+                let stored = StreamMeta { created: true, created_ms: now, ..meta.clone() };
+                let closed = stored.closed;
+                let messages = if messages.is_empty() {
+                    vec![(Bytes::new(), stored, Some(Control::Create))]
+                } else {
+                    with_meta(messages, &stored)
+                };
+                Plan::Store { messages, done: Done::Created { closed } }
+            }
+        },
+        WriteOp::Append(append) => {
+            let Life::Live(meta) = life else { return Plan::Answer(Err(Refusal::NotFound)) };
+            let next = match check_append(&meta, state.tail, append) {
+                Ok(next) => next,
+                Err(refusal) => return Plan::Answer(Err(refusal)),
+            };
+            if !append.messages.is_empty() {
+                let closed = next.closed;
+                return Plan::Store { messages: with_meta(&append.messages, &next), done: Done::Appended { closed } };
+            }
+            if next == *meta {
+                // Closing a closed stream again: nothing changes.
+                return Plan::Answer(Ok(WriteOutcome::Appended {
+                    tail: state.tail,
+                    closed: next.closed,
+                    producer: None,
+                }));
+            }
+            Plan::Store { messages: vec![(Bytes::new(), next, Some(Control::Close))], done: Done::Closed }
+        }
+        WriteOp::Delete => match life {
+            Life::Live(_) => Plan::Remove { then_create: false },
+            Life::Missing | Life::Expired => Plan::Answer(Err(Refusal::NotFound)),
+        },
+    }
+}
+
+/// Messages that each carry the stream's metadata after them: open until the last, which
+/// carries `after` (an append-and-close closes with its last message, in the same batch).
+fn with_meta(messages: &[Bytes], after: &StreamMeta) -> Vec<(Bytes, StreamMeta, Option<Control>)> {
+    let during = StreamMeta { closed: false, ..after.clone() };
+    let last = messages.len().saturating_sub(1);
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.clone(), if i == last { after.clone() } else { during.clone() }, None))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writes::Append;
+
+    fn live(meta: StreamMeta) -> Life {
+        Life::Live(Arc::new(meta))
+    }
+
+    fn text() -> StreamMeta {
+        StreamMeta { content_type: "text/plain".into(), created: true, ..StreamMeta::default() }
+    }
+
+    fn state() -> StreamState {
+        StreamState { last: 12, tail: 10, meta: Some(Arc::new(text())), written_ms: 0 }
+    }
+
+    fn append(n: usize, close: bool) -> WriteOp {
+        WriteOp::Append(Append {
+            content_type: Some("text/plain".into()),
+            messages: vec![Bytes::from_static(b"x"); n],
+            seq: Some("5".into()),
+            close,
+            producer: None,
+        })
+    }
+
+    #[test]
+    fn an_append_and_close_carries_the_closure_on_its_last_message_only() {
+        let Plan::Store { messages, done } = plan(&append(3, true), &state(), live(text()), 1) else { panic!() };
+        assert!(matches!(done, Done::Appended { closed: true }));
+        let closed: Vec<bool> = messages.iter().map(|(_, meta, _)| meta.closed).collect();
+        assert_eq!(closed, [false, false, true]);
+        assert!(messages.iter().all(|(_, meta, control)| meta.stream_seq.as_deref() == Some("5") && control.is_none()));
+    }
+
+    #[test]
+    fn a_close_only_post_is_one_control_message_and_closing_again_stores_nothing() {
+        let Plan::Store { messages, done } = plan(&append(0, true), &state(), live(text()), 1) else { panic!() };
+        assert!(matches!(done, Done::Closed));
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].2, Some(Control::Close));
+        let closed = StreamMeta { closed: true, ..text() };
+        let Plan::Answer(answer) = plan(&append(0, true), &state(), live(closed.clone()), 1) else { panic!() };
+        assert_eq!(answer, Ok(WriteOutcome::Appended { tail: 10, closed: true, producer: None }));
+        let Plan::Answer(answer) = plan(&append(1, false), &state(), live(closed), 1) else { panic!() };
+        assert_eq!(answer, Err(Refusal::Closed { tail: 10 }));
+    }
+
+    #[test]
+    fn puts_compare_create_or_clear_an_expired_stream_first() {
+        let create = WriteOp::Create { meta: text(), messages: Vec::new() };
+        let Plan::Answer(answer) = plan(&create, &state(), live(text()), 1) else { panic!() };
+        assert_eq!(answer, Ok(WriteOutcome::Exists { tail: 10, closed: false }));
+        assert!(matches!(plan(&create, &state(), Life::Expired, 1), Plan::Remove { then_create: true }));
+        let Plan::Store { messages, .. } = plan(&create, &StreamState::empty(3), Life::Missing, 77) else { panic!() };
+        assert_eq!(messages[0].2, Some(Control::Create));
+        assert_eq!((messages[0].1.created, messages[0].1.created_ms), (true, 77));
+        let other = WriteOp::Create { meta: StreamMeta { ttl_secs: Some(1), ..text() }, messages: Vec::new() };
+        assert!(matches!(plan(&other, &state(), live(text()), 1), Plan::Answer(Err(Refusal::ConfigMismatch))));
+        assert!(matches!(plan(&WriteOp::Delete, &state(), Life::Expired, 1), Plan::Answer(Err(Refusal::NotFound))));
+        assert!(matches!(plan(&append(1, false), &state(), Life::Missing, 1), Plan::Answer(Err(Refusal::NotFound))));
+    }
+}

@@ -292,8 +292,8 @@ async fn acknowledged_writes_and_their_metadata_survive_kill_9() {
 #[tokio::test]
 async fn a_deleted_stream_leaves_a_tombstone_and_old_tokens_never_read_its_successor() {
     // Tombstones are the embedded engine's (src/storage/tombstones.rs); cluster mode answers
-    // removed lives by its own rules (src/cluster/mod.rs), which do not keep a deleted
-    // stream's tail for HEAD: the next step for it is in the closing note.
+    // removed lives by its own rules (src/cluster/mod.rs): HEAD moves past the old tail, and
+    // every old token, the tail's too, is 410 (docs/DECISIONS.md).
     if common::nats_engine() {
         return;
     }

@@ -66,24 +66,18 @@ impl Engine {
         }
     }
 
-    /// The durable tail of a stream (an unknown stream is empty).
-    pub async fn tail(&self, stream: &str) -> Result<Position, StorageError> {
+    /// A stream's durable tail, and its metadata if it exists (`None`: never created, removed
+    /// or expired; its tail is then where a reader of it stands). Does not renew a TTL. One
+    /// lookup answers both.
+    pub async fn head(&self, stream: &str) -> Result<(Position, Option<SharedMeta>), StorageError> {
         match self {
             Engine::Sled(storage) => {
                 let (storage, stream) = (storage.clone(), stream.to_string());
-                blocking(move || storage.tail(&stream)).await?
-            }
-            Engine::Nats(cluster) => cluster.tail(stream).await,
-        }
-    }
-
-    /// The tail and metadata of a stream; `None` if it does not exist (or has expired). Does
-    /// not renew a TTL.
-    pub async fn head(&self, stream: &str) -> Result<Option<(Position, SharedMeta)>, StorageError> {
-        match self {
-            Engine::Sled(storage) => {
-                let (storage, stream) = (storage.clone(), stream.to_string());
-                blocking(move || storage.head(&stream)).await?
+                blocking(move || match storage.head(&stream)? {
+                    Some((tail, meta)) => Ok((tail, Some(meta))),
+                    None => Ok((storage.tail(&stream)?, None)),
+                })
+                .await?
             }
             Engine::Nats(cluster) => cluster.head(stream).await,
         }

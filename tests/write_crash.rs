@@ -165,36 +165,14 @@ async fn a_producer_retrying_across_sigkill_writes_everything_exactly_once() {
     while seq < total {
         if killed < kills.len() && seq == kills[killed] {
             // Kill with a request in flight: its answer is lost, and the producer retries it.
-            let url = server.ds("produced");
-            let in_flight = server
-                .client
-                .post(url)
-                .bearer_auth(KEY)
-                .header("content-type", "text/plain")
-                .header("producer-id", "p")
-                .header("producer-epoch", "0")
-                .header("producer-seq", seq.to_string())
-                .body(format!("{seq};"))
-                .send();
-            let racing = tokio::spawn(in_flight);
+            let racing = tokio::spawn(produce(&server, seq).send());
             tokio::time::sleep(Duration::from_micros(rng.next() % 2000)).await;
             server.kill();
             let _ = racing.await;
             server.restart();
             killed += 1;
         }
-        let response = server
-            .client
-            .post(server.ds("produced"))
-            .bearer_auth(KEY)
-            .header("content-type", "text/plain")
-            .header("producer-id", "p")
-            .header("producer-epoch", "0")
-            .header("producer-seq", seq.to_string())
-            .body(format!("{seq};"))
-            .send()
-            .await
-            .unwrap();
+        let response = produce(&server, seq).send().await.unwrap();
         // 200: appended now; 204: the request before the kill had been applied.
         assert!(matches!(response.status().as_u16(), 200 | 204), "seq {seq} (seed {seed}): {}", response.status());
         assert_eq!(header(&response, "producer-seq").as_deref(), Some(seq.to_string().as_str()));
@@ -203,4 +181,17 @@ async fn a_producer_retrying_across_sigkill_writes_everything_exactly_once() {
     let text = server.get("produced?offset=-1").await.text().await.unwrap();
     let got: Vec<u64> = text.split_terminator(';').map(|n| n.parse().unwrap()).collect();
     assert_eq!(got, (0..total).collect::<Vec<_>>(), "seed {seed}: every message once, in order");
+}
+
+/// Producer `p`'s request number `seq` (epoch 0) to the stream `produced`.
+fn produce(server: &Server, seq: u64) -> reqwest::RequestBuilder {
+    server
+        .client
+        .post(server.ds("produced"))
+        .bearer_auth(KEY)
+        .header("content-type", "text/plain")
+        .header("producer-id", "p")
+        .header("producer-epoch", "0")
+        .header("producer-seq", seq.to_string())
+        .body(format!("{seq};"))
 }

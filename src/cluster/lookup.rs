@@ -118,9 +118,9 @@ impl Cluster {
     }
 
     /// The tail and metadata of a stream that exists and has not expired (HEAD: never renews).
-    pub async fn head(&self, stream: &str) -> Result<Option<(Position, SharedMeta)>, StorageError> {
+    pub async fn head(&self, stream: &str) -> Result<(Position, Option<SharedMeta>), StorageError> {
         let state = self.stream_state(stream).await?;
-        Ok(self.live(stream, &state).map(|meta| (Position { epoch: self.inner.epoch, seq: state.tail }, meta)))
+        Ok((Position { epoch: self.inner.epoch, seq: state.tail }, self.live(stream, &state)))
     }
 }
 

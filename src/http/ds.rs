@@ -152,12 +152,10 @@ async fn read(
 
 /// HEAD: the tail and the metadata of the write API (never renews a TTL).
 async fn head(state: &AppState, stream: &str) -> Result<HttpResponse, ApiError> {
-    let found = state.engine.head(stream).await.map_err(|e| ApiError::from(ReadError::from(e)))?;
-    let (tail, meta) = match found {
-        Some(found) => found,
-        None if state.config.ds.implicit_streams => {
-            (state.engine.tail(stream).await.map_err(|e| ApiError::from(ReadError::from(e)))?, meta::broadcast_stream())
-        }
+    let (tail, found) = state.engine.head(stream).await.map_err(|e| ApiError::from(ReadError::from(e)))?;
+    let meta = match found {
+        Some(meta) => meta,
+        None if state.config.ds.implicit_streams => meta::broadcast_stream(),
         None => return Err(stream_not_found()),
     };
     let mut response = HttpResponse::Ok();

@@ -226,11 +226,11 @@ async fn refusal_before(
     content_type: &str,
 ) -> Result<Option<ApiError>, ApiError> {
     let engine = &state.engine;
-    let head = engine.head(stream).await.map_err(|e| ApiError::unavailable(&e, "stream lookup failed"))?;
-    let refusal = match head {
+    let (tail, found) = engine.head(stream).await.map_err(|e| ApiError::unavailable(&e, "stream lookup failed"))?;
+    let refusal = match found {
         None => Some(crate::writes::Refusal::NotFound),
-        Some((tail, meta)) if meta.closed => Some(crate::writes::Refusal::Closed { tail: tail.seq }),
-        Some((_, meta)) if meta::normalize(&meta.content_type) != meta::normalize(content_type) => {
+        Some(meta) if meta.closed => Some(crate::writes::Refusal::Closed { tail: tail.seq }),
+        Some(meta) if meta::normalize(&meta.content_type) != meta::normalize(content_type) => {
             Some(crate::writes::Refusal::ContentTypeMismatch)
         }
         Some(_) => None,

@@ -11,6 +11,7 @@
 use bytes::Bytes;
 
 use crate::cluster::Cluster;
+use crate::forks::Level;
 use crate::hub::Hub;
 use crate::meta::SharedMeta;
 use crate::offset::{Epoch, Offset, Position};
@@ -62,6 +63,9 @@ impl Engine {
     pub async fn write(&self, stream: &str, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         match self {
             Engine::Sled(storage) => storage.write(stream, op)?.durable().await,
+            Engine::Nats(_) if matches!(&op, WriteOp::Create { meta, .. } if meta.fork.is_some()) => {
+                Err(StorageError::Unsupported("forks in cluster mode").into())
+            }
             Engine::Nats(cluster) => cluster.write(stream, op).await,
         }
     }
@@ -83,19 +87,35 @@ impl Engine {
         }
     }
 
-    /// Messages after `offset`, at most `max_bytes` of them (but at least one).
+    /// Messages after `offset`, at most `max_bytes` of them (but at least one); a fork's are
+    /// its sources' up to its fork point, then its own (`forks.rs`).
     pub async fn read(&self, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ReadError> {
+        crate::forks::read(self, stream, offset, max_bytes).await
+    }
+
+    /// One level of a read: the stream's own messages after `offset` (up to `cap`, for a
+    /// fork's read of its source), or where a fork's inherited messages are.
+    pub async fn read_level(
+        &self,
+        stream: &str,
+        offset: Offset,
+        max_bytes: usize,
+        cap: Option<u64>,
+    ) -> Result<Level, ReadError> {
         match self {
             Engine::Sled(storage) => {
                 // From memory when possible (a cached chunk of a known stream), else on the
                 // blocking pool: a sled scan may touch the disk.
-                if let Some(result) = storage.read_from_memory(stream, offset, max_bytes) {
-                    return result;
+                if cap.is_none() {
+                    if let Some(result) = storage.read_from_memory(stream, offset, max_bytes) {
+                        return result;
+                    }
                 }
                 let (storage, stream) = (storage.clone(), stream.to_string());
-                blocking(move || storage.read(&stream, offset, max_bytes)).await?
+                blocking(move || storage.read_level(&stream, offset, max_bytes, cap)).await?
             }
-            Engine::Nats(cluster) => cluster.read(stream, offset, max_bytes).await,
+            // No forks in cluster mode yet (`write` refuses them).
+            Engine::Nats(cluster) => cluster.read(stream, offset, max_bytes).await.map(Level::Chunk),
         }
     }
 

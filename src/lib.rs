@@ -5,7 +5,8 @@
 //! - [`config`]: layered settings;
 //! - [`storage`]: the durable per-stream log (sled), group commit, retention, migrations;
 //! - [`cluster`]: the log in NATS JetStream (cluster mode);
-//! - [`meta`], [`writes`], [`framing`]: stream metadata, the write API's rules, response bodies;
+//! - [`meta`], [`writes`], [`forks`], [`framing`]: stream metadata, the write API's rules, forks,
+//!   response bodies;
 //! - [`offset`]: offset tokens;
 //! - [`hub`]: per-stream notify map for live readers;
 //! - [`auth`]: broadcast key, signed streams, JWT;
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod cursor;
 pub mod engine;
+pub mod forks;
 pub mod framing;
 pub mod http;
 pub mod hub;

@@ -40,6 +40,38 @@ pub struct StreamMeta {
     /// The producer request that closed the stream, if one did: its retry is a duplicate.
     #[serde(rename = "by", default, skip_serializing_if = "Option::is_none")]
     pub closed_by: Option<crate::writes::Producer>,
+    /// A fork: the stream it was forked from and where (WRITE.md §5).
+    #[serde(rename = "fork", default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<Box<ForkOf>>,
+    /// How many forks name this stream as their source (they read its messages up to their
+    /// fork point, so it is only soft-deleted while any is left).
+    #[serde(rename = "forks", default, skip_serializing_if = "is_zero")]
+    pub forks: u64,
+    /// Deleted (or expired) while forks still read it: `410` to its clients, kept for the
+    /// forks, removed with the last of them.
+    #[serde(rename = "del", default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Where a fork comes from. Its own messages follow `at`; positions up to `at` are its
+/// source's (read through it, never copied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkOf {
+    /// The source stream's name.
+    #[serde(rename = "src")]
+    pub source: String,
+    /// The fork point: the last position inherited.
+    pub at: u64,
+    /// `Stream-Fork-Offset` as resolved (before any sub-offset), for an idempotent re-`PUT`.
+    #[serde(rename = "anchor")]
+    pub anchor: u64,
+    /// `Stream-Fork-Sub-Offset` as given (0 when absent), for an idempotent re-`PUT`.
+    #[serde(rename = "sub", default)]
+    pub sub: u64,
 }
 
 impl Default for StreamMeta {
@@ -53,6 +85,9 @@ impl Default for StreamMeta {
             stream_seq: None,
             created_ms: 0,
             closed_by: None,
+            fork: None,
+            forks: 0,
+            deleted: false,
         }
     }
 }
@@ -172,6 +207,9 @@ mod tests {
             stream_seq: Some("a\u{1}\"".into()),
             created_ms: 7,
             closed_by: Some(crate::writes::Producer { id: "p".into(), epoch: 1, seq: 2 }),
+            fork: Some(Box::new(ForkOf { source: "a/b".into(), at: 9, anchor: 7, sub: 2 })),
+            forks: 3,
+            deleted: true,
         };
         assert_eq!(StreamMeta::decode(&meta.encode()), Some(meta));
         assert_eq!(StreamMeta::decode(b"\xff"), None);

@@ -114,6 +114,24 @@ pub enum Refusal {
     /// `409`: the producer skipped sequence numbers.
     #[error("Producer-Seq gap: expected {expected}, received {received}")]
     SeqGap { expected: u64, received: u64 },
+    /// `410`: the stream was deleted (or expired) while forks still read it.
+    #[error("stream_deleted: the stream was deleted; only its forks still read it")]
+    Deleted,
+    /// `404`: a fork's source does not exist.
+    #[error("fork source stream not found")]
+    ForkSourceNotFound,
+    /// `409`: a fork's source was deleted (soft-deleted: its forks still read it).
+    #[error("fork source stream was deleted")]
+    ForkSourceDeleted,
+    /// `409`: a fork's source is a stream of broadcasts, which AnyCable's retention trims.
+    #[error("a stream made by broadcasts cannot be forked: its history is trimmed by retention")]
+    ForkSourceTrimmed,
+    /// `400`: the fork point is not a position of the source.
+    #[error("invalid Stream-Fork-Offset: {0}")]
+    ForkOffset(String),
+    /// `400`: `Stream-Fork-Sub-Offset` goes past the data after the fork offset.
+    #[error("invalid Stream-Fork-Sub-Offset: {0}")]
+    ForkSubOffset(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -131,6 +149,13 @@ pub fn same_configuration(existing: &StreamMeta, requested: &StreamMeta) -> bool
         && existing.ttl_secs == requested.ttl_secs
         && existing.expires_at.as_ref().map(|(raw, _)| raw) == requested.expires_at.as_ref().map(|(raw, _)| raw)
         && existing.closed == requested.closed
+        && !existing.deleted
+        && fork_key(existing) == fork_key(requested)
+}
+
+/// What a fork re-`PUT` compares (the fork point itself follows from these and the source).
+fn fork_key(meta: &StreamMeta) -> Option<(&str, u64, u64)> {
+    meta.fork.as_ref().map(|f| (f.source.as_str(), f.anchor, f.sub))
 }
 
 /// Checks an append against the stream as it is (after the writes before it), for a request
@@ -221,6 +246,9 @@ fn check_producer(state: Option<ProducerState>, p: &Producer) -> Result<Producer
 
 /// Checks a broadcast's messages against a stream: only an open JSON stream takes them.
 pub fn check_broadcast(meta: &StreamMeta, tail: u64) -> Result<(), Refusal> {
+    if meta.deleted {
+        return Err(Refusal::Deleted);
+    }
     if meta.closed {
         return Err(Refusal::Closed { tail });
     }

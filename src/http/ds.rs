@@ -154,6 +154,7 @@ async fn read(
 async fn head(state: &AppState, stream: &str) -> Result<HttpResponse, ApiError> {
     let (tail, found) = state.engine.head(stream).await.map_err(|e| ApiError::from(ReadError::from(e)))?;
     let meta = match found {
+        Some(meta) if meta.deleted => return Err(stream_deleted()),
         Some(meta) => meta,
         None if state.config.ds.implicit_streams => meta::broadcast_stream(),
         None => return Err(stream_not_found()),
@@ -179,6 +180,11 @@ pub(super) fn stream_not_found() -> ApiError {
     ApiError::new(actix_web::http::StatusCode::NOT_FOUND, "stream_not_found")
 }
 
+/// A stream deleted while forks still read it (WRITE.md §5.9).
+fn stream_deleted() -> ApiError {
+    ApiError::new(actix_web::http::StatusCode::GONE, crate::writes::Refusal::Deleted.to_string())
+}
+
 /// Reads a chunk of the stream after `offset`; a stream that does not exist is `404` unless
 /// `ds.implicit_streams` reads it as empty.
 pub(super) async fn read_chunk(
@@ -189,10 +195,11 @@ pub(super) async fn read_chunk(
     implicit: bool,
 ) -> Result<Chunk, ApiError> {
     let chunk = engine.read(stream, offset, max_bytes).await.map_err(|e| read_error(e, stream))?;
-    if chunk.meta.is_none() && !implicit {
-        return Err(stream_not_found());
+    match &chunk.meta {
+        None if !implicit => Err(stream_not_found()),
+        Some(meta) if meta.deleted => Err(stream_deleted()),
+        _ => Ok(chunk),
     }
-    Ok(chunk)
 }
 
 /// The stream's content type (JSON for a stream that does not exist).

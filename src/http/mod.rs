@@ -4,6 +4,7 @@
 pub mod body;
 mod broadcast;
 mod ds;
+mod fork;
 mod json_errors;
 mod ops;
 pub mod request_body;
@@ -148,9 +149,10 @@ impl ApiError {
     /// A write its stream refused (nothing was written).
     pub fn refused(refusal: Refusal, epoch: crate::offset::Epoch) -> ApiError {
         let status = match refusal {
-            Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::NotFound | Refusal::ForkSourceNotFound => StatusCode::NOT_FOUND,
             Refusal::StaleEpoch { .. } => StatusCode::FORBIDDEN,
-            Refusal::NewEpochNotAtZero => StatusCode::BAD_REQUEST,
+            Refusal::NewEpochNotAtZero | Refusal::ForkOffset(_) | Refusal::ForkSubOffset(_) => StatusCode::BAD_REQUEST,
+            Refusal::Deleted => StatusCode::GONE,
             _ => StatusCode::CONFLICT,
         };
         let mut error = ApiError::new(status, refusal.to_string());

@@ -10,7 +10,7 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use bytes::Bytes;
 
-use super::{request_body, ApiError, AppState};
+use super::{fork, request_body, ApiError, AppState};
 use crate::meta::{self, Framing, StreamMeta};
 use crate::offset::Position;
 use crate::writes::{Append, Producer, WriteOp, WriteOutcome};
@@ -32,32 +32,32 @@ pub async fn handle(
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized"));
         }
     }
-    not_yet(req)?;
     let method = req.method();
     if method == Method::DELETE {
         return delete(state, &stream).await;
     }
     let headers = WriteHeaders::parse(req)?;
+    // Fork headers mean something on a `PUT` only.
+    let fork = if method == Method::PUT { fork::ForkRequest::parse(req, state)? } else { None };
     let limit = usize::try_from(state.config.ds.max_append_bytes).unwrap_or(usize::MAX);
     let body = request_body::read(req, payload, &state.body_budget, limit, "ds.max_append_bytes")
         .await
         .map_err(|e| e.into_api().1)?;
     if method == Method::PUT {
-        create(req, state, &stream, headers, &body.bytes).await
+        create(req, state, &stream, headers, fork, &body.bytes).await
     } else {
         append(state, &stream, headers, &body.bytes).await
     }
 }
 
-/// Forks come with the next issue: refused clearly rather than ignored (an ignored fork header
-/// would make a plain stream the client did not ask for).
-fn not_yet(req: &HttpRequest) -> Result<(), ApiError> {
-    let unsupported = |what: &str| ApiError::new(StatusCode::NOT_IMPLEMENTED, format!("{what} are not supported yet"));
-    let has = |name: &str| req.headers().contains_key(name);
-    if has("stream-forked-from") || has("stream-fork-offset") || has("stream-fork-sub-offset") {
-        return Err(unsupported("forks (Stream-Forked-From)"));
+/// The value of a header sent at most once (`None`: absent); `400` if repeated or not ASCII.
+pub(super) fn header_text<'r>(req: &'r HttpRequest, name: &'static str) -> Result<Option<&'r str>, ApiError> {
+    let mut values = req.headers().get_all(name);
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(format!("{name} is given more than once")));
     }
-    Ok(())
+    value.to_str().map(Some).map_err(|_| ApiError::bad_request(format!("{name} is not visible ASCII")))
 }
 
 /// The write headers of one request, validated.
@@ -73,14 +73,7 @@ struct WriteHeaders {
 
 impl WriteHeaders {
     fn parse(req: &HttpRequest) -> Result<WriteHeaders, ApiError> {
-        let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
-            let mut values = req.headers().get_all(name);
-            let Some(value) = values.next() else { return Ok(None) };
-            if values.next().is_some() {
-                return Err(ApiError::bad_request(format!("{name} is given more than once")));
-            }
-            value.to_str().map(Some).map_err(|_| ApiError::bad_request(format!("{name} is not visible ASCII")))
-        };
+        let text = |name| header_text(req, name);
         let content_type = text("content-type")?.map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
         let ttl_secs = text("stream-ttl")?.map(write_parse::ttl).transpose().map_err(ApiError::bad_request)?;
         let expires_at =
@@ -105,6 +98,7 @@ async fn create(
     state: &web::Data<AppState>,
     stream: &str,
     headers: WriteHeaders,
+    fork: Option<fork::ForkRequest>,
     body: &Bytes,
 ) -> Result<HttpResponse, ApiError> {
     // A stream that would be gone before anybody used it is a client mistake (or a clock far
@@ -115,7 +109,11 @@ async fn create(
             return Err(ApiError::bad_request(format!("Stream-Expires-At {raw:?} is in the past")));
         }
     }
-    let meta = StreamMeta {
+    let given = fork::Given {
+        content_type: headers.content_type.is_some(),
+        lifetime: headers.ttl_secs.is_some() || headers.expires_at.is_some(),
+    };
+    let mut meta = StreamMeta {
         content_type: write_parse::create_content_type(headers.content_type.as_deref()),
         created: true,
         closed: headers.closed,
@@ -124,8 +122,19 @@ async fn create(
         stream_seq: None,
         created_ms: 0,
         closed_by: None,
+        fork: None,
+        forks: 0,
+        deleted: false,
     };
-    let messages = write_parse::messages(meta.framing(), body).map_err(ApiError::bad_request)?;
+    let prefix = match fork {
+        Some(fork) => fork::prepare(state, stream, fork, given, &mut meta).await?,
+        None => None,
+    };
+    let mut messages = write_parse::messages(meta.framing(), body).map_err(ApiError::bad_request)?;
+    if let Some(prefix) = prefix {
+        // A byte fork's sub-offset prefix is its first message, before the body's.
+        messages.insert(0, prefix);
+    }
     let content_type = meta.content_type.clone();
     let context = format!("create of stream {stream:?} failed");
     let engine = &state.engine;

@@ -34,6 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+pub use crate::forks::Level;
 use crate::framing::Framer;
 use crate::hub::Hub;
 use crate::meta::{Framing, SharedMeta};
@@ -311,23 +312,42 @@ impl Storage {
     pub fn head(&self, stream: &str) -> Result<Option<(Position, SharedMeta)>, StorageError> {
         let Some(entry) = self.load(stream)? else { return Ok(None) };
         let meta = entry.meta();
-        if entry.expired(&meta, now_ms()) {
+        // A soft-deleted stream answers (`410`) until its last fork goes, expired or not.
+        if !meta.deleted && entry.expired(&meta, now_ms()) {
             self.expire(stream);
             return Ok(None);
         }
         Ok(Some((self.position(entry.visible.load(Ordering::Acquire)), meta)))
     }
 
-    /// Reads messages after `offset`, at most `max_bytes` of them (but always at least one).
-    /// Blocking (may scan sled): call it off the async workers.
+    /// Reads messages after `offset`, at most `max_bytes` of them (but always at least one);
+    /// a fork read before its fork point answers where to read on ([`Level::Inherit`]).
+    /// `cap`: a fork's read of its source, up to the fork point; it sees the source whatever
+    /// its state (deleted, expired) and renews nothing. Blocking (may scan sled): call it off
+    /// the async workers.
+    pub fn read_level(
+        &self,
+        stream: &str,
+        offset: Offset,
+        max_bytes: usize,
+        cap: Option<u64>,
+    ) -> Result<Level, ReadError> {
+        self.read_inner(stream, offset, max_bytes, true, cap).expect("a blocking read always answers")
+    }
+
+    /// [`Storage::read_level`] of a stream's own messages (a fork's inherited ones are read
+    /// through `Engine::read`, which stitches the levels).
     pub fn read(&self, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ReadError> {
-        self.read_inner(stream, offset, max_bytes, true).expect("a blocking read always answers")
+        match self.read_level(stream, offset, max_bytes, None)? {
+            Level::Chunk(chunk) => Ok(chunk),
+            Level::Inherit { .. } => Err(StorageError::Unsupported("a fork's inherited messages here").into()),
+        }
     }
 
     /// [`Storage::read`] if it can be answered from memory alone (known stream, cached chunk),
     /// so the caller can skip a trip to the blocking pool; `None` otherwise.
-    pub fn read_from_memory(&self, stream: &str, offset: Offset, max_bytes: usize) -> Option<Result<Chunk, ReadError>> {
-        self.read_inner(stream, offset, max_bytes, false)
+    pub fn read_from_memory(&self, stream: &str, offset: Offset, max_bytes: usize) -> Option<Result<Level, ReadError>> {
+        self.read_inner(stream, offset, max_bytes, false, None)
     }
 
     fn read_inner(
@@ -336,7 +356,8 @@ impl Storage {
         offset: Offset,
         max_bytes: usize,
         may_block: bool,
-    ) -> Option<Result<Chunk, ReadError>> {
+        cap: Option<u64>,
+    ) -> Option<Result<Level, ReadError>> {
         let entry = if may_block {
             match self.load(stream) {
                 Ok(entry) => entry,
@@ -346,23 +367,48 @@ impl Storage {
             Some(self.inner.cache.get(stream)?)
         };
         let Some(entry) = entry else {
-            return Some(self.read_unknown(stream, offset));
+            if cap.is_some() {
+                // A fork's source is kept while the fork lives: its absence is a lost record.
+                log::error!("fork source {stream:?} is missing");
+                return Some(Err(corrupt("fork (its source is missing)").into()));
+            }
+            return Some(self.read_unknown(stream, offset).map(Level::Chunk));
         };
         // Metadata before the tail: see `Chunk::meta`.
         let meta = entry.meta();
         let now = now_ms();
-        if entry.expired(&meta, now) {
-            if !may_block {
-                return None;
+        if cap.is_none() {
+            if entry.expired(&meta, now) && !meta.deleted {
+                if !may_block {
+                    return None;
+                }
+                self.expire(stream);
+                return Some(self.read_unknown(stream, offset).map(Level::Chunk));
             }
-            self.expire(stream);
-            return Some(self.read_unknown(stream, offset));
+            // A read renews a sliding TTL.
+            entry.renew(now);
         }
-        // A read renews a sliding TTL.
-        entry.renew(now);
-        let tail = entry.visible.load(Ordering::Acquire);
-        let with_meta =
-            |result: Result<Chunk, ReadError>| Some(result.map(|chunk| Chunk { meta: Some(meta.clone()), ..chunk }));
+        let visible = entry.visible.load(Ordering::Acquire);
+        let tail = cap.map_or(visible, |cap| cap.min(visible));
+        let with_meta = |result: Result<Chunk, ReadError>| {
+            Some(result.map(|chunk| Level::Chunk(Chunk { meta: Some(meta.clone()), ..chunk })))
+        };
+        if meta.deleted && cap.is_none() {
+            // `410` to its own clients (the caller tells by the metadata).
+            return with_meta(Ok(self.empty_chunk(tail, meta.framing())));
+        }
+        if let Some(fork) = &meta.fork {
+            // Before the fork point: the source's messages (the caller reads them there).
+            let inherited = match offset {
+                Offset::Start => true,
+                Offset::At(position) => position.seq < entry.base,
+                Offset::Now => false,
+            };
+            if inherited {
+                let (source, at) = (fork.source.clone(), entry.base);
+                return Some(Ok(Level::Inherit { source, at, meta: meta.clone() }));
+            }
+        }
         // AnyCable's retention applies to streams broadcasts made, never to those `PUT` made.
         let (window_start, expired_before) =
             if meta.created { (1, 0) } else { (self.window_start(tail), self.expiry_cutoff_ms()) };
@@ -392,8 +438,11 @@ impl Storage {
         if after >= tail {
             return with_meta(Ok(self.empty_chunk(after, meta.framing())));
         }
+        // A capped read is not the stream's chunk: it neither uses nor fills the cache.
+        let cache = if cap.is_some() { None } else { Some(&self.inner.chunks) };
         let _scan = loop {
-            if let Some(cached) = self.inner.chunks.get(entry.id, after, max_bytes) {
+            let Some(chunks) = cache else { break None };
+            if let Some(cached) = chunks.get(entry.id, after, max_bytes) {
                 let still_complete = cached.full || cached.last == tail;
                 if still_complete && cached.first_timestamp_ms >= expired_before {
                     let mut chunk = cached.chunk;
@@ -406,10 +455,10 @@ impl Storage {
             }
             // One scan per range at a time; after waiting for another one, look again. With the
             // cache off there is nothing to share: scan at once.
-            if !self.inner.chunks.is_enabled() {
+            if !chunks.is_enabled() {
                 break None;
             }
-            match self.inner.chunks.begin_scan(entry.id, after, max_bytes) {
+            match chunks.begin_scan(entry.id, after, max_bytes) {
                 Some(scan) => break Some(scan),
                 None => continue,
             }
@@ -419,7 +468,14 @@ impl Storage {
         // a second scan starts after what it took and answers correctly (a gap, or the new
         // start of the stream).
         for _ in 0..SCAN_ATTEMPTS {
-            let range = Range { after, tail, must_start_at_next, expired_before, framing: meta.framing() };
+            let range = Range {
+                after,
+                tail,
+                must_start_at_next,
+                expired_before,
+                framing: meta.framing(),
+                cache: cap.is_none(),
+            };
             match self.scan(&entry, range, max_bytes) {
                 Err(ScanError::Torn) => continue,
                 Err(ScanError::Read(e)) => return Some(Err(e)),
@@ -453,7 +509,7 @@ impl Storage {
 
     /// Reads the log of `entry` in `range`, and caches what it read.
     fn scan(&self, entry: &cache::StreamEntry, range: Range, max_bytes: usize) -> Result<Chunk, ScanError> {
-        let Range { after, tail, must_start_at_next, expired_before, framing } = range;
+        let Range { after, tail, must_start_at_next, expired_before, framing, cache } = range;
         let mut body = Framer::new(framing, 0);
         let mut count = 0;
         let mut start = after;
@@ -546,8 +602,10 @@ impl Storage {
         };
         // Keyed by the position the chunk really follows: a read from the start that skipped
         // expired messages must not answer a later read from before them (that one is a gap).
-        let cached = chunks::CachedChunk { chunk: chunk.clone(), last, first_timestamp_ms, full };
-        self.inner.chunks.put(entry.id, start, max_bytes, cached);
+        if cache {
+            let cached = chunks::CachedChunk { chunk: chunk.clone(), last, first_timestamp_ms, full };
+            self.inner.chunks.put(entry.id, start, max_bytes, cached);
+        }
         Ok(chunk)
     }
 
@@ -623,6 +681,8 @@ struct Range {
     /// Messages older than this (ms) have expired (AnyCable's `history_ttl`; 0: none).
     expired_before: u64,
     framing: Framing,
+    /// Whether the chunk goes to the chunk cache (not a capped read).
+    cache: bool,
 }
 
 /// Scans of one read before it gives up on a stream whose records keep vanishing.
@@ -690,12 +750,13 @@ mod tests {
         }
         let id = storage.inner.cache.get("s").unwrap().id;
         storage.inner.db.get().unwrap().remove(keys::record_key(id, 2)).unwrap();
-        let from_start = storage.read("s", Offset::Start, 1024);
+        let read = |offset| storage.read("s", offset, 1024);
+        let from_start = read(Offset::Start);
         assert!(matches!(from_start, Err(ReadError::Storage(_))), "{from_start:?}");
         let epoch = storage.epoch();
-        let from_1 = storage.read("s", Offset::At(Position { epoch, seq: 1 }), 1024);
+        let from_1 = read(Offset::At(Position { epoch, seq: 1 }));
         assert!(matches!(from_1, Err(ReadError::Gone)), "the next message is gone: {from_1:?}");
-        let from_2 = storage.read("s", Offset::At(Position { epoch, seq: 2 }), 1024).unwrap();
+        let from_2 = read(Offset::At(Position { epoch, seq: 2 })).unwrap();
         assert_eq!(&from_2.body[..], b"[3]");
     }
 }

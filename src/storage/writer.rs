@@ -37,6 +37,7 @@ use super::{now_ms, Chunk, NewMessage, Retention, StorageError};
 use crate::hub::Hub;
 use crate::writes::{WriteError, WriteOp, WriteOutcome};
 
+mod forks;
 mod ops;
 use crate::offset::{Epoch, Position};
 

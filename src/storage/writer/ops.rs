@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::forks::Removal;
 use super::{each_request_in_one_key, Op, Request, Run, State};
 use crate::meta::{SharedMeta, StreamMeta};
 use crate::storage::cache::{StoredTail, StreamEntry};
@@ -261,6 +262,9 @@ impl State {
             },
         };
         let meta = group.meta(&entry);
+        if meta.deleted {
+            return Ok(Err(Refusal::Deleted));
+        }
         if entry.expired(&meta, now) {
             return Ok(Err(Refusal::NotFound));
         }
@@ -306,9 +310,12 @@ impl State {
         let now = now_ms();
         let mut batch = sled::Batch::default();
         let mut buried = tombstones::get(db, stream)?;
+        let mut released = Removal::default();
         if let Some(entry) = self.cache.get_or_load(db, stream)? {
             let current = entry.meta();
-            if !entry.expired(&current, now) {
+            // A stream forks still read is there for a `PUT` even once expired (its path is
+            // taken until the last fork goes: `409`).
+            if current.deleted || current.forks > 0 || !entry.expired(&current, now) {
                 let tail = entry.visible.load(Ordering::Acquire);
                 return Ok(Applied::answer(if same_configuration(&current, requested) {
                     Ok(WriteOutcome::Exists { tail, closed: current.closed })
@@ -319,17 +326,29 @@ impl State {
             // Purged and replaced in this batch: no tombstone, but the new stream starts
             // after the expired one's tail, as if it had one.
             let tail = entry.allocated.load(Ordering::Acquire);
-            self.remove_keys(db, &mut batch, &entry, None)?;
+            self.remove_stream(db, &mut batch, &entry, None, &mut released)?;
             buried = Some(Tombstone { last_seq: tail, removed_ms: now, ending: Ending::Ended });
         }
+        let fork = match &requested.fork {
+            Some(fork) => match self.plan_fork(db, fork, &requested.content_type)? {
+                Ok(plan) => Some(plan),
+                Err(refusal) => return Ok(Applied::answer(Err(refusal))),
+            },
+            None => None,
+        };
         tombstones::clear(db, &mut batch, stream)?;
         let floor = self.seq_floor.load(Ordering::Acquire);
-        let (base, _) = Tombstone::next_life(buried.as_ref(), floor, NextLife::Put);
+        // A fork shares its source's positions up to the fork point: its own follow it.
+        let base = match &fork {
+            Some(plan) => plan.at,
+            None => Tombstone::next_life(buried.as_ref(), floor, NextLife::Put).0,
+        };
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        let stored = StreamMeta { created: true, created_ms: now, ..requested.clone() };
-        // Readers may find the entry before the flush: it says "open" until the messages are
-        // visible, and the closure (if any) is published after them.
+        let mut stored = StreamMeta { created: true, created_ms: now, ..requested.clone() };
+        if let (Some(plan), Some(fork)) = (&fork, &mut stored.fork) {
+            fork.at = plan.at;
+        }
         let opening = Arc::new(StreamMeta { closed: false, ..stored.clone() });
         let tail = StoredTail { last_seq: base, newest_timestamp_ms: 0, base, prev_tail: None };
         let entry = Arc::new(StreamEntry::with_meta(stream.clone(), id, tail, opening));
@@ -349,6 +368,12 @@ impl State {
         if let Some(deadline) = stored.deadline_ms(now) {
             expiry::schedule(&mut batch, deadline, id, stream);
         }
+        let mut metas = released.metas;
+        if let Some(plan) = fork {
+            // The source's count goes up in the fork's own batch: both or neither.
+            batch.insert(&keys::meta_key(plan.source.id)[..], plan.source_meta.encode());
+            metas.push((plan.source, Arc::new(plan.source_meta)));
+        }
         // Replaces an expired stream's entry, if there was one.
         self.cache.insert(entry.clone());
         if let Err(e) = db.apply_batch(batch) {
@@ -362,13 +387,10 @@ impl State {
         entry.last_timestamp_ms.store(run.timestamp_ms, Ordering::Release);
         let result = Ok(WriteOutcome::Created { tail: run.last_seq, closed: stored.closed });
         let runs = if messages.is_empty() { Vec::new() } else { vec![run] };
-        Ok(Applied {
-            runs,
-            metas: vec![(entry, Arc::new(stored))],
-            removed: Vec::new(),
-            results: vec![result],
-            wrote: true,
-        })
+        metas.push((entry, Arc::new(stored)));
+        // (A purged fork's released sources that went with it; not the name just made.)
+        released.removed.retain(|name| name != stream);
+        Ok(Applied { runs, metas, removed: released.removed, results: vec![result], wrote: true })
     }
 
     /// `DELETE` (or, with `only_if_expired`, the removal of an expired stream).
@@ -381,24 +403,31 @@ impl State {
         let Some(entry) = self.cache.get_or_load(db, stream)? else {
             return Ok(Applied::answer(Err(Refusal::NotFound)));
         };
-        let expired = entry.expired(&entry.meta(), now_ms());
+        let meta = entry.meta();
+        if meta.deleted {
+            // Soft-deleted already: `410` to a DELETE; nothing more to expire.
+            let refusal = if only_if_expired { Refusal::NotFound } else { Refusal::Deleted };
+            return Ok(Applied::answer(Err(refusal)));
+        }
+        let expired = entry.expired(&meta, now_ms());
         if only_if_expired && !expired {
             return Ok(Applied::answer(Err(Refusal::NotFound)));
         }
         let mut batch = sled::Batch::default();
-        self.remove_keys(db, &mut batch, &entry, Some(Ending::Ended))?;
+        let mut removal = Removal::default();
+        self.remove_stream(db, &mut batch, &entry, Some(Ending::Ended), &mut removal)?;
         if let Err(e) = db.apply_batch(batch) {
             self.failed.store(true, Ordering::Release);
             log::error!("removing stream {stream:?} failed: {e}");
             return Err(e.into());
         }
-        crate::metrics::get().streams_removed.inc();
+        crate::metrics::get().streams_removed.inc_by(removal.removed.len() as u64);
         // An expired stream is gone for its clients already: its DELETE is a 404.
         let result = if expired { Err(Refusal::NotFound) } else { Ok(WriteOutcome::Deleted) };
         Ok(Applied {
             runs: Vec::new(),
-            metas: Vec::new(),
-            removed: vec![entry.name.clone()],
+            metas: removal.metas,
+            removed: removal.removed,
             results: vec![result],
             wrote: true,
         })
@@ -435,7 +464,7 @@ impl State {
     /// Adds the removal of every key of `entry`'s stream to `batch` (and its tombstone, if
     /// `ending`), and raises the store's sequence floor to its tail first (in memory, and in
     /// the batch), so no later stream hands out a token the removed one handed out.
-    fn remove_keys(
+    pub(super) fn remove_keys(
         &self,
         db: &sled::Db,
         batch: &mut sled::Batch,

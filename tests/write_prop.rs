@@ -177,9 +177,27 @@ const HOSTILE: &[&str] = &[
     "a/b/c",
     "/",
     "é",
+    "/ds/h1",
+    "h2",
+    "/ds/h%33",
+    "/ds/",
+    "%ff%fe",
+    "0000000000000000_0000000000000000",
+    "9999999999999999_9999999999999999",
+    "3",
+    "05",
 ];
 
-const HEADERS: &[&str] = &["content-type", "stream-ttl", "stream-expires-at", "stream-closed", "stream-seq"];
+const HEADERS: &[&str] = &[
+    "content-type",
+    "stream-ttl",
+    "stream-expires-at",
+    "stream-closed",
+    "stream-seq",
+    "stream-forked-from",
+    "stream-fork-offset",
+    "stream-fork-sub-offset",
+];
 
 /// Requests with random hostile header combinations (empty, repeated, huge, odd case): never
 /// a 5xx, a JSON error for every refusal, and a stream exists only if a `PUT` said so.

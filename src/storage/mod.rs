@@ -20,6 +20,7 @@
 mod cache;
 mod chunks;
 mod expiry;
+pub mod inspect;
 mod keys;
 mod migrate;
 mod retention;

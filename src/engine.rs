@@ -63,9 +63,6 @@ impl Engine {
     pub async fn write(&self, stream: &str, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         match self {
             Engine::Sled(storage) => storage.write(stream, op)?.durable().await,
-            Engine::Nats(_) if matches!(&op, WriteOp::Create { meta, .. } if meta.fork.is_some()) => {
-                Err(StorageError::Unsupported("forks in cluster mode").into())
-            }
             Engine::Nats(cluster) => cluster.write(stream, op).await,
         }
     }
@@ -114,8 +111,7 @@ impl Engine {
                 let (storage, stream) = (storage.clone(), stream.to_string());
                 blocking(move || storage.read_level(&stream, offset, max_bytes, cap)).await?
             }
-            // No forks in cluster mode yet (`write` refuses them).
-            Engine::Nats(cluster) => cluster.read(stream, offset, max_bytes).await.map(Level::Chunk),
+            Engine::Nats(cluster) => cluster.read_level(stream, offset, max_bytes, cap).await,
         }
     }
 

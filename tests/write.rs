@@ -218,12 +218,7 @@ async fn bad_writes_get_a_clear_4xx_and_store_nothing() {
             400,
             "Producer-Seq",
         ),
-        // (Cluster mode has no forks yet: 501, not a plain stream.)
-        (
-            write(&server, reqwest::Method::PUT, "f").header("stream-forked-from", "/ds/missing"),
-            if common::nats_engine() { 501 } else { 404 },
-            if common::nats_engine() { "forks" } else { "fork source" },
-        ),
+        (write(&server, reqwest::Method::PUT, "f").header("stream-forked-from", "/ds/missing"), 404, "fork source"),
         (
             write(&server, reqwest::Method::POST, "missing").header("content-type", "application/json").body("1"),
             404,

@@ -48,6 +48,7 @@
 mod access;
 mod broadcast;
 mod direct;
+mod fork;
 mod lookup;
 mod publish;
 mod read;

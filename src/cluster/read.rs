@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::direct::{Batch, Item};
 use super::state::{Control, StreamState};
 use super::{Cluster, READ_TIMEOUT};
+use crate::forks::Level;
 use crate::framing::{empty_body, Framer};
 use crate::meta::{Framing, SharedMeta};
 use crate::offset::{Offset, Position};
@@ -21,6 +22,27 @@ const READ_OVERHEAD: usize = 64 * 1024;
 const READ_BATCH: usize = 1000;
 
 impl Cluster {
+    /// One level of a read (`forks.rs`): the stream's own messages, or, for a fork read
+    /// before its fork point, where to read on; with `cap`, a fork's read of its source.
+    pub async fn read_level(
+        &self,
+        stream: &str,
+        offset: Offset,
+        max_bytes: usize,
+        cap: Option<u64>,
+    ) -> Result<Level, ReadError> {
+        if let Some(cap) = cap {
+            return self.read_capped(stream, offset, max_bytes, cap).await;
+        }
+        let chunk = self.read(stream, offset, max_bytes).await?;
+        if let Some(meta) = &chunk.meta {
+            if let Some(fork) = meta.fork.as_ref().filter(|f| inherits(offset, f.at)) {
+                return Ok(Level::Inherit { source: fork.source.clone(), at: fork.at, meta: meta.clone() });
+            }
+        }
+        Ok(Level::Chunk(chunk))
+    }
+
     pub async fn read(&self, stream: &str, offset: Offset, max_bytes: usize) -> Result<Chunk, ReadError> {
         let started = std::time::Instant::now();
         let result = self.read_inner(stream, offset, max_bytes).await;
@@ -91,7 +113,9 @@ impl Cluster {
                 (None, Some(back)) => first.seq.saturating_sub(back),
                 (None, None) => 0,
             };
-            if prev > after {
+            // (A fork's first message follows whatever its subject saw before: a reader at or
+            // before its fork point missed nothing of it, see `read_level`.)
+            if prev > after && !fork_after(first, after) {
                 // The message before the first retained one, newer than the reader's
                 // position, was deleted by retention: the reader missed it.
                 return Err(ReadError::Gone);
@@ -149,7 +173,7 @@ impl Cluster {
     /// Up to a batch of the subject's messages after `after`, from any replica, and at least
     /// through `must`: a replica behind the leader is asked again. `None`: even the end of
     /// what is stored is before `must` (it was deleted).
-    async fn fetch_through(
+    pub(super) async fn fetch_through(
         &self,
         subject: &str,
         after: u64,
@@ -181,7 +205,7 @@ impl Cluster {
     }
 
     /// One batched Direct Get of the messages after `after`, about `max_bytes` of them.
-    async fn fetch(&self, subject: &str, after: u64, max_bytes: usize) -> Result<Batch, StorageError> {
+    pub(super) async fn fetch(&self, subject: &str, after: u64, max_bytes: usize) -> Result<Batch, StorageError> {
         // JetStream counts stored bytes (headers included) against `max_bytes`; ask for more
         // and cut at the body budget (`frame`).
         let budget = max_bytes.saturating_mul(2).saturating_add(READ_OVERHEAD);
@@ -219,7 +243,7 @@ impl Cluster {
 
     /// The chunk: as many messages as fit in `max_bytes` of body (at least one), control
     /// messages taken along but never read as messages.
-    fn frame(&self, batch: &Batch, after: u64, must: u64, max_bytes: usize, meta: SharedMeta) -> Chunk {
+    pub(super) fn frame(&self, batch: &Batch, after: u64, must: u64, max_bytes: usize, meta: SharedMeta) -> Chunk {
         let at = |seq| Position { epoch: self.inner.epoch, seq };
         let framing = meta.framing();
         let mut body = Framer::new(framing, 0);
@@ -326,6 +350,11 @@ impl Cluster {
     }
 }
 
+/// Whether `item` is a fork's message and `after` at or before its fork point.
+fn fork_after(item: &Item, after: u64) -> bool {
+    item.marks.meta().and_then(|meta| meta.fork.as_ref().map(|f| f.at)).is_some_and(|at| after <= at)
+}
+
 /// The metadata as the last message taken left it (a chunk cut short reports the stream as
 /// it was there: a content type, never a closure that comes later).
 fn meta_before(taken: &[Item]) -> Option<SharedMeta> {
@@ -335,4 +364,13 @@ fn meta_before(taken: &[Item]) -> Option<SharedMeta> {
 fn empty_chunk(position: Position, meta: Option<SharedMeta>) -> Chunk {
     let framing = meta.as_ref().map_or(Framing::Json, |m| m.framing());
     Chunk { body: empty_body(framing), count: 0, start: position, next: position, up_to_date: true, meta }
+}
+
+/// Whether a read from `offset` of a fork at `at` starts in what the fork inherits.
+pub(super) fn inherits(offset: Offset, at: u64) -> bool {
+    match offset {
+        Offset::Start => true,
+        Offset::At(position) => position.seq < at,
+        Offset::Now => false,
+    }
 }

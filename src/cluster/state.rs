@@ -14,7 +14,9 @@
 //! - `close`: a close-only `POST`; not a position: `Ds-Tail` names the one before it, so a
 //!   close does not move the stream's tail, as on the embedded engine;
 //! - `delete`: `DELETE` or expiry; the stream does not exist after it (the messages before it
-//!   are purged right after, and ignored by reads until then).
+//!   are purged right after, and ignored by reads until then);
+//! - `meta`: a change of metadata alone (a fork's source counting its forks, a soft delete);
+//!   not a position, like `close`.
 //!
 //! Every write is guarded by the subject's last sequence (see `publish`), so whoever checks
 //! a write against the state of message N and stores it guarded by N knows that state was
@@ -40,6 +42,7 @@ pub(super) enum Control {
     Create,
     Close,
     Delete,
+    Meta,
 }
 
 impl Control {
@@ -48,6 +51,7 @@ impl Control {
             Control::Create => "create",
             Control::Close => "close",
             Control::Delete => "delete",
+            Control::Meta => "meta",
         }
     }
 
@@ -56,6 +60,7 @@ impl Control {
             "create" => Some(Control::Create),
             "close" => Some(Control::Close),
             "delete" => Some(Control::Delete),
+            "meta" => Some(Control::Meta),
             _ => None,
         }
     }
@@ -110,7 +115,7 @@ impl Marks {
     pub(super) fn position(&self, seq: u64) -> Option<u64> {
         match self.control {
             None | Some(Control::Create) => Some(seq),
-            Some(Control::Close) => Some(self.tail.unwrap_or(seq)),
+            Some(Control::Close | Control::Meta) => Some(self.tail.unwrap_or(seq)),
             Some(Control::Delete) => None,
         }
     }
@@ -182,7 +187,7 @@ pub(super) fn mark(headers: &mut HeaderMap, meta: &StreamMeta, control: Option<C
     }
     if let Some(control) = control {
         headers.insert(CONTROL, control.as_str());
-        if control == Control::Close {
+        if matches!(control, Control::Close | Control::Meta) {
             headers.insert(TAIL, tail.to_string().as_str());
         }
     }

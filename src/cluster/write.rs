@@ -39,6 +39,8 @@ enum Plan {
     Remove { then_create: bool },
     /// Store these messages: bodies with the metadata after each, or one control message.
     Store { messages: Vec<(Bytes, StreamMeta, Option<Control>)>, done: Done },
+    /// Make a fork (`fork.rs`): its source is checked and counted in the same batch.
+    Fork,
 }
 
 /// The outcome of a stored write.
@@ -110,6 +112,20 @@ impl Cluster {
                     ask_leader = true;
                     continue;
                 }
+                Plan::Fork => {
+                    let WriteOp::Create { meta, messages } = op else { unreachable!("a fork is a create") };
+                    match self.create_fork(stream, &state, meta, messages, now).await? {
+                        Some(answer) => return answer.map_err(Into::into),
+                        None => {
+                            ask_leader = true;
+                            log::debug!(
+                                "fork {stream:?} or its source moved under a write (attempt {attempt}); retrying"
+                            );
+                            back_off(attempt).await;
+                            continue;
+                        }
+                    }
+                }
                 Plan::Store { messages, done } => (messages, done),
             };
             // What the stream is after the write: the metadata its last message carries.
@@ -159,25 +175,24 @@ impl Cluster {
     /// left before a `delete` message, so a purge that fails (logged) loses nothing but
     /// disk space until the next removal under the name.
     pub(super) async fn remove(&self, stream: &str, state: &StreamState) -> Result<bool, StorageError> {
-        let mut headers = HeaderMap::new();
-        state::mark(&mut headers, &StreamMeta::default(), Some(Control::Delete), 0, 0);
-        let outgoing = [Outgoing { stream, payload: Bytes::new(), headers }];
-        let prevs = HashMap::from([(stream, Prev::after(state.last, state.last))]);
-        match self.publish_guarded(&outgoing, &prevs).await {
-            Ok(last) => {
-                self.published(&outgoing, last);
-                self.forget(stream);
-                crate::metrics::get().streams_removed.inc();
-                if let Err(e) = self.purge_through(stream, last).await {
-                    log::warn!("stream {stream:?} removed, but its messages stay on disk for now: {e}");
+        // With forks: only marked deleted; its last fork's removal takes it (`fork.rs`).
+        let Some((planned, prevs, purged)) = self.removal(stream, state).await? else { return Ok(true) };
+        let prevs: Vec<(&str, Prev)> = prevs.iter().map(|(s, p)| (s.as_str(), *p)).collect();
+        match self.publish_planned(&planned, &prevs, 0).await? {
+            Some(lasts) => {
+                for name in &purged {
+                    self.forget(name);
+                    crate::metrics::get().streams_removed.inc();
+                    if let Err(e) = self.purge_through(name, lasts[name]).await {
+                        log::warn!("stream {name:?} removed, but its messages stay on disk for now: {e}");
+                    }
+                }
+                if purged.is_empty() {
+                    self.forget(stream);
                 }
                 Ok(true)
             }
-            Err(Publish::Moved) => {
-                self.forget(stream);
-                Ok(false)
-            }
-            Err(Publish::Failed(e)) => Err(e),
+            None => Ok(false),
         }
     }
 }
@@ -191,7 +206,12 @@ fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
             } else {
                 Err(Refusal::ConfigMismatch)
             }),
+            // Forks still read it: its name is taken (`409`) until they go.
+            Life::Expired if state.meta.as_ref().is_some_and(|m| m.deleted || m.forks > 0) => {
+                Plan::Answer(Err(Refusal::ConfigMismatch))
+            }
             Life::Expired => Plan::Remove { then_create: true },
+            Life::Missing if meta.fork.is_some() => Plan::Fork,
             Life::Missing => {
                 let stored = StreamMeta { created: true, created_ms: now, ..meta.clone() };
                 let closed = stored.closed;
@@ -205,6 +225,9 @@ fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
         },
         WriteOp::Append(append) => {
             let Life::Live(meta) = life else { return Plan::Answer(Err(Refusal::NotFound)) };
+            if meta.deleted {
+                return Plan::Answer(Err(Refusal::Deleted));
+            }
             let next = match check_append(&meta, state.tail, append) {
                 Ok(next) => next,
                 Err(refusal) => return Plan::Answer(Err(refusal)),
@@ -224,6 +247,7 @@ fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
             Plan::Store { messages: vec![(Bytes::new(), next, Some(Control::Close))], done: Done::Closed }
         }
         WriteOp::Delete => match life {
+            Life::Live(meta) if meta.deleted => Plan::Answer(Err(Refusal::Deleted)),
             Life::Live(_) => Plan::Remove { then_create: false },
             Life::Missing | Life::Expired => Plan::Answer(Err(Refusal::NotFound)),
         },

@@ -79,7 +79,9 @@ impl Cluster {
             // Each stream's metadata and life, carried on to its new messages.
             let metas: HashMap<&str, (SharedMeta, Option<u64>)> = looked
                 .iter()
-                .map(|(stream, l)| (*stream, (l.state.meta.clone().unwrap_or_else(meta::broadcast_stream), l.state.life)))
+                .map(|(stream, l)| {
+                    (*stream, (l.state.meta.clone().unwrap_or_else(meta::broadcast_stream), l.state.life))
+                })
                 .collect();
             let outgoing: Vec<Outgoing> = messages
                 .iter()

@@ -269,7 +269,10 @@ mod tests {
         let plain = Marks::from_headers(Some(&headers));
         assert!(plain.is_message());
         assert_eq!(plain.meta(), Some(meta::broadcast_stream()));
-        assert_eq!(StreamState::after(7, &plain), StreamState { last: 7, tail: 7, meta: plain.meta(), written_ms: 0, life: None });
+        assert_eq!(
+            StreamState::after(7, &plain),
+            StreamState { last: 7, tail: 7, meta: plain.meta(), written_ms: 0, life: None }
+        );
         let mut headers = HeaderMap::new();
         mark(&mut headers, &put_meta(), Some(3), Some(Control::Delete), 0, 1);
         let removed = Marks::from_headers(Some(&headers));

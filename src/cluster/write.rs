@@ -114,7 +114,8 @@ impl Cluster {
                     if expired {
                         self.expire(stream);
                     }
-                    let stored_nothing = matches!(answer, Ok(WriteOutcome::Appended { .. } | WriteOutcome::Duplicate { .. }));
+                    let stored_nothing =
+                        matches!(answer, Ok(WriteOutcome::Appended { .. } | WriteOutcome::Duplicate { .. }));
                     if let (true, Some(meta)) = (stored_nothing, &state.meta) {
                         // A repeated close or a producer's retry renews the TTL too, as every
                         // `POST` does.
@@ -325,7 +326,9 @@ mod tests {
 
     #[test]
     fn an_append_and_close_carries_the_closure_on_its_last_message_only() {
-        let Plan::Store { messages, done, .. } = plan(&append(3, true), &state(), live(text()), 1, None) else { panic!() };
+        let Plan::Store { messages, done, .. } = plan(&append(3, true), &state(), live(text()), 1, None) else {
+            panic!()
+        };
         assert!(matches!(done, Done::Appended { closed: true }));
         let closed: Vec<bool> = messages.iter().map(|(_, meta, _)| meta.closed).collect();
         assert_eq!(closed, [false, false, true]);
@@ -334,7 +337,9 @@ mod tests {
 
     #[test]
     fn a_close_only_post_is_one_control_message_and_closing_again_stores_nothing() {
-        let Plan::Store { messages, done, .. } = plan(&append(0, true), &state(), live(text()), 1, None) else { panic!() };
+        let Plan::Store { messages, done, .. } = plan(&append(0, true), &state(), live(text()), 1, None) else {
+            panic!()
+        };
         assert!(matches!(done, Done::Closed));
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].2, Some(Control::Close));
@@ -351,13 +356,21 @@ mod tests {
         let Plan::Answer(answer) = plan(&create, &state(), live(text()), 1, None) else { panic!() };
         assert_eq!(answer, Ok(WriteOutcome::Exists { tail: 10, closed: false }));
         assert!(matches!(plan(&create, &state(), Life::Expired, 1, None), Plan::Remove { then_create: true }));
-        let Plan::Store { messages, .. } = plan(&create, &StreamState::empty(3), Life::Missing, 77, None) else { panic!() };
+        let Plan::Store { messages, .. } = plan(&create, &StreamState::empty(3), Life::Missing, 77, None) else {
+            panic!()
+        };
         assert_eq!(messages[0].2, Some(Control::Create));
         assert_eq!((messages[0].1.created, messages[0].1.created_ms), (true, 77));
         let other = WriteOp::Create { meta: StreamMeta { ttl_secs: Some(1), ..text() }, messages: Vec::new() };
         assert!(matches!(plan(&other, &state(), live(text()), 1, None), Plan::Answer(Err(Refusal::ConfigMismatch))));
-        assert!(matches!(plan(&WriteOp::Delete, &state(), Life::Expired, 1, None), Plan::Answer(Err(Refusal::NotFound))));
-        assert!(matches!(plan(&append(1, false), &state(), Life::Missing, 1, None), Plan::Answer(Err(Refusal::NotFound))));
+        assert!(matches!(
+            plan(&WriteOp::Delete, &state(), Life::Expired, 1, None),
+            Plan::Answer(Err(Refusal::NotFound))
+        ));
+        assert!(matches!(
+            plan(&append(1, false), &state(), Life::Missing, 1, None),
+            Plan::Answer(Err(Refusal::NotFound))
+        ));
     }
 
     #[test]

@@ -195,12 +195,7 @@ impl Cluster {
     /// (records of a new life of the stream, written after, stay). Losing this purge loses
     /// nothing but disk space: old records name a life that is over.
     pub(super) async fn purge_producers(&self, stream: &str, seq: u64) -> Result<(), StorageError> {
-        let request = serde_json::json!({ "filter": self.producer_subjects(stream), "seq": seq + 1 }).to_string();
-        let answer = self.stream_api("PURGE", request).await?;
-        match answer.get("success").and_then(|v| v.as_bool()) {
-            Some(true) => Ok(()),
-            _ => Err(StorageError::Unavailable(format!("purge refused: {answer}"))),
-        }
+        self.purge_filter_through(&self.producer_subjects(stream), seq).await
     }
 }
 

@@ -146,4 +146,7 @@ async fn a_stream_made_again_on_one_node_has_forgotten_its_producers_on_another(
         assert_eq!(bytes(&a, "produced").await, b"new0;", "round {round}");
         assert_eq!(write(&b, reqwest::Method::DELETE, "produced").send().await.unwrap().status(), 204);
     }
+    // The removals purged the records too (their lives keep them apart even when not).
+    let logs = a.logs() + &b.logs();
+    assert!(!logs.contains("records stay on disk"), "{logs}");
 }

@@ -434,7 +434,7 @@ async fn the_readers_of_a_lost_node_resume_on_another_with_exactly_the_rest() {
 }
 
 /// A stream made by an older anycable-ds (its history_limit in JetStream's
-/// `max_msgs_per_subject`, no per-message TTL) is moved to this layout by a node with the same
+/// `max_msgs_per_subject`, no per-message TTL, no producers' subjects) is moved to this layout by a node with the same
 /// retention, which reads its messages on, and refused to a node with other retention.
 #[tokio::test]
 async fn a_stream_made_by_an_older_version_is_moved_to_this_layout() {
@@ -473,6 +473,7 @@ async fn a_stream_made_by_an_older_version_is_moved_to_this_layout() {
     assert_eq!(a.read("o", "-1").await.0, numbered(1..=2), "the older version's messages");
     let info = js.get_stream("OLD").await.unwrap().cached_info().config.clone();
     assert_eq!((info.max_messages_per_subject, info.allow_message_ttl), (-1, true));
+    assert!(info.allow_rollup && info.subjects.contains(&"OLD.p.*.*".to_string()), "producers' records: {info:?}");
     assert_eq!(info.metadata.get("anycable_ds_history_limit").map(String::as_str), Some("5"));
     a.publish("o", numbered(3..=8)).await;
     assert_eq!(a.read("o", "-1").await.0, numbered(4..=8), "history_limit applied by the node now");

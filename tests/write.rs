@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::ds_write::{bytes, close, post, put, refused, rfc3339, same_stream_seq, write};
+use common::ds_write::{bytes, close, post, produce, produced, put, refused, rfc3339, same_stream_seq, write};
 use common::{header, temp_dir, Server, SseClient};
 use serde_json::{json, Value};
 
@@ -283,6 +283,45 @@ async fn acknowledged_writes_and_their_metadata_survive_kill_9() {
     let head = server.client.head(server.ds("done")).send().await.unwrap();
     assert_eq!(header(&head, "stream-closed").as_deref(), Some("true"));
     assert_eq!(refused(post(&server, "done", "application/json", b"2".to_vec()).await).await.0, 409);
+}
+
+/// An idempotent producer's state survives `kill -9` with the stream (a retry of an applied
+/// request is still a duplicate, a zombie epoch still fenced), and goes with it: the stream
+/// made next under the name has never seen the producer.
+#[tokio::test]
+async fn producer_state_survives_kill_9_and_goes_with_its_stream() {
+    let dir = temp_dir();
+    let mut server = Server::start(dir.path(), &["--ds_implicit_streams", "false"]);
+    assert_eq!(put(&server, "p", "text/plain", b"").await.status(), 201);
+    let send = |server: &Server, epoch, seq, body: &str| produce(server, "p", "writer", (epoch, seq), body.to_string());
+    let ok = |epoch: u64, seq: u64| (200, Some(epoch.to_string()), Some(seq.to_string()));
+    assert_eq!(produced(&send(&server, 1, 0, "a").send().await.unwrap()), ok(1, 0));
+    assert_eq!(produced(&send(&server, 1, 1, "b").send().await.unwrap()), ok(1, 1));
+    server.kill();
+    server.restart();
+
+    let retry = send(&server, 1, 0, "a").send().await.unwrap();
+    assert_eq!(produced(&retry), (204, Some("1".into()), Some("1".into())), "a duplicate names the highest seq");
+    let zombie = send(&server, 0, 2, "z").send().await.unwrap();
+    assert_eq!((zombie.status().as_u16(), header(&zombie, "producer-epoch")), (403, Some("1".into())));
+    let gap = send(&server, 1, 3, "x").send().await.unwrap();
+    assert_eq!(
+        (gap.status().as_u16(), header(&gap, "producer-expected-seq"), header(&gap, "producer-received-seq")),
+        (409, Some("2".into()), Some("3".into()))
+    );
+    // Append-and-close with the producer; its retry is a duplicate of the close.
+    let last = send(&server, 1, 2, "c").header("stream-closed", "true").send().await.unwrap();
+    assert_eq!((produced(&last), header(&last, "stream-closed")), (ok(1, 2), Some("true".into())));
+    let again = send(&server, 1, 2, "c").header("stream-closed", "true").send().await.unwrap();
+    assert_eq!((again.status().as_u16(), header(&again, "stream-closed")), (204, Some("true".into())));
+    assert_eq!(bytes(&server, "p").await, b"abc");
+
+    assert_eq!(write(&server, reqwest::Method::DELETE, "p").send().await.unwrap().status(), 204);
+    assert_eq!(put(&server, "p", "text/plain", b"").await.status(), 201);
+    let fresh = send(&server, 1, 1, "late").send().await.unwrap();
+    assert_eq!(header(&fresh, "producer-expected-seq").as_deref(), Some("0"), "a new stream knows no producer");
+    assert_eq!(produced(&send(&server, 0, 0, "new").send().await.unwrap()), ok(0, 0), "not a duplicate");
+    assert_eq!(bytes(&server, "p").await, b"new");
 }
 
 /// AnyCable's default (implicit streams): a deleted stream's readers learn what they missed.

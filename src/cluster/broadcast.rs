@@ -76,16 +76,20 @@ impl Cluster {
             }
             let prevs = self.predecessors(&looked).await?;
             let now = now_ms();
-            let metas: HashMap<&str, SharedMeta> = looked
+            // Each stream's metadata and life, carried on to its new messages.
+            let metas: HashMap<&str, (SharedMeta, Option<u64>)> = looked
                 .iter()
-                .map(|(stream, l)| (*stream, l.state.meta.clone().unwrap_or_else(meta::broadcast_stream)))
+                .map(|(stream, l)| {
+                    (*stream, (l.state.meta.clone().unwrap_or_else(meta::broadcast_stream), l.state.life))
+                })
                 .collect();
             let outgoing: Vec<Outgoing> = messages
                 .iter()
                 .map(|m| {
                     let mut headers = async_nats::HeaderMap::new();
-                    state::mark(&mut headers, &metas[m.stream.as_str()], None, 0, now);
-                    Outgoing { stream: &m.stream, payload: m.json.clone(), headers }
+                    let (meta, life) = &metas[m.stream.as_str()];
+                    state::mark(&mut headers, meta, *life, None, 0, now);
+                    Outgoing { stream: &m.stream, payload: m.json.clone(), headers, record: None }
                 })
                 .collect();
             self.check_sizes(&outgoing)?;
@@ -110,17 +114,23 @@ impl Cluster {
 
     /// After an acknowledged broadcast: what this node now knows of each stream, renewed
     /// TTLs, and the count retention of broadcast streams.
-    fn stored_broadcast(&self, outgoing: &[Outgoing], last: u64, metas: &HashMap<&str, SharedMeta>, now: u64) {
+    fn stored_broadcast(
+        &self,
+        outgoing: &[Outgoing],
+        last: u64,
+        metas: &HashMap<&str, (SharedMeta, Option<u64>)>,
+        now: u64,
+    ) {
         let lasts = self.published(outgoing, last);
         let first = last + 1 - outgoing.len() as u64;
         for (stream, seq) in lasts {
-            let meta = metas[stream].clone();
+            let (meta, life) = metas[stream].clone();
             let written_ms = if meta.ttl_secs.is_some() { now } else { 0 };
             if written_ms > 0 {
                 self.inner.accesses.record(stream, now);
             }
             let created = meta.created;
-            self.remember(stream, StreamState { last: seq, tail: seq, meta: Some(meta), written_ms });
+            self.remember(stream, StreamState { last: seq, tail: seq, meta: Some(meta), written_ms, life });
             if !created {
                 let mut positions = outgoing.iter().enumerate().filter(|(_, m)| m.stream == stream);
                 let first_here = positions.next().map_or(seq, |(i, _)| first + i as u64);

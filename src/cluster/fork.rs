@@ -32,8 +32,13 @@ use crate::writes::{Refusal, WriteOutcome};
 const MAX_JSON_SUB_OFFSET: u64 = 10_000;
 
 /// A message of a multi-stream publish, before its headers: stream, payload, metadata after
-/// it, control, and the stream's tail (for `meta`).
-type Planned = (String, Bytes, StreamMeta, Option<Control>, u64);
+/// it, control, the stream's tail (for `meta`), and its life (see `state`; a `meta` message
+/// carries its stream's on, so its producers' records stay current).
+type Planned = (String, Bytes, StreamMeta, Option<Control>, u64, Option<u64>);
+
+/// What a removal publishes: the messages, their guards, and the streams removed (whether a
+/// producer wrote them: they have records to purge too).
+type RemovalPlan = (Vec<Planned>, Vec<(String, Prev)>, Vec<(String, bool)>);
 
 impl Cluster {
     /// A fork's read of its source: the messages after `offset` up to `cap`, whatever the
@@ -152,14 +157,14 @@ impl Cluster {
         }
         let counted = StreamMeta { forks: found.forks + 1, ..(*found).clone() };
         let mut planned: Vec<Planned> =
-            vec![(fork.source.clone(), Bytes::new(), counted.clone(), Some(Control::Meta), source.tail)];
+            vec![(fork.source.clone(), Bytes::new(), counted.clone(), Some(Control::Meta), source.tail, source.life)];
         if messages.is_empty() {
-            planned.push((stream.to_string(), Bytes::new(), stored.clone(), Some(Control::Create), 0));
+            planned.push((stream.to_string(), Bytes::new(), stored.clone(), Some(Control::Create), 0, None));
         } else {
             let during = StreamMeta { closed: false, ..stored.clone() };
             for (i, message) in messages.iter().enumerate() {
                 let meta = if i + 1 == messages.len() { stored.clone() } else { during.clone() };
-                planned.push((stream.to_string(), message.clone(), meta, None, 0));
+                planned.push((stream.to_string(), message.clone(), meta, None, 0, None));
             }
         }
         let chain_start = if target.last == 0 { self.chain_start().await? } else { 0 };
@@ -173,28 +178,22 @@ impl Cluster {
         };
         let source_last = lasts[fork.source.as_str()];
         let meta = Arc::new(counted);
-        self.remember(
-            &fork.source,
-            StreamState { last: source_last, tail: source.tail, meta: Some(meta), written_ms: source.written_ms },
-        );
+        let (tail, written_ms, life) = (source.tail, source.written_ms, source.life);
+        self.remember(&fork.source, StreamState { last: source_last, tail, meta: Some(meta), written_ms, life });
         let last = lasts[stream];
         let written_ms = if stored.ttl_secs.is_some() { now } else { 0 };
         if written_ms > 0 {
             self.inner.accesses.record(stream, now);
         }
         let closed = stored.closed;
-        self.remember(stream, StreamState { last, tail: last, meta: Some(Arc::new(stored)), written_ms });
+        self.remember(stream, StreamState { last, tail: last, meta: Some(Arc::new(stored)), written_ms, life: None });
         Ok(Some(Ok(WriteOutcome::Created { tail: last, closed })))
     }
 
     /// The removal of a stream as one batch (see the module docs): the messages to publish,
     /// their guards, and the subjects to purge once stored. A stream with forks is marked
     /// deleted; one already marked has nothing to do (`None`).
-    pub(super) async fn removal(
-        &self,
-        stream: &str,
-        state: &StreamState,
-    ) -> Result<Option<(Vec<Planned>, Vec<(String, Prev)>, Vec<String>)>, StorageError> {
+    pub(super) async fn removal(&self, stream: &str, state: &StreamState) -> Result<Option<RemovalPlan>, StorageError> {
         let meta = state.meta.clone().unwrap_or_else(meta::broadcast_stream);
         if meta.deleted {
             return Ok(None);
@@ -202,11 +201,13 @@ impl Cluster {
         let mut prevs = vec![(stream.to_string(), Prev::after(state.last, state.last))];
         if meta.forks > 0 {
             let deleted = StreamMeta { deleted: true, ..(*meta).clone() };
-            let planned = vec![(stream.to_string(), Bytes::new(), deleted, Some(Control::Meta), state.tail)];
+            let planned =
+                vec![(stream.to_string(), Bytes::new(), deleted, Some(Control::Meta), state.tail, state.life)];
             return Ok(Some((planned, prevs, Vec::new())));
         }
-        let mut planned = vec![(stream.to_string(), Bytes::new(), StreamMeta::default(), Some(Control::Delete), 0)];
-        let mut purged = vec![stream.to_string()];
+        let mut planned =
+            vec![(stream.to_string(), Bytes::new(), StreamMeta::default(), Some(Control::Delete), 0, None)];
+        let mut purged = vec![(stream.to_string(), state.life.is_some())];
         let mut up = meta.fork.clone();
         while let Some(fork) = up.take() {
             let source = self.stream_state(&fork.source).await?;
@@ -217,12 +218,26 @@ impl Cluster {
             prevs.push((fork.source.clone(), Prev::after(source.last, source.last)));
             let forks = current.forks.saturating_sub(1);
             if forks == 0 && current.deleted {
-                planned.push((fork.source.clone(), Bytes::new(), StreamMeta::default(), Some(Control::Delete), 0));
-                purged.push(fork.source.clone());
+                planned.push((
+                    fork.source.clone(),
+                    Bytes::new(),
+                    StreamMeta::default(),
+                    Some(Control::Delete),
+                    0,
+                    None,
+                ));
+                purged.push((fork.source.clone(), source.life.is_some()));
                 up = current.fork.clone();
             } else {
                 let released = StreamMeta { forks, ..(*current).clone() };
-                planned.push((fork.source.clone(), Bytes::new(), released, Some(Control::Meta), source.tail));
+                planned.push((
+                    fork.source.clone(),
+                    Bytes::new(),
+                    released,
+                    Some(Control::Meta),
+                    source.tail,
+                    source.life,
+                ));
             }
         }
         Ok(Some((planned, prevs, purged)))
@@ -238,10 +253,10 @@ impl Cluster {
     ) -> Result<Option<HashMap<String, u64>>, StorageError> {
         let outgoing: Vec<Outgoing> = planned
             .iter()
-            .map(|(stream, payload, meta, control, tail)| {
+            .map(|(stream, payload, meta, control, tail, life)| {
                 let mut headers = HeaderMap::new();
-                state::mark(&mut headers, meta, *control, *tail, now);
-                Outgoing { stream, payload: payload.clone(), headers }
+                state::mark(&mut headers, meta, *life, *control, *tail, now);
+                Outgoing { stream, payload: payload.clone(), headers, record: None }
             })
             .collect();
         self.check_sizes(&outgoing)?;

@@ -2,7 +2,8 @@
 //!
 //! Layout in JetStream (names below use `P` for `nats.stream`, `ANYCABLE_DS` by default):
 //! - one stream `P`, replicated (`nats.replicas`), subjects `P.s.*`: one subject per DS stream,
-//!   `P.s.<token>` with the name encoded by [`subject::token`];
+//!   `P.s.<token>` with the name encoded by [`subject::token`]; and `P.p.*.*`: one subject per
+//!   idempotent producer of a DS stream, holding its state record (`producers`);
 //! - its RePublish copies each stored message's headers to `P.w.<token>`: every node
 //!   subscribes to `P.w.*` and wakes its own live readers (the hub), whoever wrote;
 //! - transient broadcasts go to `P.t.<token>` and reads of streams with a `Stream-TTL` to
@@ -50,6 +51,7 @@ mod broadcast;
 mod direct;
 mod fork;
 mod lookup;
+mod producers;
 mod publish;
 mod read;
 mod retention;
@@ -107,6 +109,8 @@ struct Inner {
     /// What this node knows of each DS stream it wrote or saw: its state as some message left
     /// it (a hint: the expected-sequence guard corrects it, see `state`).
     known: Mutex<HashMap<String, Known>>,
+    /// What this node knows of producers' state records (see `producers`).
+    producers: producers::KnownProducers,
     /// Appends in progress per stream on this node (see `take_turns`).
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     connected: Arc<AtomicBool>,
@@ -207,6 +211,7 @@ impl Cluster {
                 node_id: format!("{}-{}", Epoch::random(), std::process::id()),
                 ids: AtomicU64::new(0),
                 known: Mutex::new(HashMap::new()),
+                producers: producers::KnownProducers::default(),
                 turns: Mutex::new(HashMap::new()),
                 connected,
                 reads: tokio::sync::Semaphore::new(READS_AT_ONCE),

@@ -51,6 +51,17 @@ pub(super) struct Outgoing<'a> {
     pub(super) stream: &'a str,
     pub(super) payload: Bytes,
     pub(super) headers: HeaderMap,
+    /// Not a message of `stream` but a producer's state record of it (see `producers`),
+    /// stored on its own subject in the same atomic batch.
+    pub(super) record: Option<Record>,
+}
+
+/// Where a producer's state record goes, and its guard: the last sequence its subject must
+/// have (0: none), so two writers of one producer never both pass.
+#[derive(Debug, Clone)]
+pub(super) struct Record {
+    pub(super) subject: String,
+    pub(super) expected: u64,
 }
 
 /// How a publish attempt ended, when not with a sequence.
@@ -70,7 +81,7 @@ impl Cluster {
     ) -> Result<u64, Publish> {
         match messages {
             [] => Err(Publish::Failed(StorageError::Unavailable("internal: an empty publish".into()))),
-            [one] => self.publish_one(one, prevs[one.stream]).await,
+            [one] if one.record.is_none() => self.publish_one(one, prevs[one.stream]).await,
             _ => self.publish_batch(messages, prevs).await,
         }
     }
@@ -109,18 +120,31 @@ impl Cluster {
         let mut last_index: HashMap<&str, usize> = HashMap::new();
         let unavailable = |e: String| Publish::Failed(StorageError::Unavailable(e));
         for (i, message) in messages.iter().enumerate() {
-            let mut headers = match last_index.insert(message.stream, i) {
-                None => {
+            let mut headers = match (&message.record, last_index.get(message.stream).copied()) {
+                (Some(record), _) => {
+                    let mut headers = message.headers.clone();
+                    headers.insert("Nats-Msg-Id", self.next_id().as_str());
+                    headers.insert("Nats-Expected-Last-Subject-Sequence", record.expected.to_string().as_str());
+                    headers
+                }
+                (None, None) => {
+                    last_index.insert(message.stream, i);
                     let prev = prevs[message.stream];
                     let mut headers = self.headers(&message.headers, (PREV, prev.chain));
                     headers.insert("Nats-Expected-Last-Subject-Sequence", prev.expected.to_string().as_str());
                     headers
                 }
-                Some(before) => self.headers(&message.headers, (PREV_BACK, (i - before) as u64)),
+                (None, Some(before)) => {
+                    last_index.insert(message.stream, i);
+                    self.headers(&message.headers, (PREV_BACK, (i - before) as u64))
+                }
             };
             headers.insert("Nats-Batch-Id", batch_id.as_str());
             headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            let subject = self.subject(message.stream);
+            let subject = match &message.record {
+                Some(record) => record.subject.clone(),
+                None => self.subject(message.stream),
+            };
             if i + 1 < messages.len() {
                 client
                     .publish_with_headers(subject, headers, message.payload.clone())
@@ -173,13 +197,14 @@ impl Cluster {
     }
 
     /// After a publish of `messages` acknowledged at `last`: the sequence of each stream's last
-    /// message in it (a batch takes `last - n + 1 ..= last`, in order), and this node's
-    /// readers woken (the RePublish feed wakes the other nodes').
+    /// message in it (a batch takes `last - n + 1 ..= last`, in order; producers' records
+    /// take theirs too), and this node's readers woken (the RePublish feed wakes the other
+    /// nodes').
     pub(super) fn published<'m>(&self, messages: &[Outgoing<'m>], last: u64) -> HashMap<&'m str, u64> {
         self.saw(last);
         let first = last + 1 - messages.len() as u64;
         let mut lasts = HashMap::new();
-        for (i, message) in messages.iter().enumerate() {
+        for (i, message) in messages.iter().enumerate().filter(|(_, m)| m.record.is_none()) {
             lasts.insert(message.stream, first + i as u64);
         }
         for (stream, seq) in &lasts {

@@ -113,7 +113,12 @@ impl Cluster {
     /// Deletes the messages of `stream` stored at or before `seq` (a purge by sequence:
     /// anything stored after it stays).
     pub(super) async fn purge_through(&self, stream: &str, seq: u64) -> Result<(), StorageError> {
-        let request = serde_json::json!({ "filter": self.subject(stream), "seq": seq + 1 }).to_string();
+        self.purge_filter_through(&self.subject(stream), seq).await
+    }
+
+    /// Deletes the messages of the subjects matching `filter` stored at or before `seq`.
+    pub(super) async fn purge_filter_through(&self, filter: &str, seq: u64) -> Result<(), StorageError> {
+        let request = serde_json::json!({ "filter": filter, "seq": seq + 1 }).to_string();
         let answer = self.stream_api("PURGE", request).await?;
         match answer.get("success").and_then(|v| v.as_bool()) {
             Some(true) => Ok(()),

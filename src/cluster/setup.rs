@@ -40,13 +40,15 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     let replicas = config.nats.replicas as usize;
     let wanted = |epoch: Epoch| stream::Config {
         name: name.clone(),
-        subjects: vec![format!("{name}.s.*")],
+        subjects: vec![format!("{name}.s.*"), producer_subjects(name)],
         max_messages_per_subject: -1,
         max_age,
         allow_message_ttl: true,
         num_replicas: replicas,
         allow_direct: true,
         allow_atomic_publish: true,
+        // Producers' records roll up (`producers`).
+        allow_rollup: true,
         // JetStream wants the window within max_age.
         duplicate_window: if max_age.is_zero() { DUPLICATE_WINDOW } else { DUPLICATE_WINDOW.min(max_age) },
         storage: stream::StorageType::File,
@@ -97,6 +99,8 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     .collect();
     let old_layout = existing.max_messages_per_subject != -1
         || !existing.allow_message_ttl
+        || !existing.allow_rollup
+        || !existing.subjects.contains(&producer_subjects(name))
         || !existing.metadata.contains_key(retention::HISTORY_LIMIT_KEY);
     if differences.is_empty() && !old_layout {
         return Ok((epoch, existing));
@@ -105,8 +109,8 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
         let updated = js.update_stream(wanted(epoch)).await.map_err(|e| e.to_string())?;
         log::warn!(
             "JetStream stream {name} moved to this version's layout (history_limit {history_limit} in its \
-             metadata, per-message TTL on); nodes of an older version still running show more history \
-             until they are replaced"
+             metadata, per-message TTL on, producers' subjects); nodes of an older version still \
+             running show more history until they are replaced"
         );
         return Ok((epoch, updated.config));
     }
@@ -119,6 +123,11 @@ pub(super) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     let updated = js.update_stream(wanted(epoch)).await.map_err(|e| e.to_string())?;
     log::warn!("JetStream stream {name} updated: {}", differences.join("; "));
     Ok((epoch, updated.config))
+}
+
+/// The subjects of idempotent producers' state records (see `producers`).
+fn producer_subjects(name: &str) -> String {
+    format!("{name}.p.*.*")
 }
 
 fn stream_epoch(config: &stream::Config) -> Result<Epoch, String> {

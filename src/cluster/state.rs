@@ -21,6 +21,11 @@
 //! Every write is guarded by the subject's last sequence (see `publish`), so whoever checks
 //! a write against the state of message N and stores it guarded by N knows that state was
 //! current: that is what makes check-and-append atomic across nodes.
+//!
+//! A stream an idempotent producer wrote also carries its life (`Ds-Life`, a random number
+//! drawn by the first producer's append after the stream was made) on every message from
+//! then on: the producers' state records name it, so a record left from a stream deleted
+//! under the same name is never taken for the new one's (see `producers`).
 
 use std::sync::Arc;
 
@@ -35,6 +40,10 @@ pub(super) const TAIL: &str = "Ds-Tail";
 /// When the message was written (ms since the epoch, the writer's clock): streams with a
 /// `Stream-TTL` only, whose writes renew it.
 pub(super) const AT: &str = "Ds-At";
+/// This life of the stream, for its producers' state records (see the module docs).
+pub(super) const LIFE: &str = "Ds-Life";
+/// A producer's state record: `<epoch> <seq> <life>` (see `producers`).
+pub(super) const PRODUCER: &str = "Ds-Producer";
 
 /// What a control message does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +83,9 @@ pub(super) struct Marks {
     pub(super) meta: Option<String>,
     pub(super) tail: Option<u64>,
     pub(super) at: Option<u64>,
+    pub(super) life: Option<u64>,
+    /// `Ds-Producer` as stored (a producer's state record, never a stream's message).
+    pub(super) producer: Option<String>,
 }
 
 impl Marks {
@@ -85,6 +97,8 @@ impl Marks {
             meta: get(META).map(str::to_string),
             tail: get(TAIL).and_then(|v| v.parse().ok()),
             at: get(AT).and_then(|v| v.parse().ok()),
+            life: get(LIFE).and_then(|v| v.parse().ok()),
+            producer: get(PRODUCER).map(str::to_string),
         }
     }
 
@@ -97,7 +111,7 @@ impl Marks {
         let mut headers = HeaderMap::new();
         for line in text.split("\r\n").skip(1) {
             if let Some((name, value)) = line.split_once(':') {
-                if [META, CONTROL, TAIL, AT].iter().any(|n| n.eq_ignore_ascii_case(name.trim())) {
+                if [META, CONTROL, TAIL, AT, LIFE, PRODUCER].iter().any(|n| n.eq_ignore_ascii_case(name.trim())) {
                     headers.insert(name.trim(), value.trim());
                 }
             }
@@ -151,13 +165,15 @@ pub(super) struct StreamState {
     pub(super) meta: Option<SharedMeta>,
     /// When it was last written (ms; 0: not recorded, see [`AT`]).
     pub(super) written_ms: u64,
+    /// This life of the stream, once a producer wrote it (see [`LIFE`]).
+    pub(super) life: Option<u64>,
 }
 
 impl StreamState {
     /// A subject with nothing stored; `position` is a stream-wide one taken before it was
     /// seen empty (see `lookup`).
     pub(super) fn empty(position: u64) -> StreamState {
-        StreamState { last: 0, tail: position, meta: None, written_ms: 0 }
+        StreamState { last: 0, tail: position, meta: None, written_ms: 0, life: None }
     }
 
     /// After the message stored at `seq` with `marks`.
@@ -167,14 +183,23 @@ impl StreamState {
             tail: marks.position(seq).unwrap_or(seq),
             meta: marks.meta(),
             written_ms: marks.at.unwrap_or(0),
+            life: marks.life.filter(|_| marks.control != Some(Control::Delete)),
         }
     }
 }
 
-/// Adds the headers that record `meta` (the stream's metadata after this message) and, for a
-/// control message, what it does. Streams with the default metadata carry nothing; streams
-/// made by `PUT` are kept by JetStream whatever `max_age` says (`Nats-TTL: never`).
-pub(super) fn mark(headers: &mut HeaderMap, meta: &StreamMeta, control: Option<Control>, tail: u64, now_ms: u64) {
+/// Adds the headers that record `meta` (the stream's metadata after this message), its life
+/// if it has one and, for a control message, what it does. Streams with the default
+/// metadata carry nothing; streams made by `PUT` are kept by JetStream whatever `max_age`
+/// says (`Nats-TTL: never`).
+pub(super) fn mark(
+    headers: &mut HeaderMap,
+    meta: &StreamMeta,
+    life: Option<u64>,
+    control: Option<Control>,
+    tail: u64,
+    now_ms: u64,
+) {
     // (Compared with the one shared default: no allocation per broadcast message.)
     if *meta != *meta::broadcast_stream() {
         headers.insert(META, String::from_utf8_lossy(&meta.encode()).as_ref());
@@ -184,6 +209,9 @@ pub(super) fn mark(headers: &mut HeaderMap, meta: &StreamMeta, control: Option<C
     }
     if meta.ttl_secs.is_some() {
         headers.insert(AT, now_ms.to_string().as_str());
+    }
+    if let Some(life) = life {
+        headers.insert(LIFE, life.to_string().as_str());
     }
     if let Some(control) = control {
         headers.insert(CONTROL, control.as_str());
@@ -219,11 +247,11 @@ mod tests {
     fn marks_round_trip_through_headers_and_msg_get_blocks() {
         let meta = put_meta();
         let mut headers = HeaderMap::new();
-        mark(&mut headers, &meta, Some(Control::Close), 41, 1_000);
+        mark(&mut headers, &meta, Some(9), Some(Control::Close), 41, 1_000);
         assert_eq!(headers.get("Nats-TTL").map(|v| v.as_str()), Some("never"));
         let marks = Marks::from_headers(Some(&headers));
         assert_eq!(marks.control, Some(Control::Close));
-        assert_eq!((marks.tail, marks.at), (Some(41), Some(1_000)));
+        assert_eq!((marks.tail, marks.at, marks.life), (Some(41), Some(1_000), Some(9)));
         assert_eq!(marks.meta().as_deref(), Some(&meta));
         assert_eq!(marks.position(50), Some(41), "a close does not move the tail");
         assert!(!marks.is_message());
@@ -241,16 +269,20 @@ mod tests {
     #[test]
     fn broadcast_messages_carry_nothing_and_removals_end_a_stream() {
         let mut headers = HeaderMap::new();
-        mark(&mut headers, &StreamMeta::default(), None, 0, 1);
+        mark(&mut headers, &StreamMeta::default(), None, None, 0, 1);
         assert!(headers.is_empty());
         let plain = Marks::from_headers(Some(&headers));
         assert!(plain.is_message());
         assert_eq!(plain.meta(), Some(meta::broadcast_stream()));
-        assert_eq!(StreamState::after(7, &plain), StreamState { last: 7, tail: 7, meta: plain.meta(), written_ms: 0 });
+        assert_eq!(
+            StreamState::after(7, &plain),
+            StreamState { last: 7, tail: 7, meta: plain.meta(), written_ms: 0, life: None }
+        );
         let mut headers = HeaderMap::new();
-        mark(&mut headers, &put_meta(), Some(Control::Delete), 0, 1);
+        mark(&mut headers, &put_meta(), Some(3), Some(Control::Delete), 0, 1);
         let removed = Marks::from_headers(Some(&headers));
         assert_eq!((removed.meta(), removed.position(9)), (None, None));
+        assert_eq!(StreamState::after(9, &removed).life, None, "a removal ends the life");
         let created = Marks { control: Some(Control::Create), ..Marks::default() };
         assert_eq!(created.position(3), Some(3));
     }

@@ -10,9 +10,10 @@
 //! for the state the write lands on, and a write is answered only once JetStream
 //! acknowledged it (a quorum of replicas has it): a close is never acknowledged without
 //! being durable, and no crash or lost NATS server can separate an append from its metadata.
-//! An answer that stores nothing (`200` on an identical `PUT`, a refusal, a repeated close)
-//! is given only from the leader's state, never from this node's memory, which may be
-//! behind.
+//! An answer that stores nothing (`200` on an identical `PUT`, a refusal, a repeated close,
+//! a producer's duplicate) is given only from the leader's state, never from this node's
+//! memory, which may be behind. An idempotent producer's state goes in the same batch, on
+//! its own guarded subject (`producers`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,12 +23,16 @@ use bytes::Bytes;
 
 use super::access::Life;
 use super::broadcast::unanswered;
+use super::producers::ProducerRecord;
 use super::publish::{back_off, Outgoing, Prev, Publish, PUBLISH_ATTEMPTS};
 use super::state::{self, Control, StreamState};
 use super::Cluster;
 use crate::meta::StreamMeta;
 use crate::storage::{now_ms, StorageError};
-use crate::writes::{check_append, same_configuration, Append, Refusal, WriteError, WriteOp, WriteOutcome};
+use crate::writes::{
+    plan_append, same_configuration, Append, AppendPlan, Producer, ProducerState, Refusal, WriteError, WriteOp,
+    WriteOutcome,
+};
 
 /// What a write does, given the stream's state.
 #[derive(Debug)]
@@ -37,8 +42,9 @@ enum Plan {
     /// Remove the stream: `DELETE`, or an expired stream in the way of a `PUT` (which then
     /// starts over).
     Remove { then_create: bool },
-    /// Store these messages: bodies with the metadata after each, or one control message.
-    Store { messages: Vec<(Bytes, StreamMeta, Option<Control>)>, done: Done },
+    /// Store these messages: bodies with the metadata after each, or one control message; and
+    /// the producer's state after them, if a producer sent them.
+    Store { messages: Vec<(Bytes, StreamMeta, Option<Control>)>, producer: Option<ProducerState>, done: Done },
     /// Make a fork (`fork.rs`): its source is checked and counted in the same batch.
     Fork,
 }
@@ -60,11 +66,6 @@ impl Cluster {
     /// A write to one stream; resolves once JetStream acknowledged it (or it was refused),
     /// within `nats.publish_timeout`.
     pub async fn write(&self, stream: &str, op: WriteOp) -> Result<WriteOutcome, WriteError> {
-        // Producer state is not kept in cluster mode yet: refused rather than ignored (an
-        // ignored producer would turn a retried write into a duplicate).
-        if matches!(&op, WriteOp::Append(Append { producer: Some(_), .. })) {
-            return Err(StorageError::Unsupported("idempotent producers in cluster mode").into());
-        }
         let timeout = self.inner.publish_timeout;
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(timeout, self.write_inner(stream, &op)).await {
@@ -78,16 +79,34 @@ impl Cluster {
     async fn write_inner(&self, stream: &str, op: &WriteOp) -> Result<WriteOutcome, WriteError> {
         // This node's writes of the stream take turns; other nodes' are caught by the guard.
         let _turn = self.take_turns(&[stream]).await;
+        let producer: Option<&Producer> = match op {
+            WriteOp::Append(Append { producer, .. }) => producer.as_ref(),
+            _ => None,
+        };
+        let echo = producer.map(|p| (p.epoch, p.seq));
         let mut ask_leader = false;
         for attempt in 1..=PUBLISH_ATTEMPTS {
-            let (state, from_memory) = match self.known(stream).filter(|_| !ask_leader) {
+            let (state, mut from_memory) = match self.known(stream).filter(|_| !ask_leader) {
                 Some(state) => (state, true),
                 None => (self.stream_state(stream).await?, false),
             };
             let now = now_ms();
             let life = self.life(stream, &state);
             let expired = matches!(life, Life::Expired);
-            let (messages, done) = match plan(op, &state, life, now) {
+            // A producer's record: read after the stream's state (see `producers`).
+            let mut record = ProducerRecord::NONE;
+            if let (Some(p), Life::Live(_)) = (producer, &life) {
+                let (read, memory) = self.producer_record(stream, &p.id, ask_leader).await?;
+                if !memory && !from_memory && read.last > state.last + 1 {
+                    // Stored with a message after the one read: another write came in between.
+                    ask_leader = true;
+                    back_off(attempt).await;
+                    continue;
+                }
+                from_memory |= memory;
+                record = read;
+            }
+            let (messages, new_state, done) = match plan(op, &state, life, now, record.in_life(state.life)) {
                 // Stores nothing: only on the leader's word.
                 Plan::Answer(_) | Plan::Remove { .. } if from_memory => {
                     ask_leader = true;
@@ -97,8 +116,11 @@ impl Cluster {
                     if expired {
                         self.expire(stream);
                     }
-                    if let (Ok(WriteOutcome::Appended { .. }), Some(meta)) = (&answer, &state.meta) {
-                        // A repeated close renews the TTL too, as every `POST` does.
+                    let stored_nothing =
+                        matches!(answer, Ok(WriteOutcome::Appended { .. } | WriteOutcome::Duplicate { .. }));
+                    if let (true, Some(meta)) = (stored_nothing, &state.meta) {
+                        // A repeated close or a producer's retry renews the TTL too, as every
+                        // `POST` does.
                         self.renew(stream, meta);
                     }
                     return answer.map_err(Into::into);
@@ -126,39 +148,59 @@ impl Cluster {
                         }
                     }
                 }
-                Plan::Store { messages, done } => (messages, done),
+                Plan::Store { messages, producer, done } => (messages, producer, done),
+            };
+            // A producer's first append in this life of the stream draws the life its records
+            // name (see `state`); every later message carries it on.
+            let life = match (new_state, state.life) {
+                (Some(_), None) => Some(rand::random::<u64>()),
+                (_, life) => life,
             };
             // What the stream is after the write: the metadata its last message carries.
             let final_meta = messages.last().map(|(_, meta, _)| meta.clone()).unwrap_or_default();
-            let outgoing: Vec<Outgoing> = messages
+            let mut outgoing: Vec<Outgoing> = messages
                 .into_iter()
                 .map(|(payload, meta, control)| {
                     let mut headers = HeaderMap::new();
-                    state::mark(&mut headers, &meta, control, state.tail, now);
-                    Outgoing { stream, payload, headers }
+                    state::mark(&mut headers, &meta, life, control, state.tail, now);
+                    Outgoing { stream, payload, headers, record: None }
                 })
                 .collect();
+            let accepted = producer.zip(new_state).zip(life);
+            if let Some(((p, new_state), life)) = accepted {
+                // In the same atomic batch, right after the messages it accepts.
+                outgoing.push(self.record_message(stream, &p.id, &record, new_state, life, final_meta.created));
+            }
             self.check_sizes(&outgoing)?;
             // Asked only after the subject was seen empty (see `retention::chain_start`).
             let chain_start = if state.last == 0 { self.chain_start().await? } else { 0 };
             let prevs = HashMap::from([(stream, Prev::after(state.last, chain_start))]);
             match self.publish_guarded(&outgoing, &prevs).await {
                 Ok(last) => {
-                    self.published(&outgoing, last);
-                    let tail = if let Done::Closed = done { state.tail } else { last };
+                    let stream_last = self.published(&outgoing, last).get(stream).copied().unwrap_or(last);
+                    let tail = if let Done::Closed = done { state.tail } else { stream_last };
                     let written_ms = if final_meta.ttl_secs.is_some() { now } else { 0 };
                     if written_ms > 0 {
                         self.inner.accesses.record(stream, now);
                     }
-                    self.remember(stream, StreamState { last, tail, meta: Some(Arc::new(final_meta)), written_ms });
+                    let meta = Some(Arc::new(final_meta));
+                    self.remember(stream, StreamState { last: stream_last, tail, meta, written_ms, life });
+                    if let Some(((p, new_state), life)) = accepted {
+                        // The record is the batch's last message.
+                        let record = ProducerRecord { last, state: Some((new_state, life)) };
+                        self.remember_producer(stream, &p.id, record);
+                    }
                     return Ok(match done {
                         Done::Created { closed } => WriteOutcome::Created { tail, closed },
-                        Done::Appended { closed } => WriteOutcome::Appended { tail, closed, producer: None },
-                        Done::Closed => WriteOutcome::Appended { tail, closed: true, producer: None },
+                        Done::Appended { closed } => WriteOutcome::Appended { tail, closed, producer: echo },
+                        Done::Closed => WriteOutcome::Appended { tail, closed: true, producer: echo },
                     });
                 }
                 Err(Publish::Moved) => {
                     self.forget(stream);
+                    if let Some(p) = producer {
+                        self.forget_producer(stream, &p.id);
+                    }
                     ask_leader = true;
                     log::debug!("stream {stream:?} moved under a write (attempt {attempt}); retrying");
                     back_off(attempt).await;
@@ -170,35 +212,36 @@ impl Cluster {
     }
 
     /// Removes a stream (`DELETE`, expiry): a `delete` control message guarded by `state`'s
-    /// last sequence, then a purge of everything up to it. `Ok(false)`: the stream moved
-    /// since `state` (a write came in between), nothing removed. Readers ignore whatever is
-    /// left before a `delete` message, so a purge that fails (logged) loses nothing but
-    /// disk space until the next removal under the name.
+    /// last sequence, then a purge of everything up to it (and of its producers' records).
+    /// `Ok(false)`: the stream moved since `state` (a write came in between), nothing removed.
+    /// Readers ignore whatever is left before a `delete` message, and producers' records name
+    /// the life they belong to, so a purge that fails (logged) loses nothing but disk space
+    /// until the next removal under the name.
     pub(super) async fn remove(&self, stream: &str, state: &StreamState) -> Result<bool, StorageError> {
         // With forks: only marked deleted; its last fork's removal takes it (`fork.rs`).
         let Some((planned, prevs, purged)) = self.removal(stream, state).await? else { return Ok(true) };
         let prevs: Vec<(&str, Prev)> = prevs.iter().map(|(s, p)| (s.as_str(), *p)).collect();
-        match self.publish_planned(&planned, &prevs, 0).await? {
-            Some(lasts) => {
-                for name in &purged {
-                    self.forget(name);
-                    crate::metrics::get().streams_removed.inc();
-                    if let Err(e) = self.purge_through(name, lasts[name]).await {
-                        log::warn!("stream {name:?} removed, but its messages stay on disk for now: {e}");
-                    }
-                }
-                if purged.is_empty() {
-                    self.forget(stream);
-                }
-                Ok(true)
+        let Some(lasts) = self.publish_planned(&planned, &prevs, 0).await? else { return Ok(false) };
+        for (name, had_life) in &purged {
+            let last = lasts[name];
+            crate::metrics::get().streams_removed.inc();
+            if let Err(e) = self.purge_through(name, last).await {
+                log::warn!("stream {name:?} removed, but its messages stay on disk for now: {e}");
             }
-            None => Ok(false),
+            // Only a stream a producer wrote has a life (and records).
+            if *had_life {
+                if let Err(e) = self.purge_producers(name, last).await {
+                    log::warn!("stream {name:?} removed, but its producers' records stay on disk for now: {e}");
+                }
+            }
         }
+        Ok(true)
     }
 }
 
-/// What `op` does to a stream in `state` (alive or not: `life`), at `now`.
-fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
+/// What `op` does to a stream in `state` (alive or not: `life`), at `now`; `producer` is the
+/// state of the request's producer on the stream, if it sent one and the stream has seen it.
+fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64, producer: Option<ProducerState>) -> Plan {
     match op {
         WriteOp::Create { meta, messages } => match life {
             Life::Live(current) => Plan::Answer(if same_configuration(&current, meta) {
@@ -220,7 +263,7 @@ fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
                 } else {
                     with_meta(messages, &stored)
                 };
-                Plan::Store { messages, done: Done::Created { closed } }
+                Plan::Store { messages, producer: None, done: Done::Created { closed } }
             }
         },
         WriteOp::Append(append) => {
@@ -228,15 +271,20 @@ fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
             if meta.deleted {
                 return Plan::Answer(Err(Refusal::Deleted));
             }
-            let next = match check_append(&meta, state.tail, append) {
-                Ok(next) => next,
+            // The rules both engines share (`writes`).
+            let (next, producer) = match plan_append(&meta, state.tail, append, producer) {
+                Ok(AppendPlan::Write { meta, producer }) => (meta, producer),
+                Ok(AppendPlan::Duplicate { state: p, closed }) => {
+                    let (epoch, seq) = (p.epoch, p.last_seq);
+                    return Plan::Answer(Ok(WriteOutcome::Duplicate { tail: state.tail, closed, epoch, seq }));
+                }
                 Err(refusal) => return Plan::Answer(Err(refusal)),
             };
             if !append.messages.is_empty() {
-                let closed = next.closed;
-                return Plan::Store { messages: with_meta(&append.messages, &next), done: Done::Appended { closed } };
+                let (messages, done) = (with_meta(&append.messages, &next), Done::Appended { closed: next.closed });
+                return Plan::Store { messages, producer, done };
             }
-            if next == *meta {
+            if next == *meta && producer.is_none() {
                 // Closing a closed stream again: nothing changes.
                 return Plan::Answer(Ok(WriteOutcome::Appended {
                     tail: state.tail,
@@ -244,7 +292,7 @@ fn plan(op: &WriteOp, state: &StreamState, life: Life, now: u64) -> Plan {
                     producer: None,
                 }));
             }
-            Plan::Store { messages: vec![(Bytes::new(), next, Some(Control::Close))], done: Done::Closed }
+            Plan::Store { messages: vec![(Bytes::new(), next, Some(Control::Close))], producer, done: Done::Closed }
         }
         WriteOp::Delete => match life {
             Life::Live(meta) if meta.deleted => Plan::Answer(Err(Refusal::Deleted)),
@@ -280,7 +328,7 @@ mod tests {
     }
 
     fn state() -> StreamState {
-        StreamState { last: 12, tail: 10, meta: Some(Arc::new(text())), written_ms: 0 }
+        StreamState { last: 12, tail: 10, meta: Some(Arc::new(text())), written_ms: 0, life: None }
     }
 
     fn append(n: usize, close: bool) -> WriteOp {
@@ -295,7 +343,9 @@ mod tests {
 
     #[test]
     fn an_append_and_close_carries_the_closure_on_its_last_message_only() {
-        let Plan::Store { messages, done } = plan(&append(3, true), &state(), live(text()), 1) else { panic!() };
+        let Plan::Store { messages, done, .. } = plan(&append(3, true), &state(), live(text()), 1, None) else {
+            panic!()
+        };
         assert!(matches!(done, Done::Appended { closed: true }));
         let closed: Vec<bool> = messages.iter().map(|(_, meta, _)| meta.closed).collect();
         assert_eq!(closed, [false, false, true]);
@@ -304,29 +354,58 @@ mod tests {
 
     #[test]
     fn a_close_only_post_is_one_control_message_and_closing_again_stores_nothing() {
-        let Plan::Store { messages, done } = plan(&append(0, true), &state(), live(text()), 1) else { panic!() };
+        let Plan::Store { messages, done, .. } = plan(&append(0, true), &state(), live(text()), 1, None) else {
+            panic!()
+        };
         assert!(matches!(done, Done::Closed));
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].2, Some(Control::Close));
         let closed = StreamMeta { closed: true, ..text() };
-        let Plan::Answer(answer) = plan(&append(0, true), &state(), live(closed.clone()), 1) else { panic!() };
+        let Plan::Answer(answer) = plan(&append(0, true), &state(), live(closed.clone()), 1, None) else { panic!() };
         assert_eq!(answer, Ok(WriteOutcome::Appended { tail: 10, closed: true, producer: None }));
-        let Plan::Answer(answer) = plan(&append(1, false), &state(), live(closed), 1) else { panic!() };
+        let Plan::Answer(answer) = plan(&append(1, false), &state(), live(closed), 1, None) else { panic!() };
         assert_eq!(answer, Err(Refusal::Closed { tail: 10 }));
     }
 
     #[test]
     fn puts_compare_create_or_clear_an_expired_stream_first() {
         let create = WriteOp::Create { meta: text(), messages: Vec::new() };
-        let Plan::Answer(answer) = plan(&create, &state(), live(text()), 1) else { panic!() };
+        let Plan::Answer(answer) = plan(&create, &state(), live(text()), 1, None) else { panic!() };
         assert_eq!(answer, Ok(WriteOutcome::Exists { tail: 10, closed: false }));
-        assert!(matches!(plan(&create, &state(), Life::Expired, 1), Plan::Remove { then_create: true }));
-        let Plan::Store { messages, .. } = plan(&create, &StreamState::empty(3), Life::Missing, 77) else { panic!() };
+        assert!(matches!(plan(&create, &state(), Life::Expired, 1, None), Plan::Remove { then_create: true }));
+        let Plan::Store { messages, .. } = plan(&create, &StreamState::empty(3), Life::Missing, 77, None) else {
+            panic!()
+        };
         assert_eq!(messages[0].2, Some(Control::Create));
         assert_eq!((messages[0].1.created, messages[0].1.created_ms), (true, 77));
         let other = WriteOp::Create { meta: StreamMeta { ttl_secs: Some(1), ..text() }, messages: Vec::new() };
-        assert!(matches!(plan(&other, &state(), live(text()), 1), Plan::Answer(Err(Refusal::ConfigMismatch))));
-        assert!(matches!(plan(&WriteOp::Delete, &state(), Life::Expired, 1), Plan::Answer(Err(Refusal::NotFound))));
-        assert!(matches!(plan(&append(1, false), &state(), Life::Missing, 1), Plan::Answer(Err(Refusal::NotFound))));
+        assert!(matches!(plan(&other, &state(), live(text()), 1, None), Plan::Answer(Err(Refusal::ConfigMismatch))));
+        assert!(matches!(
+            plan(&WriteOp::Delete, &state(), Life::Expired, 1, None),
+            Plan::Answer(Err(Refusal::NotFound))
+        ));
+        assert!(matches!(
+            plan(&append(1, false), &state(), Life::Missing, 1, None),
+            Plan::Answer(Err(Refusal::NotFound))
+        ));
+    }
+
+    #[test]
+    fn a_producer_append_carries_its_new_state_and_a_retry_stores_nothing() {
+        let WriteOp::Append(mut close) = append(0, true) else { panic!() };
+        close.seq = None;
+        close.producer = Some(Producer { id: "p".into(), epoch: 1, seq: 3 });
+        let seen = Some(ProducerState { epoch: 1, last_seq: 2 });
+        let op = WriteOp::Append(close);
+        let Plan::Store { messages, producer, done } = plan(&op, &state(), live(text()), 1, seen) else { panic!() };
+        assert!(matches!(done, Done::Closed));
+        assert_eq!(producer, Some(ProducerState { epoch: 1, last_seq: 3 }));
+        assert_eq!(messages[0].1.closed_by.as_ref().map(|p| p.seq), Some(3), "the close names its producer");
+        let retry = Some(ProducerState { epoch: 1, last_seq: 3 });
+        let Plan::Answer(answer) = plan(&op, &state(), live(text()), 1, retry) else { panic!() };
+        assert_eq!(answer, Ok(WriteOutcome::Duplicate { tail: 10, closed: false, epoch: 1, seq: 3 }));
+        let newer = Some(ProducerState { epoch: 2, last_seq: 0 });
+        let Plan::Answer(answer) = plan(&op, &state(), live(text()), 1, newer) else { panic!() };
+        assert_eq!(answer, Err(Refusal::StaleEpoch { current: 2 }));
     }
 }

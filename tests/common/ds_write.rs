@@ -22,6 +22,28 @@ pub async fn close(server: &Server, stream: &str) -> reqwest::Response {
     write(server, reqwest::Method::POST, stream).header("stream-closed", "true").send().await.unwrap()
 }
 
+/// Producer `id`'s request (`epoch`, `seq`) appending `body` to the `text/plain` stream
+/// `stream`.
+pub fn produce(
+    server: &Server,
+    stream: &str,
+    id: &str,
+    (epoch, seq): (u64, u64),
+    body: String,
+) -> reqwest::RequestBuilder {
+    write(server, reqwest::Method::POST, stream)
+        .header("content-type", "text/plain")
+        .header("producer-id", id)
+        .header("producer-epoch", epoch.to_string())
+        .header("producer-seq", seq.to_string())
+        .body(body)
+}
+
+/// Status, `Producer-Epoch` and `Producer-Seq` of an answer to a producer.
+pub fn produced(response: &reqwest::Response) -> (u16, Option<String>, Option<String>) {
+    (response.status().as_u16(), header(response, "producer-epoch"), header(response, "producer-seq"))
+}
+
 /// Status and JSON error of a refused request.
 pub async fn refused(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();

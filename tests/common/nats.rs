@@ -353,6 +353,16 @@ impl NatsCluster {
         (0..SERVERS).find(|&j| self.nodes[j].name == name && self.is_running(j))
     }
 
+    /// The index of the server leading JetStream stream `stream`, if a running server says.
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        let i = (0..SERVERS).find(|&i| self.is_running(i))?;
+        let jsz = jsz(self.nodes[i].monitor_port)?;
+        let accounts = jsz["account_details"].as_array()?;
+        let details = accounts.iter().flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
+        let name = details.into_iter().find(|d| d["name"] == stream)?["cluster"]["leader"].as_str()?.to_string();
+        (0..SERVERS).find(|&j| self.nodes[j].name == name && self.is_running(j))
+    }
+
     fn fail(&mut self, why: &str) -> ! {
         self.logs_shown = true;
         panic!("{why}\n{}", self.log_tails(40));

@@ -42,11 +42,13 @@ pub async fn handle(
     let body = request_body::read(req, payload, &state.body_budget, limit, "ds.max_append_bytes")
         .await
         .map_err(|e| e.into_api().1)?;
-    if method == Method::PUT {
+    let result = if method == Method::PUT {
         create(req, state, &stream, headers, &body.bytes).await
     } else {
         append(state, &stream, headers, &body.bytes).await
-    }
+    };
+    super::subscriptions::written(state, &stream, &body.bytes, &result);
+    result
 }
 
 /// Forks come with the next issue: refused clearly rather than ignored (an ignored fork header

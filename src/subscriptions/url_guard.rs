@@ -50,6 +50,12 @@ pub fn check_static(raw: &str, allow_loopback: bool) -> Result<(Url, Target), Re
             if name.is_empty() {
                 return Err(Rejected("webhook.url has no host".into()));
             }
+            // `0%2E0%2E0%2E0%2E.` is a name to the URL parser (two trailing dots) but an
+            // address once the dots go: judge it as the address. (Other numeric-looking names
+            // are caught when resolved: every address a name resolves to is checked.)
+            if let Ok(ip) = name.parse::<IpAddr>() {
+                check_ip(ip, allow_loopback)?;
+            }
             if (name == "localhost" || name.ends_with(".localhost")) && !allow_loopback {
                 return Err(Rejected(format!("{name} is this host (loopback)")));
             }

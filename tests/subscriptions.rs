@@ -249,7 +249,7 @@ async fn pull_wake_claims_are_exclusive_across_nodes() {
     post(&first, "jobs/x/1", "application/json", br#"{"job":2}"#.to_vec()).await;
     let (status, claim) =
         call(&first, reqwest::Method::POST, "subscriptions/p1/claim", Some(json!({ "worker": "slow" }))).await;
-    assert_eq!(status, 200, "{claim}");
+    assert_eq!(status, 200, "{claim}\n{}", first.logs());
     tokio::time::sleep(Duration::from_millis(1300)).await; // the 1 s lease runs out
     let (status, again) =
         call(&first, reqwest::Method::POST, "subscriptions/p1/claim", Some(json!({ "worker": "fast" }))).await;

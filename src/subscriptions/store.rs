@@ -103,10 +103,25 @@ impl Store {
                 Ok(found.and_then(|bytes| decode(&bytes).map(|record| Versioned { record, rev: Rev::Sled(bytes) })))
             }
             Store::Nats(kv) => {
-                let entry = timed(kv.entry(nats_key(id))).await?;
-                Ok(entry
-                    .filter(|e| e.operation == kv::Operation::Put)
-                    .and_then(|e| decode(&e.value).map(|record| Versioned { record, rev: Rev::Nats(e.revision) })))
+                // From the stream leader, not `kv.entry` (a direct get, which any replica may
+                // answer, a little behind): a compare-and-swap loser must see the winner's
+                // record when it reads again, or it would retry against the same old revision.
+                let subject = format!("{}{}", kv.prefix, nats_key(id));
+                let found = tokio::time::timeout(NATS_TIMEOUT, kv.stream.get_last_raw_message_by_subject(&subject))
+                    .await
+                    .map_err(|_| unavailable("NATS KV timed out"))?;
+                let message = match found {
+                    Ok(message) => message,
+                    Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                };
+                // A delete or purge leaves a marker with `KV-Operation` and no value.
+                if message.headers.get("KV-Operation").is_some() {
+                    return Ok(None);
+                }
+                Ok(decode(&message.payload).map(|record| Versioned { record, rev: Rev::Nats(message.sequence) }))
             }
         }
     }
@@ -131,7 +146,7 @@ impl Store {
                 match tokio::time::timeout(NATS_TIMEOUT, kv.create(nats_key(&record.id), bytes.into())).await {
                     Err(_) => Err(unavailable("NATS KV timed out")),
                     Ok(Ok(_)) => Ok(true),
-                    Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                    Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e) => Ok(false),
                     Ok(Err(e)) => Err(unavailable(e)),
                 }
             }
@@ -159,7 +174,7 @@ impl Store {
                 {
                     Err(_) => Err(unavailable("NATS KV timed out")),
                     Ok(Ok(_)) => Ok(true),
-                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) => Ok(false),
                     Ok(Err(e)) => Err(unavailable(e)),
                 }
             }
@@ -255,7 +270,7 @@ impl Store {
                     .await
                 {
                     Ok(Ok(_)) => fresh.to_vec(),
-                    Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e) => {
                         timed(kv.get(NATS_SIGNING_KEY)).await?.map(|v| v.to_vec()).unwrap_or_default()
                     }
                     Ok(Err(e)) => return Err(unavailable(e)),
@@ -265,6 +280,20 @@ impl Store {
         };
         seed.try_into().map_err(|_| StorageError::Sled("the stored webhook signing key is not 32 bytes".into()))
     }
+}
+
+/// A compare-and-swap that another writer won. NATS 2.12 answers a stale expected sequence
+/// with error code 10164 (`wrong last sequence`, without the number), which async-nats 0.51
+/// does not map to `WrongLastRevision` (it knows 10071 only): recognised by its text.
+fn lost_race(error: &dyn std::error::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = source {
+        if e.to_string().contains("wrong last sequence") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn encode(record: &Record) -> Vec<u8> {

@@ -104,6 +104,10 @@ pub struct DsConfig {
     pub implicit_streams: bool,
     /// Largest body of one `PUT` or `POST`; beyond it `413`.
     pub max_append_bytes: u64,
+    /// Webhook subscriptions may target loopback addresses (`127.0.0.0/8`, `::1`,
+    /// `localhost`): for tests and local development only. Every other private, link-local
+    /// or metadata address is refused whatever this says.
+    pub webhooks_allow_loopback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +260,7 @@ impl Default for DsConfig {
             writes: true,
             implicit_streams: true,
             max_append_bytes: 8 * 1024 * 1024,
+            webhooks_allow_loopback: false,
         }
     }
 }
@@ -386,6 +391,9 @@ pub struct Cli {
     /// Largest PUT/POST body, 1 B..=1 GiB (ds.max_append_bytes) [default: 8388608]
     #[arg(long = "ds_max_append_bytes", env = "ANYCABLE_DS_MAX_APPEND_BYTES")]
     pub ds_max_append_bytes: Option<u64>,
+    /// Webhook subscriptions may target loopback addresses; tests only (ds.webhooks_allow_loopback) [default: false]
+    #[arg(long = "ds_webhooks_allow_loopback", env = "ANYCABLE_DS_WEBHOOKS_ALLOW_LOOPBACK", num_args = 0..=1, default_missing_value = "true")]
+    pub ds_webhooks_allow_loopback: Option<bool>,
     /// Long-poll timeout in seconds, 1..=3600 (ds.poll_interval) [default: 10]
     #[arg(long = "ds_poll_interval", env = "ANYCABLE_DS_POLL_INTERVAL")]
     pub ds_poll_interval: Option<u64>,
@@ -542,6 +550,7 @@ impl Cli {
         push(&mut out, "ds.writes", &self.ds_writes);
         push(&mut out, "ds.implicit_streams", &self.ds_implicit_streams);
         push(&mut out, "ds.max_append_bytes", &self.ds_max_append_bytes);
+        push(&mut out, "ds.webhooks_allow_loopback", &self.ds_webhooks_allow_loopback);
         push(&mut out, "ds.poll_interval", &self.ds_poll_interval);
         push(&mut out, "ds.sse_ttl", &self.ds_sse_ttl);
         push(&mut out, "ds.max_chunk_bytes", &self.ds_max_chunk_bytes);

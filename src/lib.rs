@@ -12,6 +12,7 @@
 //! - [`auth`]: broadcast key, signed streams, JWT;
 //! - [`ingest`]: broadcast body parsing;
 //! - [`http`]: actix-web handlers;
+//! - [`subscriptions`]: the reserved subscription API (webhooks, pull-wake);
 //! - [`server`]: start-up and shutdown;
 //! - [`metrics`], [`cursor`], [`streams`]: small helpers.
 
@@ -33,5 +34,6 @@ pub mod rpc;
 pub mod server;
 pub mod storage;
 pub mod streams;
+pub mod subscriptions;
 pub mod write_parse;
 pub mod writes;

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub nats_connected: IntGauge,
     pub nats_publish_seconds: Histogram,
     pub nats_read_seconds: Histogram,
+    pub webhook_deliveries: IntCounterVec,
+    pub webhook_queue_dropped: IntCounter,
+    pub subscription_triggers_dropped: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -69,6 +72,30 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
     let latency_buckets = vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
     Metrics {
+        webhook_deliveries: register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "ds_webhook_deliveries_total",
+                    "Webhook delivery attempts by result (ok, failed, gave_up, stale, refused)",
+                ),
+                &["result"],
+            )
+            .unwrap(),
+        ),
+        webhook_queue_dropped: register(
+            &r,
+            IntCounter::new("ds_webhook_queue_dropped_total", "Webhook wakes dropped: the delivery queue was full")
+                .unwrap(),
+        ),
+        subscription_triggers_dropped: register(
+            &r,
+            IntCounter::new(
+                "ds_subscription_triggers_dropped_total",
+                "Appends not linked to a glob subscription: too many waiting, or the subscription's link limit",
+            )
+            .unwrap(),
+        ),
         requests: register(
             &r,
             IntCounterVec::new(

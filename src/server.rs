@@ -24,6 +24,8 @@ pub enum ServeError {
     Rpc(String),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ConnectError),
+    #[error("subscriptions: {0}")]
+    Subscriptions(String),
 }
 
 pub fn storage_options(config: &Config) -> StorageOptions {
@@ -61,7 +63,13 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let shutdown = CancellationToken::new();
     // Validated with the configuration already; an error here is the HTTP client's own.
     let rpc = crate::rpc::Rpc::from_config(&config).map_err(ServeError::Rpc)?;
-    let state = AppState::new(engine.clone(), config.clone(), shutdown.clone(), rpc);
+    let mut state = AppState::new(engine.clone(), config.clone(), shutdown.clone(), rpc);
+    if config.ds.writes {
+        let subscriptions = crate::subscriptions::Subscriptions::start(engine.clone(), &config)
+            .await
+            .map_err(|e| ServeError::Subscriptions(e.to_string()))?;
+        state = state.with_subscriptions(subscriptions);
+    }
 
     http::watchdog::start(Duration::from_secs(config.server.write_timeout));
     http::body::init(usize::try_from(config.ds.max_unsent_bytes).unwrap_or(usize::MAX));

@@ -13,6 +13,8 @@ pub enum InvalidStreamName {
     NotUtf8,
     #[error("stream name contains control characters")]
     ControlCharacter,
+    #[error("stream names under __ds/ are reserved for the subscription API")]
+    Reserved,
 }
 
 pub fn validate_stream_name(name: &str) -> Result<(), InvalidStreamName> {
@@ -22,6 +24,8 @@ pub fn validate_stream_name(name: &str) -> Result<(), InvalidStreamName> {
         Err(InvalidStreamName::TooLong)
     } else if name.chars().any(char::is_control) {
         Err(InvalidStreamName::ControlCharacter)
+    } else if name == "__ds" || name.starts_with("__ds/") {
+        Err(InvalidStreamName::Reserved)
     } else {
         Ok(())
     }
@@ -56,5 +60,8 @@ mod tests {
         assert_eq!(stream_from_path(&long, "/ds"), Err(InvalidStreamName::TooLong));
         let max = format!("/ds/{}", "x".repeat(1024));
         assert!(stream_from_path(&max, "/ds").is_ok());
+        assert_eq!(stream_from_path("/ds/%5F%5Fds/x", "/ds"), Err(InvalidStreamName::Reserved));
+        assert_eq!(stream_from_path("/ds/__ds", "/ds"), Err(InvalidStreamName::Reserved));
+        assert!(stream_from_path("/ds/__dsx", "/ds").is_ok());
     }
 }

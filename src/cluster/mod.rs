@@ -236,6 +236,11 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The JetStream context, for state kept beside the log (subscriptions: a KV bucket).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
     pub fn epoch(&self) -> Epoch {
         self.inner.epoch
     }

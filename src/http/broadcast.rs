@@ -48,7 +48,7 @@ pub async fn handle(
         let context = format!("broadcast to {streams:?} not stored");
         // Hands the messages to the writer thread (no blocking here) and waits for the group
         // flush that makes them durable.
-        state.engine.append(broadcast.stored).await.map_err(|e| match e {
+        super::subscriptions::append_broadcast(&state, broadcast.stored).await.map_err(|e| match e {
             WriteError::Storage(e) => {
                 use crate::storage::StorageError::{BatchTooLarge, MessageTooLarge};
                 if let BatchTooLarge(_) | MessageTooLarge { .. } = e {

@@ -9,6 +9,7 @@ mod json_errors;
 mod ops;
 pub mod request_body;
 mod sse;
+mod subscriptions;
 pub mod watchdog;
 mod write;
 
@@ -46,6 +47,8 @@ pub struct AppState {
     rpc: Option<crate::rpc::Rpc>,
     /// Deadline and shared budget of request bodies.
     body_budget: request_body::BodyBudget,
+    /// The reserved subscription API (`None` while the write API is off).
+    subscriptions: Option<crate::subscriptions::Subscriptions>,
 }
 
 impl AppState {
@@ -78,7 +81,13 @@ impl AppState {
             live_readers: Arc::default(),
             credential_headers,
             rpc,
+            subscriptions: None,
         }
+    }
+
+    /// With the subscription API (and the append hook that wakes subscriptions).
+    pub fn with_subscriptions(self, subscriptions: crate::subscriptions::Subscriptions) -> AppState {
+        AppState { subscriptions: Some(subscriptions), ..self }
     }
 
     /// The headers a credentialed read depends on (its `Vary`).
@@ -288,6 +297,11 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             // scope matches by plain prefix comparison; the `{stream:.*}` resource it replaces
             // ran a regex over every request's path (visible in profiles of live fan-out).
             // Registered last, so the exact paths above win should one lie under the prefix.
+            // The reserved `__ds/` prefix first: it is never a stream (PRODUCT.md §2).
+            .service(
+                web::scope(&format!("{}/__ds", ds_path.trim_end_matches('/')))
+                    .default_service(web::to(subscriptions::handle)),
+            )
             .service(web::scope(&ds_path).default_service(web::to(ds::handle)))
             .default_service(web::to(not_found));
     }

@@ -43,11 +43,13 @@ pub async fn handle(
     let body = request_body::read(req, payload, &state.body_budget, limit, "ds.max_append_bytes")
         .await
         .map_err(|e| e.into_api().1)?;
-    if method == Method::PUT {
+    let result = if method == Method::PUT {
         create(req, state, &stream, headers, fork, &body.bytes).await
     } else {
         append(state, &stream, headers, &body.bytes).await
-    }
+    };
+    super::subscriptions::written(state, &stream, &body.bytes, &result);
+    result
 }
 
 /// The value of a header sent at most once (`None`: absent); `400` if repeated or not ASCII.

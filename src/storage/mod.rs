@@ -240,6 +240,13 @@ impl Storage {
         })
     }
 
+    /// A named tree of the same database, for state kept beside the log (subscriptions and
+    /// the webhook signing key). Opened per use: the database may be reopened after an I/O
+    /// failure (`slot`), which would leave a kept handle on the old one.
+    pub fn side_tree(&self, name: &str) -> Result<sled::Tree, StorageError> {
+        Ok(self.inner.db.get()?.open_tree(name)?)
+    }
+
     pub fn epoch(&self) -> Epoch {
         self.inner.epoch
     }

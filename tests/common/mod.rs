@@ -5,6 +5,7 @@
 pub mod app;
 pub mod ds_write;
 pub mod nats;
+pub mod webhooks;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -11,5 +11,6 @@ runConformanceTests({
   baseUrl,
   // The server's long-poll timeout is 1 s (--ds_poll_interval 1): within this budget.
   longPollTimeoutMs: 2000,
-  subscriptions: false,
+  // The reserved subscription API (WRITE.md §6): 6 more tests, 338 in all.
+  subscriptions: true,
 });

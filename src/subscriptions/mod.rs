@@ -112,6 +112,9 @@ enum Action {
     WakeEvent { stream: String, event: Vec<u8> },
 }
 
+/// How long a start waits for the subscription store (cluster mode: its KV bucket).
+const START_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -120,8 +123,24 @@ impl Subscriptions {
     /// Opens the store, loads the signing key and the subscriptions, and starts this node's
     /// background tasks on the current runtime.
     pub async fn start(engine: Engine, config: &Config) -> Result<Subscriptions, StorageError> {
-        let store = store::Store::open(&engine, config).await?;
-        let seed = store.signing_seed(signing::Signer::new_seed()).await?;
+        // A NATS KV bucket made a moment ago (by this node or another) may not answer on every
+        // server yet: try again for a while before giving up the start.
+        let deadline = std::time::Instant::now() + START_PATIENCE;
+        let (store, seed) = loop {
+            let opened = async {
+                let store = store::Store::open(&engine, config).await?;
+                let seed = store.signing_seed(signing::Signer::new_seed()).await?;
+                Ok::<_, StorageError>((store, seed))
+            };
+            match opened.await {
+                Ok(opened) => break opened,
+                Err(e @ StorageError::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                    log::warn!("subscriptions: the store is not ready yet ({e}); trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let allow_loopback = config.ds.webhooks_allow_loopback;
         let subscriptions = Subscriptions {
             inner: Arc::new(Inner {

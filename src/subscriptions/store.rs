@@ -270,8 +270,11 @@ impl Store {
                     .await
                 {
                     Ok(Ok(_)) => fresh.to_vec(),
+                    // Read from the stream leader, as `get` does: a replica of a bucket made a
+                    // moment ago may not hold its stream yet ("no stream found").
                     Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e) => {
-                        timed(kv.get(NATS_SIGNING_KEY)).await?.map(|v| v.to_vec()).unwrap_or_default()
+                        let subject = format!("{}{}", kv.prefix, NATS_SIGNING_KEY);
+                        timed(kv.stream.get_last_raw_message_by_subject(&subject)).await?.payload.to_vec()
                     }
                     Ok(Err(e)) => return Err(unavailable(e)),
                     Err(_) => return Err(unavailable("NATS KV timed out")),

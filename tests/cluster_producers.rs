@@ -150,3 +150,29 @@ async fn a_stream_made_again_on_one_node_has_forgotten_its_producers_on_another(
     let logs = a.logs() + &b.logs();
     assert!(!logs.contains("records stay on disk"), "{logs}");
 }
+
+/// A producer's state record takes one place of JetStream's atomic batch (1000 messages): a
+/// producer's append of 1000 JSON values is refused whole, and the answer names the limit it
+/// has, 999; without producer headers the same body is stored.
+#[tokio::test]
+async fn a_producer_batch_over_the_limit_is_refused_with_the_limit_it_has() {
+    let cluster = NatsCluster::start();
+    let dir = temp_dir();
+    let node = cluster_node(dir.path(), &cluster, "L", &["--ds_implicit_streams", "false"]);
+    assert_eq!(put(&node, "big", "application/json", b"").await.status(), 201);
+    let body = format!("[{}]", vec!["1"; 1000].join(","));
+    let refused = write(&node, reqwest::Method::POST, "big")
+        .header("content-type", "application/json")
+        .header("producer-id", "p")
+        .header("producer-epoch", "0")
+        .header("producer-seq", "0")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = common::ds_write::refused(refused).await;
+    assert_eq!((status, error.contains("999")), (413, true), "{error}");
+    assert_eq!(bytes(&node, "big").await, b"[]", "nothing of it stored");
+    let plain = write(&node, reqwest::Method::POST, "big").header("content-type", "application/json").body(body);
+    assert_eq!(plain.send().await.unwrap().status(), 204);
+}

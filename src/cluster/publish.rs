@@ -167,7 +167,9 @@ impl Cluster {
     /// `max_payload`. Retrying could never help (`413`).
     pub(super) fn check_sizes(&self, messages: &[Outgoing<'_>]) -> Result<(), StorageError> {
         if messages.len() > MAX_BATCH {
-            return Err(StorageError::BatchTooLarge(MAX_BATCH));
+            // A producer's state record takes a place of the batch: the client's limit is less.
+            let records = messages.iter().filter(|m| m.record.is_some()).count();
+            return Err(StorageError::BatchTooLarge(MAX_BATCH - records));
         }
         let max_payload = self.inner.client.server_info().max_payload;
         let room = |m: &Outgoing| HEADER_ROOM + super::state::headers_len(&m.headers);

@@ -52,6 +52,9 @@ struct Options {
     nats: Option<String>,
     /// Cluster mode: live readers on a second node, the publisher on the first.
     cross_node: bool,
+    /// Ours writes with the Durable Streams protocol (`PUT`, then `POST /ds/{stream}` with the
+    /// JSON values), as the peer does, instead of `POST /_broadcast`.
+    ds_writes: bool,
 }
 
 fn parse_options() -> Options {
@@ -73,6 +76,7 @@ fn parse_options() -> Options {
         plot: None,
         nats: None,
         cross_node: false,
+        ds_writes: false,
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -92,6 +96,7 @@ fn parse_options() -> Options {
             "--plot" => options.plot = Some(value()),
             "--nats" => options.nats = Some(value()),
             "--cross-node" => options.cross_node = true,
+            "--ds-writes" => options.ds_writes = true,
             workload if !workload.starts_with("--") && options.workload.is_empty() => {
                 options.workload = workload.into()
             }
@@ -119,6 +124,8 @@ impl Kind {
 /// A server under test, killed on drop.
 struct Server {
     kind: Kind,
+    /// See `Options::ds_writes`.
+    ds_writes: bool,
     child: Option<Child>,
     base: String,
     dir: tempfile::TempDir,
@@ -178,7 +185,8 @@ impl Server {
                 (options.peer_bin.clone(), args)
             }
         };
-        let mut server = Server { kind, child: None, base: String::new(), dir, args, bin };
+        let ds_writes = options.ds_writes;
+        let mut server = Server { kind, ds_writes, child: None, base: String::new(), dir, args, bin };
         server.spawn();
         server
     }
@@ -216,6 +224,7 @@ impl Server {
     fn another_node(&self) -> Server {
         let mut server = Server {
             kind: self.kind,
+            ds_writes: self.ds_writes,
             child: None,
             base: String::new(),
             dir: tempfile::tempdir().unwrap(),
@@ -272,11 +281,13 @@ impl Server {
         }
     }
 
-    /// Makes the stream exist (the peer needs a `PUT` first; ours creates streams on write).
+    /// Makes the stream exist (the peer needs a `PUT` first; ours creates streams on write,
+    /// unless it writes with the Durable Streams protocol too).
     async fn create(&self, client: &reqwest::Client, stream: &str) {
-        if self.kind == Kind::Peer {
+        if self.kind == Kind::Peer || self.ds_writes {
             let response = client
                 .put(self.read_url(stream))
+                .bearer_auth(KEY)
                 .header("content-type", "application/json")
                 .send()
                 .await
@@ -288,6 +299,11 @@ impl Server {
     /// Appends `values` to `stream` in one request, durably.
     async fn write(&self, client: &reqwest::Client, stream: &str, values: &[Value]) {
         let request = match self.kind {
+            Kind::Ours if self.ds_writes => {
+                let body =
+                    if values.len() == 1 { values[0].to_string() } else { Value::Array(values.to_vec()).to_string() };
+                client.post(self.read_url(stream)).bearer_auth(KEY).body(body)
+            }
             Kind::Ours => {
                 let items: Vec<Value> =
                     values.iter().map(|v| json!({"stream": stream, "data": v.to_string()})).collect();
@@ -407,7 +423,8 @@ async fn ingest(kind: Kind, options: &Options) -> Vec<Figure> {
     let sent = sent.load(Ordering::Relaxed) as f64;
     let cpu_per_message = (server.cpu_seconds() - cpu_before) / sent * 1e6;
     let h = latencies.lock().unwrap();
-    let label = format!("ingest conns={} batch={}", options.conns, options.batch);
+    let api = if options.ds_writes { " (DS POST)" } else { "" };
+    let label = format!("ingest{api} conns={} batch={}", options.conns, options.batch);
     vec![
         figure(format!("{label} msgs/s"), sent / elapsed, "msg/s", true),
         figure(format!("{label} server CPU per msg"), cpu_per_message, "µs", false),

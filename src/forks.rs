@@ -66,6 +66,11 @@ pub async fn read(engine: &Engine, stream: &str, offset: Offset, max_bytes: usiz
         }
         let cap = above.last().map(|&(_, at)| at);
         let top = above.is_empty();
+        if cap.is_some_and(|cap| from >= cap) {
+            // A fork made inside what this level inherits: none of this level's own messages
+            // are below the fork point above it (and reading from `from` would inherit again).
+            continue;
+        }
         let offset = Offset::At(Position { epoch: engine.epoch(), seq: from });
         let room = max_bytes - chunk.body.len();
         let next = match engine.read_level(&name, offset, room, if top { None } else { cap }).await? {

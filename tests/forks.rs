@@ -150,6 +150,24 @@ async fn chains_three_deep_read_consistently_under_concurrent_appends() {
     assert_eq!(String::from_utf8(walked).unwrap(), format!("{b_prefix}{}", own("c")));
 }
 
+/// A fork of a fork made at a position the middle stream itself inherits: it reads the root's
+/// messages up to that position, then its own, skipping the middle stream entirely.
+#[tokio::test]
+async fn a_fork_inside_what_its_source_inherits_reads_the_root_up_to_it() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(put(&server, "root", "text/plain", b"r1;").await.status(), 201);
+    let first = tail(&server, "root").await;
+    assert_eq!(post(&server, "root", "text/plain", b"r2;".to_vec()).await.status(), 204);
+    assert_eq!(fork(&server, "middle", "root", None).await.status(), 201);
+    assert_eq!(post(&server, "middle", "text/plain", b"m1;".to_vec()).await.status(), 204);
+    assert_eq!(fork(&server, "leaf", "middle", Some(&first)).await.status(), 201);
+    assert_eq!(bytes(&server, "leaf").await, b"r1;");
+    assert_eq!(post(&server, "leaf", "text/plain", b"l1;".to_vec()).await.status(), 204);
+    assert_eq!(bytes(&server, "leaf").await, b"r1;l1;");
+    assert_eq!(bytes(&server, "middle").await, b"r1;r2;m1;");
+}
+
 /// Deleting a chain in every order: a stream with forks is soft-deleted (`410`, its forks
 /// still read it), a leaf goes at once (`404`), and the last fork's removal takes its deleted
 /// sources with it. Once the whole chain is gone, so is what it stored: measured on disk.

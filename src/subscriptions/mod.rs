@@ -320,22 +320,31 @@ impl Subscriptions {
     async fn expire(&self, id: &str, wake_id: &str) -> Result<(), SubError> {
         for _ in 0..CAS_ATTEMPTS {
             let Some(read) = self.inner.store.get(id).await.map_err(SubError::storage)? else { return Ok(()) };
-            let mut record = read.record.clone();
+            let record = read.record.clone();
             match &record.wake {
                 Some(wake) if wake.id == wake_id && wake.lease_until_ms.is_some_and(|t| t <= now_ms()) => {}
                 _ => return Ok(()),
             }
-            record.wake = None;
-            let tails = self.tails(&record).await?;
-            let action = self.make_wake(&mut record, &tails);
-            if self.commit(&read, record).await? {
-                if let Some(action) = action {
-                    self.act(action).await;
-                }
+            if self.end_wake(&read, record).await? {
                 return Ok(());
             }
         }
         Err(SubError::busy())
+    }
+
+    /// Ends the wake of `record` (a copy of `read`'s), makes the next one if work is pending,
+    /// and commits both; once committed, acts on the new wake. `false`: the record moved.
+    async fn end_wake(&self, read: &store::Versioned, mut record: Record) -> Result<bool, SubError> {
+        record.wake = None;
+        let tails = self.tails(&record).await?;
+        let action = self.make_wake(&mut record, &tails);
+        if !self.commit(read, record).await? {
+            return Ok(false);
+        }
+        if let Some(action) = action {
+            self.act(action).await;
+        }
+        Ok(true)
     }
 
     /// Each linked stream's tail.

@@ -258,15 +258,9 @@ impl Subscriptions {
         let request = WakeRequest::parse(body)?;
         for _ in 0..CAS_ATTEMPTS {
             let read = self.read(id).await?;
-            let mut record = read.record.clone();
+            let record = read.record.clone();
             self.fence(&record, Kind::PullWake, token, &request)?;
-            record.wake = None;
-            let tails = self.tails(&record).await?;
-            let action = self.make_wake(&mut record, &tails);
-            if self.commit(&read, record).await? {
-                if let Some(action) = action {
-                    self.act(action).await;
-                }
+            if self.end_wake(&read, record).await? {
                 return Ok(());
             }
         }

@@ -120,8 +120,12 @@ impl Server {
             logs: Arc::new(Mutex::new(Vec::new())),
             // Timeouts only so that a broken server fails a test instead of hanging it: longer
             // than any wait a test asks for (long-polls, SSE pings every 15 s).
+            // Idle connections are dropped after 2 s: the server closes a keep-alive connection
+            // idle for 5 s (actix's default), and a request sent on one just as it closes fails
+            // with `IncompleteMessage` (seen once in CI after a test's writers paused 6 s).
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
+                .pool_idle_timeout(Duration::from_secs(2))
                 .connect_timeout(Duration::from_secs(10))
                 .read_timeout(Duration::from_secs(90))
                 .build()

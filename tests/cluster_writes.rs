@@ -9,6 +9,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+
 use common::ds_write::{bytes, close, post, put, refused, rfc3339, same_stream_seq, write};
 use common::nats::NatsCluster;
 use common::{cluster_node, header, numbered, temp_dir, Server};
@@ -169,13 +171,21 @@ async fn expired_streams_nobody_asks_for_are_swept_from_jetstream() {
     let at = write(&a, reqwest::Method::PUT, "dated").header("stream-expires-at", rfc3339(soon));
     assert_eq!(at.send().await.unwrap().status(), 201);
     assert_eq!(put(&a, "kept", "text/plain", b"b").await.status(), 201);
-    // No request touches them again: the sweep removes both from JetStream, nothing else.
+    // No request touches them again: the sweep removes both from JetStream, nothing else;
+    // what is left of each is its tombstone (the `delete` marker, `storage.tombstone_ttl`).
     let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
     let deadline = Instant::now() + WAIT;
     loop {
         let mut stream = js.get_stream("X").await.unwrap();
-        let state = &stream.info().await.unwrap().state;
-        if state.messages == 1 && state.subjects_count == 1 {
+        let state = stream.info().await.unwrap().state.clone();
+        let mut tombstones = 0;
+        for name in ["idle", "dated"] {
+            let subject = format!("X.s.s{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name));
+            if let Ok(last) = stream.get_last_raw_message_by_subject(&subject).await {
+                tombstones += usize::from(last.headers.get("Ds-Ctl").map(|v| v.as_str()) == Some("delete"));
+            }
+        }
+        if state.messages == 3 && tombstones == 2 {
             break;
         }
         assert!(Instant::now() < deadline, "expired streams still stored: {state:?}");

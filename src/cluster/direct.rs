@@ -31,7 +31,7 @@ struct Request<'a> {
 /// One stored message, as much of it as a read needs. The payload is copied out of the
 /// connection's read buffer and the rest of the NATS message is dropped at once: a reply of
 /// 1000 messages holds about their payloads, not 1000 header maps.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Item {
     pub seq: u64,
     /// The `Ds-Prev` and `Ds-Prev-Back` headers (see the cluster module docs).

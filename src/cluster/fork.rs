@@ -256,6 +256,10 @@ impl Cluster {
             .map(|(stream, payload, meta, control, tail, life)| {
                 let mut headers = HeaderMap::new();
                 state::mark(&mut headers, meta, *life, *control, *tail, now);
+                if *control == Some(Control::Delete) && self.inner.tombstone_ttl > 0 {
+                    // The removed stream's tombstone (see `write::remove`).
+                    headers.insert("Nats-TTL", format!("{}s", self.inner.tombstone_ttl).as_str());
+                }
                 Outgoing { stream, payload: payload.clone(), headers, record: None }
             })
             .collect();

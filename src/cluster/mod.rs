@@ -48,6 +48,7 @@
 
 mod access;
 mod broadcast;
+mod cache;
 mod direct;
 mod fork;
 mod lookup;
@@ -103,6 +104,9 @@ struct Inner {
     hub: Hub,
     direct: DirectGet,
     publish_timeout: Duration,
+    /// How long a removed stream's `delete` marker is kept (`storage.tombstone_ttl`; see
+    /// `write::remove`).
+    tombstone_ttl: u64,
     /// Prefix of this process's message and batch ids (unique per process).
     node_id: String,
     ids: AtomicU64,
@@ -125,6 +129,8 @@ struct Inner {
     retention: Arc<retention::Limits>,
     /// Last reads and writes of streams with a `Stream-TTL` (see `access`).
     accesses: Arc<access::Accesses>,
+    /// Messages of streams made by `PUT` this node read (see `cache`).
+    cache: Arc<cache::ItemCache>,
 }
 
 /// A stream this node knows: its state, and the count retention of its broadcasts.
@@ -152,7 +158,8 @@ impl Cluster {
         let servers = config.nats.servers.clone();
         let connected = Arc::new(AtomicBool::new(false));
         let accesses = Arc::new(access::Accesses::default());
-        let events = (connected.clone(), hub.clone(), accesses.clone());
+        let cache = Arc::new(cache::ItemCache::new(config.storage.read_cache_bytes as usize));
+        let events = (connected.clone(), hub.clone(), accesses.clone(), cache.clone());
         let client = async_nats::ConnectOptions::new()
             .name("anycable-ds")
             // Room for the replies of many concurrent Direct Gets (READ_BATCH messages each)
@@ -160,7 +167,7 @@ impl Cluster {
             .subscription_capacity(1 << 18)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
-                let (connected, hub, accesses) = events.clone();
+                let (connected, hub, accesses, cache) = events.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
@@ -170,6 +177,7 @@ impl Cluster {
                             // reader re-reads from its own offset. So are other nodes' reads
                             // of streams with a TTL: count them all as read now.
                             accesses.lost_track();
+                            cache.clear();
                             hub.wake_all();
                             log::info!("NATS connection (re)established");
                         }
@@ -177,6 +185,12 @@ impl Cluster {
                             connected.store(false, Ordering::Release);
                             crate::metrics::get().nats_connected.set(0);
                             log::warn!("NATS connection lost; reconnecting");
+                        }
+                        async_nats::Event::SlowConsumer(sid) => {
+                            // Messages were dropped, wake-ups among them perhaps: what the
+                            // cache holds may have been removed since.
+                            cache.clear();
+                            log::warn!("NATS: subscription {sid} dropped messages (slow consumer)");
                         }
                         other => log::debug!("NATS: {other}"),
                     }
@@ -208,6 +222,7 @@ impl Cluster {
                 hub,
                 direct,
                 publish_timeout: Duration::from_secs(config.nats.publish_timeout),
+                tombstone_ttl: config.storage.tombstone_ttl,
                 node_id: format!("{}-{}", Epoch::random(), std::process::id()),
                 ids: AtomicU64::new(0),
                 known: Mutex::new(HashMap::new()),
@@ -220,6 +235,7 @@ impl Cluster {
                 aging: Arc::new(lookup::Aging::new(Duration::from_secs(config.broker.history_ttl))),
                 retention: limits,
                 accesses,
+                cache,
             }),
         };
         // Where the log stands (`seen` starts here).
@@ -272,12 +288,20 @@ impl Cluster {
                 this.saw(seq);
                 // RePublish copies every header: the message's marks too.
                 let marks = Marks::from_headers(message.headers.as_ref());
+                // Before anything else: a read that sees this wake-up must not find what a
+                // `delete` removed in the cache.
+                this.inner.cache.woken(&this.subject(&name), seq, marks.control);
                 this.learned(&name, seq, &marks);
                 this.written(&name, &marks);
                 this.inner.hub.wake(&name, seq);
             }
         });
         self.subscribe_touches().await?;
+        // The wake-up feed is subscribed: everything stored after the stream's last sequence now
+        // wakes this node, and the cache is empty, so it may serve reads up to there.
+        inner.client.flush().await.map_err(|e| e.to_string())?;
+        let last = self.state().await.map_err(|e| e.to_string())?.last_sequence;
+        inner.cache.caught_up(last);
         let hub = inner.hub.clone();
         tokio::spawn(async move {
             while let Some(message) = transients.next().await {
@@ -366,6 +390,7 @@ impl Cluster {
             m.streams_total.set(state.subjects_count as i64);
             m.storage_bytes.set(state.bytes as i64);
         }
+        crate::metrics::get().read_cache_bytes.set(self.inner.cache.bytes() as i64);
     }
 
     /// Transient messages: published on core NATS; every node (this one too) hands them to

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use super::cache::Token;
 use super::direct::{Batch, Item};
 use super::state::{Control, StreamState};
 use super::{Cluster, READ_TIMEOUT};
@@ -108,11 +109,7 @@ impl Cluster {
         };
         let mut batch = batch;
         if let Some(first) = batch.messages.first().filter(|_| from_token) {
-            let prev = match (first.prev, first.prev_back) {
-                (Some(prev), _) => prev,
-                (None, Some(back)) => first.seq.saturating_sub(back),
-                (None, None) => 0,
-            };
+            let prev = predecessor(first).unwrap_or(0);
             // (A fork's first message follows whatever its subject saw before: a reader at or
             // before its fork point missed nothing of it, see `read_level`.)
             if prev > after && !fork_after(first, after) {
@@ -122,7 +119,7 @@ impl Cluster {
             }
         }
         let floor = self.settle(&subject, &mut batch, after, from_token, max_bytes).await?;
-        self.fill(&subject, &mut batch, max_bytes).await?;
+        self.fill(&subject, &mut batch, max_bytes, must).await?;
         let Some(last_item) = batch.messages.last() else {
             // Everything read was a removed life of the stream.
             return Ok(empty_chunk(at(floor), None));
@@ -149,6 +146,11 @@ impl Cluster {
         let mut floor = after;
         loop {
             if let Some(i) = batch.messages.iter().rposition(|m| m.marks.control == Some(Control::Delete)) {
+                if from_token {
+                    // The life of the stream the reader's position is in was removed (as the
+                    // embedded engine's tombstones answer).
+                    return Err(ReadError::Gone);
+                }
                 floor = batch.messages[i].seq;
                 batch.messages.drain(..=i);
             }
@@ -166,7 +168,7 @@ impl Cluster {
             if !batch.messages.is_empty() || batch.pending == 0 {
                 return Ok(floor);
             }
-            *batch = self.fetch(subject, floor, max_bytes).await?;
+            *batch = self.fetch(subject, floor, max_bytes, u64::MAX).await?;
         }
     }
 
@@ -182,7 +184,7 @@ impl Cluster {
     ) -> Result<Option<Batch>, StorageError> {
         let mut attempt = 0;
         loop {
-            let batch = self.fetch(subject, after, max_bytes).await?;
+            let batch = self.fetch(subject, after, max_bytes, must).await?;
             let last = batch.messages.last().map_or(0, |m| m.seq);
             // A replica behind the leader: it ended (nothing pending) before what must be there.
             let behind = last < must && batch.pending == 0;
@@ -204,16 +206,81 @@ impl Cluster {
         }
     }
 
-    /// One batched Direct Get of the messages after `after`, about `max_bytes` of them.
-    pub(super) async fn fetch(&self, subject: &str, after: u64, max_bytes: usize) -> Result<Batch, StorageError> {
+    /// The messages after `after`, about `max_bytes` of them, for a read that must reach
+    /// `must`: from the node's cache as far as it covers them (`cache`), the rest by one
+    /// batched Direct Get.
+    pub(super) async fn fetch(
+        &self,
+        subject: &str,
+        after: u64,
+        max_bytes: usize,
+        must: u64,
+    ) -> Result<Batch, StorageError> {
         // JetStream counts stored bytes (headers included) against `max_bytes`; ask for more
         // and cut at the body budget (`frame`).
         let budget = max_bytes.saturating_mul(2).saturating_add(READ_OVERHEAD);
-        self.inner
+        let cache = &self.inner.cache;
+        let token = cache.token();
+        let Some(hit) = cache.get(subject, after, budget, must) else {
+            return self.fetch_stored(subject, after, budget, token).await;
+        };
+        if let Some(first) = hit.verify {
+            if !self.still_stored(subject, first).await? {
+                cache.drop_subject(subject);
+                return self.fetch_stored(subject, after, budget, cache.token()).await;
+            }
+            cache.verified(subject, first);
+        }
+        if !hit.to_end {
+            // More is cached: the chunk is cut before it anyway (streams made by `PUT` have
+            // no count window, so `pending` is only "more").
+            return Ok(Batch { messages: hit.items, pending: 1 });
+        }
+        if hit.last >= must {
+            // Everything the read must reach is here.
+            return Ok(Batch { messages: hit.items, pending: 0 });
+        }
+        let used: usize = hit.items.iter().map(|i| i.payload.len()).sum();
+        let more = self.fetch_stored(subject, hit.last, budget.saturating_sub(used).max(1), token).await?;
+        if more.messages.first().is_some_and(|next| predecessor(next) != Some(hit.last)) {
+            // The subject's next message does not follow the cached ones: they are of a life
+            // removed since (a wake-up with its `delete` was lost). Exact, as `Ds-Prev` is.
+            log::warn!("cached messages of {subject} were removed; dropped");
+            cache.drop_subject(subject);
+            return self.fetch_stored(subject, after, budget, cache.token()).await;
+        }
+        let mut messages = hit.items;
+        messages.extend(more.messages);
+        Ok(Batch { messages, pending: more.pending })
+    }
+
+    /// One batched Direct Get of the messages after `after`; kept in the cache if they may be.
+    async fn fetch_stored(
+        &self,
+        subject: &str,
+        after: u64,
+        budget: usize,
+        token: Token,
+    ) -> Result<Batch, StorageError> {
+        let batch = self
+            .inner
             .direct
             .batch(subject, after + 1, READ_BATCH, budget, READ_TIMEOUT)
             .await
-            .map_err(|e| StorageError::Unavailable(e.to_string()))
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        self.inner.cache.put(subject, token, after, &batch);
+        Ok(batch)
+    }
+
+    /// Whether the subject's message at `seq` is still stored (a removal purges it).
+    async fn still_stored(&self, subject: &str, seq: u64) -> Result<bool, StorageError> {
+        let batch = self
+            .inner
+            .direct
+            .batch(subject, seq, 1, usize::MAX >> 1, READ_TIMEOUT)
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        Ok(batch.messages.first().is_some_and(|m| m.seq == seq))
     }
 
     /// Drops the leading messages outside the count window; the last one dropped, if any.
@@ -226,12 +293,26 @@ impl Cluster {
 
     /// More batches while messages are pending, up to the chunk's byte budget, as the sled
     /// engine answers.
-    async fn fill(&self, subject: &str, batch: &mut Batch, max_bytes: usize) -> Result<(), StorageError> {
+    async fn fill(&self, subject: &str, batch: &mut Batch, max_bytes: usize, must: u64) -> Result<(), StorageError> {
         let mut bytes: usize = batch.messages.iter().map(|m| m.payload.len() + 1).sum();
         while batch.pending > 0 && bytes < max_bytes {
             let Some(last) = batch.messages.last().map(|m| m.seq) else { break };
-            let more = self.fetch(subject, last, max_bytes - bytes).await?;
+            let mut more = self.fetch(subject, last, max_bytes - bytes, must).await?;
             if more.messages.is_empty() {
+                break;
+            }
+            // The stream may have been removed (and made again) between two fetches: what
+            // follows a `delete`, or what does not follow `last` (purged since), belongs to
+            // no life this chunk reads. The chunk ends before it; the reader's next read from
+            // there says what became of the stream.
+            let broken = more.messages.first().and_then(predecessor).is_some_and(|p| p != last);
+            let removal = more.messages.iter().position(|m| m.marks.control == Some(Control::Delete));
+            if broken || removal.is_some() {
+                if !broken {
+                    more.messages.truncate(removal.unwrap_or(0));
+                    batch.messages.extend(more.messages);
+                }
+                batch.pending = batch.pending.max(1);
                 break;
             }
             bytes += more.messages.iter().map(|m| m.payload.len() + 1).sum::<usize>();
@@ -347,6 +428,15 @@ impl Cluster {
                 Ok(chunk(after.max(seen)))
             }
         }
+    }
+}
+
+/// The message of the same stream before `item` (`Ds-Prev`, `Ds-Prev-Back`), if it says.
+fn predecessor(item: &Item) -> Option<u64> {
+    match (item.prev, item.prev_back) {
+        (Some(prev), _) => Some(prev),
+        (None, Some(back)) => Some(item.seq.saturating_sub(back)),
+        (None, None) => None,
     }
 }
 

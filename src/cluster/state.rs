@@ -80,7 +80,7 @@ impl Control {
 pub(super) struct Marks {
     pub(super) control: Option<Control>,
     /// `Ds-Meta` as stored; parsed only when needed.
-    pub(super) meta: Option<String>,
+    pub(super) meta: Option<Arc<str>>,
     pub(super) tail: Option<u64>,
     pub(super) at: Option<u64>,
     pub(super) life: Option<u64>,
@@ -94,7 +94,7 @@ impl Marks {
         let get = |name: &str| headers.get(name).map(|v| v.as_str());
         Marks {
             control: get(CONTROL).and_then(Control::parse),
-            meta: get(META).map(str::to_string),
+            meta: get(META).map(Arc::from),
             tail: get(TAIL).and_then(|v| v.parse().ok()),
             at: get(AT).and_then(|v| v.parse().ok()),
             life: get(LIFE).and_then(|v| v.parse().ok()),

@@ -212,7 +212,13 @@ impl Cluster {
     }
 
     /// Removes a stream (`DELETE`, expiry): a `delete` control message guarded by `state`'s
-    /// last sequence, then a purge of everything up to it (and of its producers' records).
+    /// last sequence, then a purge of everything before it (and of its producers' records).
+    /// The `delete` itself stays for `storage.tombstone_ttl` (its `Nats-TTL`), as the
+    /// embedded engine's tombstone: a stream made again under the name follows it
+    /// (`Ds-Prev`), so a reader holding a position in the removed life gets `410`, never the
+    /// new life's messages as its continuation. Without it the new life's first message
+    /// would name the age horizon as its predecessor (see the `cluster` docs), which may be
+    /// older than that reader's position.
     /// `Ok(false)`: the stream moved since `state` (a write came in between), nothing removed.
     /// Readers ignore whatever is left before a `delete` message, and producers' records name
     /// the life they belong to, so a purge that fails (logged) loses nothing but disk space
@@ -225,7 +231,8 @@ impl Cluster {
         for (name, had_life) in &purged {
             let last = lasts[name];
             crate::metrics::get().streams_removed.inc();
-            if let Err(e) = self.purge_through(name, last).await {
+            let through = if self.inner.tombstone_ttl > 0 { last - 1 } else { last };
+            if let Err(e) = self.purge_through(name, through).await {
                 log::warn!("stream {name:?} removed, but its messages stay on disk for now: {e}");
             }
             // Only a stream a producer wrote has a life (and records).

@@ -1,0 +1,355 @@
+//! A node-side cache of stored messages, so repeated reads of a range (many clients catching
+//! up on one stream, a fork's source read by every fork) cost one look-up at the leader and
+//! memory, instead of a batched Direct Get per thousand messages each.
+//!
+//! What it holds, per subject: one *segment*, the subject's messages with sequences in
+//! `(after, last]`, complete: every message of the subject stored in that interval is in it.
+//! A Direct Get answer is complete in that sense (a replica holds a prefix of the log), so
+//! answers that start inside or at the end of a segment extend it.
+//!
+//! Only messages of streams made by `PUT` are kept: AnyCable's retention (count and age)
+//! never deletes them, so a kept message stays what the log holds until the stream is
+//! removed. Removal is a `delete` control message, then a purge of what precedes it; so:
+//! - the wake-up feed drops the subject's segment when it carries a `delete`, and bumps the
+//!   cache's generation, so a read that fetched before the drop does not put back what it
+//!   got (`Token`);
+//! - a read uses the cache only once the wake-up feed has passed the sequence that read must
+//!   reach (`woken_through >= must`): a `delete` up to there was seen;
+//! - a segment not checked for a second is checked before use: its first message must still
+//!   be stored (one Direct Get of one message). That bounds what a lost wake-up (a leader
+//!   change, a slow consumer) could leave behind to the purge's delay plus a second;
+//! - a reconnect or a slow-consumer event (wake-ups lost) clears everything.
+//!
+//! The budget is `storage.read_cache_bytes`, as on the embedded engine; a segment holds at
+//! most a quarter of it (its oldest messages go first), and whole segments are evicted least
+//! recently used first.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::direct::{Batch, Item};
+use super::state::Control;
+use crate::meta::StreamMeta;
+use crate::storage::now_ms;
+
+/// How long a segment is used before its first message is checked to be still stored.
+const VERIFY_EVERY_MS: u64 = 1000;
+/// Memory an item takes besides its payload: the `Item` in the segment's vector (about 200
+/// bytes) and the payload's allocation header.
+const ITEM_OVERHEAD: usize = 256;
+
+pub(super) struct ItemCache {
+    budget: usize,
+    /// Bumped whenever anything is dropped for being possibly stale.
+    generation: AtomicU64,
+    /// The highest sequence the wake-up feed has handed over (and invalidated for).
+    woken_through: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    segments: HashMap<String, Segment>,
+    bytes: usize,
+    clock: u64,
+}
+
+struct Segment {
+    after: u64,
+    last: u64,
+    items: Vec<Item>,
+    bytes: usize,
+    used: u64,
+    verified_ms: u64,
+}
+
+/// What a read saw of the cache before it asked JetStream: what it fetched may be put back
+/// only if nothing was invalidated meanwhile.
+#[derive(Clone, Copy)]
+pub(super) struct Token(u64);
+
+/// Cached messages after a position.
+pub(super) struct Hit {
+    pub(super) items: Vec<Item>,
+    /// The items reach the segment's end (`last`): anything newer must be asked for.
+    pub(super) to_end: bool,
+    pub(super) last: u64,
+    /// The segment's first message, when it is due to be checked.
+    pub(super) verify: Option<u64>,
+}
+
+fn cost(item: &Item) -> usize {
+    item.payload.len() + ITEM_OVERHEAD
+}
+
+impl ItemCache {
+    pub(super) fn new(budget: usize) -> ItemCache {
+        ItemCache { budget, generation: AtomicU64::new(0), woken_through: AtomicU64::new(0), state: Mutex::default() }
+    }
+
+    pub(super) fn token(&self) -> Token {
+        Token(self.generation.load(Ordering::Acquire))
+    }
+
+    /// The wake-up feed handed over the message at `seq`; a `delete` drops its subject.
+    pub(super) fn woken(&self, subject: &str, seq: u64, control: Option<Control>) {
+        if control == Some(Control::Delete) {
+            self.drop_subject(subject);
+        }
+        self.woken_through.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Every message up to `seq` was stored before the wake-up feed was subscribed (at start):
+    /// the cache, empty then, may serve reads up to there.
+    pub(super) fn caught_up(&self, seq: u64) {
+        self.woken_through.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub(super) fn drop_subject(&self, subject: &str) {
+        let mut state = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(segment) = state.segments.remove(subject) {
+            state.bytes -= segment.bytes;
+        }
+    }
+
+    /// Everything goes (wake-ups may have been lost).
+    pub(super) fn clear(&self) {
+        let mut state = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        state.segments = HashMap::new();
+        state.bytes = 0;
+    }
+
+    /// The cached messages of `subject` after `after`, about `budget` bytes of payload (at
+    /// least one), if the cache covers `after` and may be used for a read that must reach
+    /// `must`.
+    pub(super) fn get(&self, subject: &str, after: u64, budget: usize, must: u64) -> Option<Hit> {
+        if self.budget == 0 || self.woken_through.load(Ordering::Acquire) < must {
+            return None;
+        }
+        let mut state = self.lock();
+        state.clock += 1;
+        let clock = state.clock;
+        let segment = state.segments.get_mut(subject)?;
+        if after < segment.after || after > segment.last {
+            return None;
+        }
+        segment.used = clock;
+        let now = now_ms();
+        let verify = (now.saturating_sub(segment.verified_ms) >= VERIFY_EVERY_MS)
+            .then(|| segment.items.first().map(|i| i.seq))
+            .flatten();
+        let start = segment.items.partition_point(|i| i.seq <= after);
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for item in &segment.items[start..] {
+            if !items.is_empty() && bytes + item.payload.len() > budget {
+                break;
+            }
+            bytes += item.payload.len();
+            items.push(item.clone());
+        }
+        let to_end = start + items.len() == segment.items.len();
+        Some(Hit { items, to_end, last: segment.last, verify })
+    }
+
+    /// The segment's first message was found still stored.
+    pub(super) fn verified(&self, subject: &str, first: u64) {
+        let mut state = self.lock();
+        if let Some(segment) = state.segments.get_mut(subject) {
+            if segment.items.first().map(|i| i.seq) == Some(first) {
+                segment.verified_ms = now_ms();
+            }
+        }
+    }
+
+    /// Keeps what a Direct Get after `after` answered, if it may be kept (see the module docs).
+    pub(super) fn put(&self, subject: &str, token: Token, after: u64, batch: &Batch) {
+        if self.budget == 0 || batch.messages.is_empty() || !cacheable(&batch.messages) {
+            return;
+        }
+        let mut state = self.lock();
+        if self.generation.load(Ordering::Acquire) != token.0 {
+            return;
+        }
+        state.clock += 1;
+        let clock = state.clock;
+        let last = batch.messages.last().map_or(after, |i| i.seq);
+        {
+            let State { segments, bytes, .. } = &mut *state;
+            let segment = match segments.get_mut(subject) {
+                // The answer starts inside the segment or at its end: it extends it.
+                Some(segment) if segment.after <= after && after <= segment.last => segment,
+                _ => {
+                    if let Some(old) = segments.remove(subject) {
+                        *bytes -= old.bytes;
+                    }
+                    let fresh =
+                        Segment { after, last: after, items: Vec::new(), bytes: 0, used: clock, verified_ms: now_ms() };
+                    segments.entry(subject.to_string()).or_insert(fresh)
+                }
+            };
+            if last <= segment.last {
+                return;
+            }
+            for item in batch.messages.iter().filter(|i| i.seq > segment.last) {
+                let mut item = item.clone();
+                // Messages of a stream mostly carry the same metadata: keep it once.
+                if let (Some(previous), Some(meta)) =
+                    (segment.items.last().and_then(|p| p.marks.meta.as_ref()), &item.marks.meta)
+                {
+                    if previous == meta {
+                        item.marks.meta = Some(previous.clone());
+                    }
+                }
+                segment.bytes += cost(&item);
+                *bytes += cost(&item);
+                segment.items.push(item);
+            }
+            segment.last = last;
+            segment.used = clock;
+            // A quarter of the budget at most per subject: the oldest messages go.
+            let cap = self.budget / 4;
+            if segment.bytes > cap {
+                let mut drop = 0;
+                let mut freed = 0;
+                while segment.bytes - freed > cap && drop < segment.items.len() {
+                    freed += cost(&segment.items[drop]);
+                    drop += 1;
+                }
+                segment.after = segment.items[drop - 1].seq;
+                segment.items.drain(..drop);
+                segment.bytes -= freed;
+                *bytes -= freed;
+                segment.verified_ms = 0; // its first message changed
+            }
+        }
+        self.evict(&mut state);
+    }
+
+    /// Least recently used segments go while over budget.
+    fn evict(&self, state: &mut State) {
+        while state.bytes > self.budget {
+            let Some(oldest) = state.segments.iter().min_by_key(|(_, s)| s.used).map(|(k, _)| k.clone()) else {
+                break;
+            };
+            if let Some(segment) = state.segments.remove(&oldest) {
+                state.bytes -= segment.bytes;
+            }
+        }
+        if state.segments.capacity() > 4 * state.segments.len().max(1024) {
+            state.segments.shrink_to_fit();
+        }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether every message is of a stream made by `PUT` (which retention never trims) and none
+/// removes it.
+fn cacheable(items: &[Item]) -> bool {
+    let mut checked: Option<&Arc<str>> = None;
+    items.iter().all(|item| {
+        if item.marks.control == Some(Control::Delete) {
+            return false;
+        }
+        let Some(meta) = &item.marks.meta else { return false };
+        if checked.is_some_and(|c| c == meta) {
+            return true;
+        }
+        let made_by_put = StreamMeta::decode(meta.as_bytes()).is_some_and(|m| m.created);
+        checked = Some(meta);
+        made_by_put
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::state::Marks;
+
+    const PUT_META: &str = r#"{"ct":"application/json","put":true}"#;
+
+    fn item(seq: u64, meta: Option<&str>, control: Option<Control>) -> Item {
+        Item {
+            seq,
+            prev: None,
+            prev_back: None,
+            pending: 0,
+            marks: Marks { control, meta: meta.map(Arc::from), ..Marks::default() },
+            payload: bytes::Bytes::from(vec![b'x'; 100]),
+        }
+    }
+
+    fn batch(seqs: &[u64]) -> Batch {
+        Batch { messages: seqs.iter().map(|&s| item(s, Some(PUT_META), None)).collect(), pending: 0 }
+    }
+
+    #[test]
+    fn answers_extend_a_segment_and_any_position_inside_it_is_served() {
+        let cache = ItemCache::new(1 << 20);
+        cache.woken("s", 100, None);
+        cache.put("s", cache.token(), 0, &batch(&[3, 7, 9]));
+        cache.put("s", cache.token(), 9, &batch(&[12, 20]));
+        let hit = cache.get("s", 5, usize::MAX, 20).expect("covered");
+        assert_eq!(hit.items.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![7, 9, 12, 20]);
+        assert!(hit.to_end && hit.last == 20);
+        let cut = cache.get("s", 0, 150, 20).expect("covered");
+        assert_eq!(cut.items.len(), 1, "the byte budget cuts (at least one)");
+        assert!(!cut.to_end);
+        assert!(cache.get("s", 21, usize::MAX, 20).is_none(), "after the segment");
+        assert!(cache.get("s", 5, usize::MAX, 101).is_none(), "wake-ups not there yet");
+    }
+
+    #[test]
+    fn a_delete_drops_the_subject_and_a_read_from_before_cannot_put_back() {
+        let cache = ItemCache::new(1 << 20);
+        let early = cache.token();
+        cache.woken("s", 10, Some(Control::Delete));
+        cache.put("s", early, 0, &batch(&[3, 7]));
+        assert!(cache.get("s", 0, usize::MAX, 0).is_none());
+        cache.put("s", cache.token(), 0, &batch(&[3, 7]));
+        assert!(cache.get("s", 0, usize::MAX, 0).is_some());
+        cache.woken("s", 11, Some(Control::Delete));
+        assert!(cache.get("s", 0, usize::MAX, 0).is_none());
+        assert_eq!(cache.bytes(), 0);
+    }
+
+    #[test]
+    fn only_streams_made_by_put_and_no_removal_are_kept() {
+        let cache = ItemCache::new(1 << 20);
+        let broadcast = Batch { messages: vec![item(1, None, None)], pending: 0 };
+        cache.put("b", cache.token(), 0, &broadcast);
+        let implicit =
+            Batch { messages: vec![item(1, Some(r#"{"ct":"application/json","put":false}"#), None)], pending: 0 };
+        cache.put("i", cache.token(), 0, &implicit);
+        let removed =
+            Batch { messages: vec![item(1, Some(PUT_META), None), item(2, None, Some(Control::Delete))], pending: 0 };
+        cache.put("r", cache.token(), 0, &removed);
+        assert_eq!(cache.bytes(), 0);
+    }
+
+    #[test]
+    fn the_budget_holds_per_segment_and_overall() {
+        let cache = ItemCache::new(40 * (100 + ITEM_OVERHEAD));
+        let seqs: Vec<u64> = (1..=30).collect();
+        cache.put("a", cache.token(), 0, &batch(&seqs));
+        let hit = cache.get("a", 0, usize::MAX, 0);
+        assert!(hit.is_none(), "the oldest went: position 0 is no longer covered");
+        let hit = cache.get("a", 20, usize::MAX, 0).expect("the newest stay");
+        assert_eq!(hit.items.len(), 10);
+        for s in ["b", "c", "d", "e"] {
+            cache.put(s, cache.token(), 0, &batch(&seqs[..10]));
+        }
+        assert!(cache.bytes() <= 40 * (100 + ITEM_OVERHEAD));
+        assert!(cache.get("a", 20, usize::MAX, 0).is_none(), "least recently used went first");
+    }
+}

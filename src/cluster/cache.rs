@@ -28,16 +28,21 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use super::direct::{Batch, Item};
-use super::state::Control;
-use crate::meta::StreamMeta;
-use crate::storage::now_ms;
+use super::state::{Control, Marks};
+use crate::meta::{SharedMeta, StreamMeta};
+use crate::storage::{now_ms, Chunk};
 
 /// How long a segment is used before its first message is checked to be still stored.
 const VERIFY_EVERY_MS: u64 = 1000;
 /// Memory an item takes besides its payload: the `Item` in the segment's vector (about 200
 /// bytes) and the payload's allocation header.
 const ITEM_OVERHEAD: usize = 256;
+/// Chunks framed from one segment's messages kept at once (reads from `-1`, from the middle,
+/// with another chunk limit...).
+const FRAMED_PER_SEGMENT: usize = 4;
 
 pub(super) struct ItemCache {
     budget: usize,
@@ -62,6 +67,27 @@ struct Segment {
     bytes: usize,
     used: u64,
     verified_ms: u64,
+    /// Chunks framed from its messages, by position read after and chunk limit; dropped
+    /// when the segment grows.
+    framed: Vec<(u64, usize, Framed)>,
+}
+
+/// A chunk framed from cached messages only: handed out again as it is, its stream's state
+/// (existence, expiry) checked anew each time from the message it was read from.
+#[derive(Clone)]
+pub(super) struct Framed {
+    pub(super) body: Bytes,
+    pub(super) count: usize,
+    pub(super) next: u64,
+    /// It took every message the read had (else it was cut at the chunk limit).
+    pub(super) complete: bool,
+    /// The last message it took.
+    pub(super) last: u64,
+    /// A cut chunk's metadata as its last message left it.
+    pub(super) cut_meta: Option<SharedMeta>,
+    /// The message the stream's state is read from.
+    pub(super) state_seq: u64,
+    pub(super) state_marks: Marks,
 }
 
 /// What a read saw of the cache before it asked JetStream: what it fetched may be put back
@@ -155,6 +181,88 @@ impl ItemCache {
         Some(Hit { items, to_end, last: segment.last, verify })
     }
 
+    /// A chunk framed before for a read after `after` with `max_bytes`, if it is still what
+    /// such a read answers: the segment did not grow since, and (if the chunk reached its
+    /// end) it reaches `must`. Never while the segment is due for a check (the read that
+    /// checks it goes the long way).
+    pub(super) fn framed(&self, subject: &str, after: u64, max_bytes: usize, must: u64) -> Option<Framed> {
+        if self.budget == 0 || self.woken_through.load(Ordering::Acquire) < must {
+            return None;
+        }
+        let mut state = self.lock();
+        state.clock += 1;
+        let clock = state.clock;
+        let segment = state.segments.get_mut(subject)?;
+        if now_ms().saturating_sub(segment.verified_ms) >= VERIFY_EVERY_MS {
+            return None;
+        }
+        let (_, _, framed) = segment.framed.iter().find(|(a, m, _)| *a == after && *m == max_bytes)?;
+        if framed.complete && framed.last < must {
+            return None;
+        }
+        segment.used = clock;
+        Some(framed.clone())
+    }
+
+    /// Keeps `chunk`, framed from `batch` (all from this cache) for a read after `after`.
+    pub(super) fn keep_framed(
+        &self,
+        subject: &str,
+        token: Token,
+        after: u64,
+        max_bytes: usize,
+        batch: &Batch,
+        chunk: &Chunk,
+    ) {
+        let Some(state_item) = batch.messages.last() else { return };
+        // What the framing took: every message up to the one after its `count`th.
+        let mut seen = 0;
+        let taken = batch
+            .messages
+            .iter()
+            .position(|m| {
+                seen += usize::from(m.marks.is_message());
+                m.marks.is_message() && seen > chunk.count
+            })
+            .unwrap_or(batch.messages.len());
+        let Some(last) = batch.messages[..taken].last().map(|m| m.seq) else { return };
+        let complete = taken == batch.messages.len() && batch.pending == 0;
+        let framed = Framed {
+            body: chunk.body.clone(),
+            count: chunk.count,
+            next: chunk.next.seq,
+            complete,
+            last,
+            cut_meta: if complete { None } else { chunk.meta.clone() },
+            state_seq: state_item.seq,
+            state_marks: state_item.marks.clone(),
+        };
+        let size = framed.body.len() + ITEM_OVERHEAD;
+        let mut state = self.lock();
+        if self.budget == 0 || size > self.budget / 4 || self.generation.load(Ordering::Acquire) != token.0 {
+            return;
+        }
+        let State { segments, bytes, .. } = &mut *state;
+        let Some(segment) = segments.get_mut(subject) else { return };
+        if after < segment.after || state_item.seq > segment.last {
+            return;
+        }
+        if let Some(i) = segment.framed.iter().position(|(a, m, _)| *a == after && *m == max_bytes) {
+            let (_, _, old) = segment.framed.remove(i);
+            segment.bytes -= old.body.len() + ITEM_OVERHEAD;
+            *bytes -= old.body.len() + ITEM_OVERHEAD;
+        }
+        if segment.framed.len() == FRAMED_PER_SEGMENT {
+            let (_, _, old) = segment.framed.remove(0);
+            segment.bytes -= old.body.len() + ITEM_OVERHEAD;
+            *bytes -= old.body.len() + ITEM_OVERHEAD;
+        }
+        segment.framed.push((after, max_bytes, framed));
+        segment.bytes += size;
+        *bytes += size;
+        self.evict(&mut state);
+    }
+
     /// The segment's first message was found still stored.
     pub(super) fn verified(&self, subject: &str, first: u64) {
         let mut state = self.lock();
@@ -186,13 +294,25 @@ impl ItemCache {
                     if let Some(old) = segments.remove(subject) {
                         *bytes -= old.bytes;
                     }
-                    let fresh =
-                        Segment { after, last: after, items: Vec::new(), bytes: 0, used: clock, verified_ms: now_ms() };
+                    let fresh = Segment {
+                        after,
+                        last: after,
+                        items: Vec::new(),
+                        bytes: 0,
+                        used: clock,
+                        verified_ms: now_ms(),
+                        framed: Vec::new(),
+                    };
                     segments.entry(subject.to_string()).or_insert(fresh)
                 }
             };
             if last <= segment.last {
                 return;
+            }
+            // Chunks framed before may now stop short of what a read gets.
+            for (_, _, old) in segment.framed.drain(..) {
+                segment.bytes -= old.body.len() + ITEM_OVERHEAD;
+                *bytes -= old.body.len() + ITEM_OVERHEAD;
             }
             for item in batch.messages.iter().filter(|i| i.seq > segment.last) {
                 let mut item = item.clone();
@@ -290,7 +410,7 @@ mod tests {
     }
 
     fn batch(seqs: &[u64]) -> Batch {
-        Batch { messages: seqs.iter().map(|&s| item(s, Some(PUT_META), None)).collect(), pending: 0 }
+        Batch { messages: seqs.iter().map(|&s| item(s, Some(PUT_META), None)).collect(), pending: 0, from_cache: false }
     }
 
     #[test]
@@ -326,13 +446,19 @@ mod tests {
     #[test]
     fn only_streams_made_by_put_and_no_removal_are_kept() {
         let cache = ItemCache::new(1 << 20);
-        let broadcast = Batch { messages: vec![item(1, None, None)], pending: 0 };
+        let broadcast = Batch { messages: vec![item(1, None, None)], pending: 0, from_cache: false };
         cache.put("b", cache.token(), 0, &broadcast);
-        let implicit =
-            Batch { messages: vec![item(1, Some(r#"{"ct":"application/json","put":false}"#), None)], pending: 0 };
+        let implicit = Batch {
+            messages: vec![item(1, Some(r#"{"ct":"application/json","put":false}"#), None)],
+            pending: 0,
+            from_cache: false,
+        };
         cache.put("i", cache.token(), 0, &implicit);
-        let removed =
-            Batch { messages: vec![item(1, Some(PUT_META), None), item(2, None, Some(Control::Delete))], pending: 0 };
+        let removed = Batch {
+            messages: vec![item(1, Some(PUT_META), None), item(2, None, Some(Control::Delete))],
+            pending: 0,
+            from_cache: false,
+        };
         cache.put("r", cache.token(), 0, &removed);
         assert_eq!(cache.bytes(), 0);
     }

@@ -50,6 +50,8 @@ pub struct Batch {
     pub messages: Vec<Item>,
     /// Messages of the subject left after the last one returned (from the answering replica).
     pub pending: u64,
+    /// Every message came from the node's cache (`cache`), through all a read must reach.
+    pub from_cache: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

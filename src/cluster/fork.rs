@@ -91,7 +91,7 @@ impl Cluster {
             taken.drain(..=i);
         }
         let data = taken.iter().filter(|m| m.marks.is_message()).count();
-        let batch = super::direct::Batch { messages: taken, pending: u64::from(!complete) };
+        let batch = super::direct::Batch { messages: taken, pending: u64::from(!complete), from_cache: false };
         let mut chunk = if batch.messages.is_empty() {
             let at = Position { epoch, seq: after };
             let body = crate::framing::empty_body(meta.framing());

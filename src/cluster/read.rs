@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use super::cache::Token;
+use super::cache::{Framed, Token};
 use super::direct::{Batch, Item};
 use super::state::{Control, StreamState};
 use super::{Cluster, READ_TIMEOUT};
@@ -85,6 +85,12 @@ impl Cluster {
             last = self.leader_last(&subject).await?;
             must = last.as_ref().map_or(0, |(seq, _)| *seq);
         }
+        let token = self.inner.cache.token();
+        if must > after {
+            if let Some(framed) = self.inner.cache.framed(&subject, after, max_bytes, must) {
+                return Ok(self.reframed(stream, framed, at(after), must));
+            }
+        }
         let batch = loop {
             if must <= after {
                 let state = match &last {
@@ -128,7 +134,25 @@ impl Cluster {
         let Some(meta) = self.live(stream, &state) else {
             return Ok(empty_chunk(at(floor), None));
         };
-        Ok(self.frame(&batch, floor, must, max_bytes, meta))
+        let chunk = self.frame(&batch, floor, must, max_bytes, meta);
+        if batch.from_cache && floor == after {
+            self.inner.cache.keep_framed(&subject, token, after, max_bytes, &batch, &chunk);
+        }
+        Ok(chunk)
+    }
+
+    /// A chunk framed before from cached messages, with the stream's state checked now.
+    fn reframed(&self, stream: &str, framed: Framed, start: Position, must: u64) -> Chunk {
+        let state = StreamState::after(framed.state_seq, &framed.state_marks);
+        let Some(meta) = self.live(stream, &state) else { return empty_chunk(start, None) };
+        Chunk {
+            body: framed.body,
+            count: framed.count,
+            start,
+            next: Position { epoch: start.epoch, seq: framed.next },
+            up_to_date: framed.complete && framed.last >= must,
+            meta: Some(if framed.complete { meta } else { framed.cut_meta.unwrap_or(meta) }),
+        }
     }
 
     /// Drops what a reader never gets: a removed life of the stream (the messages up to a
@@ -234,11 +258,11 @@ impl Cluster {
         if !hit.to_end {
             // More is cached: the chunk is cut before it anyway (streams made by `PUT` have
             // no count window, so `pending` is only "more").
-            return Ok(Batch { messages: hit.items, pending: 1 });
+            return Ok(Batch { messages: hit.items, pending: 1, from_cache: true });
         }
         if hit.last >= must {
             // Everything the read must reach is here.
-            return Ok(Batch { messages: hit.items, pending: 0 });
+            return Ok(Batch { messages: hit.items, pending: 0, from_cache: true });
         }
         let used: usize = hit.items.iter().map(|i| i.payload.len()).sum();
         let more = self.fetch_stored(subject, hit.last, budget.saturating_sub(used).max(1), token).await?;
@@ -251,7 +275,7 @@ impl Cluster {
         }
         let mut messages = hit.items;
         messages.extend(more.messages);
-        Ok(Batch { messages, pending: more.pending })
+        Ok(Batch { messages, pending: more.pending, from_cache: false })
     }
 
     /// One batched Direct Get of the messages after `after`; kept in the cache if they may be.
@@ -307,7 +331,9 @@ impl Cluster {
             // there says what became of the stream.
             let broken = more.messages.first().and_then(predecessor).is_some_and(|p| p != last);
             let removal = more.messages.iter().position(|m| m.marks.control == Some(Control::Delete));
+            batch.from_cache &= more.from_cache;
             if broken || removal.is_some() {
+                batch.from_cache = false;
                 if !broken {
                     more.messages.truncate(removal.unwrap_or(0));
                     batch.messages.extend(more.messages);

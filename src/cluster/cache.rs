@@ -67,10 +67,14 @@ struct Segment {
     bytes: usize,
     used: u64,
     verified_ms: u64,
-    /// Chunks framed from its messages, by position read after and chunk limit; dropped
-    /// when the segment grows.
-    framed: Vec<(u64, usize, Framed)>,
+    /// Chunks framed from its messages, by position read after, chunk limit, and whether
+    /// that position was a token (`Key`); dropped when the segment grows.
+    framed: Vec<(Key, Framed)>,
 }
+
+/// What a framed chunk answers: a read after this position (a token's, or the start) with
+/// this chunk limit (a read from a token is checked for gaps, one from the start is not).
+pub(super) type Key = (u64, usize, bool);
 
 /// A chunk framed from cached messages only: handed out again as it is, its stream's state
 /// (existence, expiry) checked anew each time from the message it was read from.
@@ -181,11 +185,11 @@ impl ItemCache {
         Some(Hit { items, to_end, last: segment.last, verify })
     }
 
-    /// A chunk framed before for a read after `after` with `max_bytes`, if it is still what
+    /// A chunk framed before for a read as `key` says, if it is still what
     /// such a read answers: the segment did not grow since, and (if the chunk reached its
     /// end) it reaches `must`. Never while the segment is due for a check (the read that
     /// checks it goes the long way).
-    pub(super) fn framed(&self, subject: &str, after: u64, max_bytes: usize, must: u64) -> Option<Framed> {
+    pub(super) fn framed(&self, subject: &str, key: Key, must: u64) -> Option<Framed> {
         if self.budget == 0 || self.woken_through.load(Ordering::Acquire) < must {
             return None;
         }
@@ -196,7 +200,7 @@ impl ItemCache {
         if now_ms().saturating_sub(segment.verified_ms) >= VERIFY_EVERY_MS {
             return None;
         }
-        let (_, _, framed) = segment.framed.iter().find(|(a, m, _)| *a == after && *m == max_bytes)?;
+        let (_, framed) = segment.framed.iter().find(|(k, _)| *k == key)?;
         if framed.complete && framed.last < must {
             return None;
         }
@@ -204,16 +208,8 @@ impl ItemCache {
         Some(framed.clone())
     }
 
-    /// Keeps `chunk`, framed from `batch` (all from this cache) for a read after `after`.
-    pub(super) fn keep_framed(
-        &self,
-        subject: &str,
-        token: Token,
-        after: u64,
-        max_bytes: usize,
-        batch: &Batch,
-        chunk: &Chunk,
-    ) {
+    /// Keeps `chunk`, framed from `batch` (all from this cache) for a read as `key` says.
+    pub(super) fn keep_framed(&self, subject: &str, token: Token, key: Key, batch: &Batch, chunk: &Chunk) {
         let Some(state_item) = batch.messages.last() else { return };
         // What the framing took: every message up to the one after its `count`th.
         let mut seen = 0;
@@ -244,20 +240,20 @@ impl ItemCache {
         }
         let State { segments, bytes, .. } = &mut *state;
         let Some(segment) = segments.get_mut(subject) else { return };
-        if after < segment.after || state_item.seq > segment.last {
+        if key.0 < segment.after || state_item.seq > segment.last {
             return;
         }
-        if let Some(i) = segment.framed.iter().position(|(a, m, _)| *a == after && *m == max_bytes) {
-            let (_, _, old) = segment.framed.remove(i);
+        if let Some(i) = segment.framed.iter().position(|(k, _)| *k == key) {
+            let (_, old) = segment.framed.remove(i);
             segment.bytes -= old.body.len() + ITEM_OVERHEAD;
             *bytes -= old.body.len() + ITEM_OVERHEAD;
         }
         if segment.framed.len() == FRAMED_PER_SEGMENT {
-            let (_, _, old) = segment.framed.remove(0);
+            let (_, old) = segment.framed.remove(0);
             segment.bytes -= old.body.len() + ITEM_OVERHEAD;
             *bytes -= old.body.len() + ITEM_OVERHEAD;
         }
-        segment.framed.push((after, max_bytes, framed));
+        segment.framed.push((key, framed));
         segment.bytes += size;
         *bytes += size;
         self.evict(&mut state);
@@ -310,7 +306,7 @@ impl ItemCache {
                 return;
             }
             // Chunks framed before may now stop short of what a read gets.
-            for (_, _, old) in segment.framed.drain(..) {
+            for (_, old) in segment.framed.drain(..) {
                 segment.bytes -= old.body.len() + ITEM_OVERHEAD;
                 *bytes -= old.body.len() + ITEM_OVERHEAD;
             }
@@ -477,5 +473,34 @@ mod tests {
         }
         assert!(cache.bytes() <= 40 * (100 + ITEM_OVERHEAD));
         assert!(cache.get("a", 20, usize::MAX, 0).is_none(), "least recently used went first");
+    }
+
+    #[test]
+    fn a_framed_chunk_is_handed_out_until_the_segment_grows_and_only_for_its_own_key() {
+        let cache = ItemCache::new(1 << 20);
+        cache.woken("s", 100, None);
+        let first = batch(&[3, 7]);
+        cache.put("s", cache.token(), 0, &first);
+        let position = crate::offset::Position { epoch: crate::offset::Epoch::parse(b"abcdefghij").unwrap(), seq: 0 };
+        let chunk = Chunk {
+            body: Bytes::from_static(b"[x,x]"),
+            count: 2,
+            start: position,
+            next: crate::offset::Position { seq: 7, ..position },
+            up_to_date: true,
+            meta: None,
+        };
+        cache.keep_framed("s", cache.token(), (0, 4096, false), &first, &chunk);
+        let framed = cache.framed("s", (0, 4096, false), 7).expect("kept");
+        assert!(framed.complete && framed.last == 7 && framed.next == 7 && framed.count == 2);
+        assert!(cache.framed("s", (0, 4096, true), 7).is_none(), "a token read is checked for gaps");
+        assert!(cache.framed("s", (0, 1024, false), 7).is_none(), "another chunk limit");
+        assert!(cache.framed("s", (0, 4096, false), 9).is_none(), "it stops short of what must be read");
+        cache.put("s", cache.token(), 7, &batch(&[9]));
+        assert!(cache.framed("s", (0, 4096, false), 7).is_none(), "the segment grew");
+        let stale = cache.token();
+        cache.woken("s", 101, Some(Control::Delete));
+        cache.keep_framed("s", stale, (0, 4096, false), &first, &chunk);
+        assert_eq!(cache.bytes(), 0);
     }
 }

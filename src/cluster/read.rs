@@ -87,7 +87,7 @@ impl Cluster {
         }
         let token = self.inner.cache.token();
         if must > after {
-            if let Some(framed) = self.inner.cache.framed(&subject, after, max_bytes, must) {
+            if let Some(framed) = self.inner.cache.framed(&subject, (after, max_bytes, from_token), must) {
                 return Ok(self.reframed(stream, framed, at(after), must));
             }
         }
@@ -136,7 +136,7 @@ impl Cluster {
         };
         let chunk = self.frame(&batch, floor, must, max_bytes, meta);
         if batch.from_cache && floor == after {
-            self.inner.cache.keep_framed(&subject, token, after, max_bytes, &batch, &chunk);
+            self.inner.cache.keep_framed(&subject, token, (after, max_bytes, from_token), &batch, &chunk);
         }
         Ok(chunk)
     }

@@ -51,6 +51,8 @@ pub(super) struct ItemCache {
     /// The highest sequence the wake-up feed has handed over (and invalidated for).
     woken_through: AtomicU64,
     state: Mutex<State>,
+    /// Per subject with a run: whose turn it is to fetch what the run lacks (`turn`).
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Default)]
@@ -115,7 +117,33 @@ fn cost(item: &Item) -> usize {
 
 impl ItemCache {
     pub(super) fn new(budget: usize) -> ItemCache {
-        ItemCache { budget, generation: AtomicU64::new(0), woken_through: AtomicU64::new(0), state: Mutex::default() }
+        ItemCache {
+            budget,
+            generation: AtomicU64::new(0),
+            woken_through: AtomicU64::new(0),
+            state: Mutex::default(),
+            turns: Mutex::default(),
+        }
+    }
+
+    /// Whether `subject` has a run (its stream is one the cache keeps).
+    pub(super) fn has_run(&self, subject: &str) -> bool {
+        self.lock().segments.contains_key(subject)
+    }
+
+    /// Waits for the turn to fetch what `subject`'s run lacks: many readers arriving at once
+    /// at a range not cached yet cost one fetch (the others find it cached), as on the
+    /// embedded engine. Only for subjects with a run, so streams the cache does not keep are
+    /// never read one reader at a time.
+    pub(super) async fn turn(&self, subject: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            if turns.len() >= 1024 {
+                turns.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
+            turns.entry(subject.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     pub(super) fn token(&self) -> Token {

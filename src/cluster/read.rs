@@ -18,6 +18,8 @@ use crate::storage::{Chunk, ReadError, StorageError};
 
 /// Bytes allowed per read on top of twice the body budget, for stored headers.
 const READ_OVERHEAD: usize = 64 * 1024;
+/// Longest a read waits for another reader's fetch of the same range (`cache::turn`).
+const TURN_WAIT: Duration = Duration::from_millis(500);
 /// Most messages one read asks for. Each comes as its own NATS message with ~200 bytes of
 /// headers; bigger batches from several readers at once overran the reply subscription.
 const READ_BATCH: usize = 1000;
@@ -244,9 +246,22 @@ impl Cluster {
         // and cut at the body budget (`frame`).
         let budget = max_bytes.saturating_mul(2).saturating_add(READ_OVERHEAD);
         let cache = &self.inner.cache;
-        let token = cache.token();
-        let Some(hit) = cache.get(subject, after, budget, must) else {
-            return self.fetch_stored(subject, after, budget, token).await;
+        let mut turn = None;
+        let (hit, token) = loop {
+            let token = cache.token();
+            let hit = cache.get(subject, after, budget, must);
+            // What the run lacks is fetched by one reader at a time; the others look again.
+            let lacks = hit.as_ref().map_or_else(|| cache.has_run(subject), |h| h.to_end && h.last < must);
+            if lacks && turn.is_none() {
+                // Not longer than a moment: a turn held by a fetch JetStream does not answer
+                // (it times out after READ_TIMEOUT) must not make every reader wait in line.
+                turn = Some(tokio::time::timeout(TURN_WAIT, cache.turn(subject)).await.ok());
+                continue;
+            }
+            match hit {
+                Some(hit) => break (hit, token),
+                None => return self.fetch_stored(subject, after, budget, token).await,
+            }
         };
         if let Some(first) = hit.verify {
             if !self.still_stored(subject, first).await? {

@@ -24,7 +24,7 @@
 //! most a quarter of it (its oldest messages go first), and whole segments are evicted least
 //! recently used first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -58,6 +58,11 @@ pub(super) struct ItemCache {
 #[derive(Default)]
 struct State {
     segments: HashMap<String, Segment>,
+    /// Subjects in the order their runs were made (or last given a second chance), with the
+    /// clock then: eviction takes the front unless the run was used since (then it goes to
+    /// the back), so it costs O(1) amortized, not a scan of every run. Entries of runs gone
+    /// are skipped, and dropped when they outnumber the runs.
+    order: VecDeque<(String, u64)>,
     bytes: usize,
     clock: u64,
 }
@@ -177,6 +182,7 @@ impl ItemCache {
         let mut state = self.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
         state.segments = HashMap::new();
+        state.order = VecDeque::new();
         state.bytes = 0;
     }
 
@@ -310,7 +316,7 @@ impl ItemCache {
         let clock = state.clock;
         let last = batch.messages.last().map_or(after, |i| i.seq);
         {
-            let State { segments, bytes, .. } = &mut *state;
+            let State { segments, bytes, order, .. } = &mut *state;
             let segment = match segments.get_mut(subject) {
                 // The answer starts inside the segment or at its end: it extends it.
                 Some(segment) if segment.after <= after && after <= segment.last => segment,
@@ -327,6 +333,7 @@ impl ItemCache {
                         verified_ms: now_ms(),
                         framed: Vec::new(),
                     };
+                    order.push_back((subject.to_string(), clock));
                     segments.entry(subject.to_string()).or_insert(fresh)
                 }
             };
@@ -373,18 +380,28 @@ impl ItemCache {
         self.evict(&mut state);
     }
 
-    /// Least recently used segments go while over budget.
+    /// Least recently used segments go while over budget (second chance, see `State::order`).
     fn evict(&self, state: &mut State) {
         while state.bytes > self.budget {
-            let Some(oldest) = state.segments.iter().min_by_key(|(_, s)| s.used).map(|(k, _)| k.clone()) else {
-                break;
-            };
+            let Some((oldest, queued)) = state.order.pop_front() else { break };
+            let Some(segment) = state.segments.get(&oldest) else { continue };
+            if segment.used > queued {
+                let used = segment.used;
+                state.order.push_back((oldest, used));
+                continue;
+            }
             if let Some(segment) = state.segments.remove(&oldest) {
                 state.bytes -= segment.bytes;
             }
         }
+        if state.order.len() > 2 * state.segments.len() + 1024 {
+            let State { segments, order, .. } = state;
+            let mut kept = std::collections::HashSet::new();
+            order.retain(|(subject, _)| segments.contains_key(subject) && kept.insert(subject.clone()));
+        }
         if state.segments.capacity() > 4 * state.segments.len().max(1024) {
             state.segments.shrink_to_fit();
+            state.order.shrink_to_fit();
         }
     }
 
@@ -495,12 +512,23 @@ mod tests {
         let hit = cache.get("a", 0, usize::MAX, 0);
         assert!(hit.is_none(), "the oldest went: position 0 is no longer covered");
         let hit = cache.get("a", 20, usize::MAX, 0).expect("the newest stay");
-        assert_eq!(hit.items.len(), 10);
-        for s in ["b", "c", "d", "e"] {
-            cache.put(s, cache.token(), 0, &batch(&seqs[..10]));
+        assert_eq!(hit.items.len(), 10, "a quarter of the budget per subject");
+        cache.put("b", cache.token(), 0, &batch(&seqs[..10]));
+        cache.put("c", cache.token(), 0, &batch(&seqs[..10]));
+        assert!(cache.get("a", 20, usize::MAX, 0).is_some());
+        cache.put("d", cache.token(), 0, &batch(&seqs[..10]));
+        assert_eq!(cache.bytes(), 40 * (100 + ITEM_OVERHEAD), "full, not over");
+        cache.put("e", cache.token(), 0, &batch(&seqs[..10]));
+        assert_eq!(cache.bytes(), 40 * (100 + ITEM_OVERHEAD));
+        assert!(cache.get("b", 0, usize::MAX, 0).is_none(), "the run not used since it was made went");
+        assert!(cache.get("a", 20, usize::MAX, 0).is_some(), "the oldest run, used since, stays");
+        for i in 0..10_000 {
+            cache.put(&format!("many-{i}"), cache.token(), 0, &batch(&seqs[..1]));
+            cache.drop_subject(&format!("many-{}", i / 2));
         }
         assert!(cache.bytes() <= 40 * (100 + ITEM_OVERHEAD));
-        assert!(cache.get("a", 20, usize::MAX, 0).is_none(), "least recently used went first");
+        let state = cache.lock();
+        assert!(state.order.len() <= 2 * state.segments.len() + 1024, "the order queue stays bounded");
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //!
 //! The budget is `storage.read_cache_bytes`, as on the embedded engine; a segment holds at
 //! most a quarter of it (its oldest messages go first), and whole segments are evicted least
-//! recently used first.
+//! recently used first (approximately: a second-chance queue, see `State::order`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

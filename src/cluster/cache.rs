@@ -79,6 +79,13 @@ struct Segment {
     framed: Vec<(Key, Framed)>,
 }
 
+impl Segment {
+    /// Due for a check that its first message is still stored (see the module docs).
+    fn due(&self) -> bool {
+        now_ms().saturating_sub(self.verified_ms) >= VERIFY_EVERY_MS
+    }
+}
+
 /// What a framed chunk answers: a read after this position (a token's, or the start) with
 /// this chunk limit (a read from a token is checked for gaps, one from the start is not).
 pub(super) type Key = (u64, usize, bool);
@@ -186,10 +193,9 @@ impl ItemCache {
         state.bytes = 0;
     }
 
-    /// The cached messages of `subject` after `after`, about `budget` bytes of payload (at
-    /// least one), if the cache covers `after` and may be used for a read that must reach
-    /// `must`.
-    pub(super) fn get(&self, subject: &str, after: u64, budget: usize, must: u64) -> Option<Hit> {
+    /// What `answer` makes of `subject`'s run, if the cache may serve a read that must reach
+    /// `must`; a run that answers counts as used.
+    fn with_run<T>(&self, subject: &str, must: u64, answer: impl FnOnce(&Segment) -> Option<T>) -> Option<T> {
         if self.budget == 0 || self.woken_through.load(Ordering::Acquire) < must {
             return None;
         }
@@ -197,26 +203,33 @@ impl ItemCache {
         state.clock += 1;
         let clock = state.clock;
         let segment = state.segments.get_mut(subject)?;
-        if after < segment.after || after > segment.last {
-            return None;
-        }
+        let answer = answer(segment)?;
         segment.used = clock;
-        let now = now_ms();
-        let verify = (now.saturating_sub(segment.verified_ms) >= VERIFY_EVERY_MS)
-            .then(|| segment.items.first().map(|i| i.seq))
-            .flatten();
-        let start = segment.items.partition_point(|i| i.seq <= after);
-        let mut items = Vec::new();
-        let mut bytes = 0;
-        for item in &segment.items[start..] {
-            if !items.is_empty() && bytes + item.payload.len() > budget {
-                break;
+        Some(answer)
+    }
+
+    /// The cached messages of `subject` after `after`, about `budget` bytes of payload (at
+    /// least one), if the cache covers `after` and may be used for a read that must reach
+    /// `must`.
+    pub(super) fn get(&self, subject: &str, after: u64, budget: usize, must: u64) -> Option<Hit> {
+        self.with_run(subject, must, |segment| {
+            if after < segment.after || after > segment.last {
+                return None;
             }
-            bytes += item.payload.len();
-            items.push(item.clone());
-        }
-        let to_end = start + items.len() == segment.items.len();
-        Some(Hit { items, to_end, last: segment.last, verify })
+            let verify = segment.due().then(|| segment.items.first().map(|i| i.seq)).flatten();
+            let start = segment.items.partition_point(|i| i.seq <= after);
+            let mut items = Vec::new();
+            let mut bytes = 0;
+            for item in &segment.items[start..] {
+                if !items.is_empty() && bytes + item.payload.len() > budget {
+                    break;
+                }
+                bytes += item.payload.len();
+                items.push(item.clone());
+            }
+            let to_end = start + items.len() == segment.items.len();
+            Some(Hit { items, to_end, last: segment.last, verify })
+        })
     }
 
     /// A chunk framed before for a read as `key` says, if it is still what
@@ -224,22 +237,13 @@ impl ItemCache {
     /// end) it reaches `must`. Never while the segment is due for a check (the read that
     /// checks it goes the long way).
     pub(super) fn framed(&self, subject: &str, key: Key, must: u64) -> Option<Framed> {
-        if self.budget == 0 || self.woken_through.load(Ordering::Acquire) < must {
-            return None;
-        }
-        let mut state = self.lock();
-        state.clock += 1;
-        let clock = state.clock;
-        let segment = state.segments.get_mut(subject)?;
-        if now_ms().saturating_sub(segment.verified_ms) >= VERIFY_EVERY_MS {
-            return None;
-        }
-        let (_, framed) = segment.framed.iter().find(|(k, _)| *k == key)?;
-        if framed.complete && framed.last < must {
-            return None;
-        }
-        segment.used = clock;
-        Some(framed.clone())
+        self.with_run(subject, must, |segment| {
+            if segment.due() {
+                return None;
+            }
+            let (_, framed) = segment.framed.iter().find(|(k, _)| *k == key)?;
+            (!framed.complete || framed.last >= must).then(|| framed.clone())
+        })
     }
 
     /// Keeps `chunk`, framed from `batch` (all from this cache) for a read as `key` says.

@@ -50,6 +50,7 @@ mod access;
 mod broadcast;
 mod cache;
 mod direct;
+mod flights;
 mod fork;
 mod lookup;
 mod producers;
@@ -131,6 +132,8 @@ struct Inner {
     accesses: Arc<access::Accesses>,
     /// Messages of streams made by `PUT` this node read (see `cache`).
     cache: Arc<cache::ItemCache>,
+    /// Reads of the same range at once, sharing one fetch (see `flights`).
+    flights: Arc<flights::Flights>,
 }
 
 /// A stream this node knows: its state, and the count retention of its broadcasts.
@@ -236,6 +239,7 @@ impl Cluster {
                 retention: limits,
                 accesses,
                 cache,
+                flights: Arc::default(),
             }),
         };
         // Where the log stands (`seen` starts here).

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use super::cache::{Framed, Token};
 use super::direct::{Batch, Item};
+use super::flights::{Boarding, Pilot};
+use super::state::Marks;
 use super::state::{Control, StreamState};
 use super::{Cluster, READ_TIMEOUT};
 use crate::forks::Level;
@@ -70,12 +72,6 @@ impl Cluster {
             Offset::At(position) if position.epoch != epoch => return Err(ReadError::Gone),
             Offset::At(position) => (position.seq, true),
         };
-        // At most READS_AT_ONCE reads talk to JetStream at a time: each holds up to a chunk
-        // of replies in memory while it is assembled.
-        let _permit = tokio::time::timeout(READ_TIMEOUT, self.inner.reads.acquire())
-            .await
-            .map_err(|_| StorageError::Unavailable("too many reads waiting for JetStream".into()))?
-            .map_err(|_| StorageError::Closed)?;
         let subject = self.subject(stream);
         // First the stream-wide position (see `lookup`), then what the answer must reach: the
         // sequence this node was woken for, else the leader's last message.
@@ -83,16 +79,67 @@ impl Cluster {
         let woken = self.inner.hub.tail(stream);
         let mut must = woken;
         let mut last = None;
+        let mut permit = None;
         if woken <= after {
+            permit = Some(self.read_permit().await?);
             last = self.leader_last(&subject).await?;
             must = last.as_ref().map_or(0, |(seq, _)| *seq);
         }
-        let token = self.inner.cache.token();
+        let mut pilot = None;
         if must > after {
             if let Some(framed) = self.inner.cache.framed(&subject, (after, max_bytes, from_token), must) {
                 return Ok(self.reframed(stream, framed, at(after), must));
             }
+            // Readers woken together share one trip to JetStream (`flights`); a passenger
+            // whose pilot left boards again.
+            for _ in 0..3 {
+                match self.inner.flights.board((subject.clone(), after, must, max_bytes, from_token)) {
+                    Boarding::Passenger(flight) => match Boarding::wait(flight).await {
+                        Some(answer) => return answer,
+                        None => continue,
+                    },
+                    Boarding::Pilot(p) => {
+                        pilot = Some(p);
+                        break;
+                    }
+                }
+            }
         }
+        if permit.is_none() {
+            permit = Some(self.read_permit().await?);
+        }
+        let result = self
+            .read_stored(stream, &subject, (after, from_token), max_bytes, (seen, must, last), pilot.as_mut())
+            .await;
+        drop(permit);
+        if let Some(pilot) = pilot {
+            pilot.land(&result);
+        }
+        result
+    }
+
+    /// At most READS_AT_ONCE reads talk to JetStream at a time: each holds up to a chunk of
+    /// replies in memory while it is assembled.
+    async fn read_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StorageError> {
+        tokio::time::timeout(READ_TIMEOUT, self.inner.reads.acquire())
+            .await
+            .map_err(|_| StorageError::Unavailable("too many reads waiting for JetStream".into()))?
+            .map_err(|_| StorageError::Closed)
+    }
+
+    /// The read from JetStream (and the cache) once what it must reach is known; `pilot`: the
+    /// flight it answers for, closed once it has what it fetched.
+    async fn read_stored(
+        &self,
+        stream: &str,
+        subject: &str,
+        (after, from_token): (u64, bool),
+        max_bytes: usize,
+        (seen, mut must, mut last): (u64, u64, Option<(u64, Marks)>),
+        mut pilot: Option<&mut Pilot>,
+    ) -> Result<Chunk, ReadError> {
+        let at = |seq| Position { epoch: self.inner.epoch, seq };
+        let token = self.inner.cache.token();
         let batch = loop {
             if must <= after {
                 let state = match &last {
@@ -101,12 +148,16 @@ impl Cluster {
                 };
                 return self.nothing_after(stream, after, from_token, seen, &state).await;
             }
-            match self.fetch_through(&subject, after, must, max_bytes).await? {
+            let fetched = self.fetch_through(subject, after, must, max_bytes).await?;
+            if let Some(pilot) = pilot.as_deref_mut() {
+                pilot.close();
+            }
+            match fetched {
                 Some(batch) => break batch,
                 // What this node was woken for is no longer stored (a removal purged it):
                 // the leader says where the stream ends.
                 None => {
-                    last = self.leader_last(&subject).await?;
+                    last = self.leader_last(subject).await?;
                     let leader = last.as_ref().map_or(0, |(seq, _)| *seq);
                     if leader >= must {
                         return Err(StorageError::Unavailable(format!("a replica still lacks message {must}")).into());
@@ -126,8 +177,8 @@ impl Cluster {
                 return Err(ReadError::Gone);
             }
         }
-        let floor = self.settle(&subject, &mut batch, after, from_token, max_bytes).await?;
-        self.fill(&subject, &mut batch, max_bytes, must).await?;
+        let floor = self.settle(subject, &mut batch, after, from_token, max_bytes).await?;
+        self.fill(subject, &mut batch, max_bytes, must).await?;
         let Some(last_item) = batch.messages.last() else {
             // Everything read was a removed life of the stream.
             return Ok(empty_chunk(at(floor), None));
@@ -138,7 +189,7 @@ impl Cluster {
         };
         let chunk = self.frame(&batch, floor, must, max_bytes, meta);
         if batch.from_cache && floor == after {
-            self.inner.cache.keep_framed(&subject, token, (after, max_bytes, from_token), &batch, &chunk);
+            self.inner.cache.keep_framed(subject, token, (after, max_bytes, from_token), &batch, &chunk);
         }
         Ok(chunk)
     }

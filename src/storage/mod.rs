@@ -81,7 +81,7 @@ impl From<sled::Error> for StorageError {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ReadError {
     /// The position is in the trimmed past, beyond the tail, or from another epoch.
     #[error("offset is no longer available")]

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub nats_connected: IntGauge,
     pub nats_publish_seconds: Histogram,
     pub nats_read_seconds: Histogram,
+    pub nats_direct_gets: IntCounter,
     pub webhook_deliveries: IntCounterVec,
     pub webhook_queue_dropped: IntCounter,
     pub subscription_triggers_dropped: IntCounter,
@@ -306,6 +307,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             Histogram::with_opts(
                 HistogramOpts::new("nats_read_seconds", "Cluster mode: one read (leader lookup and Direct Get)")
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0]),
+            )
+            .unwrap(),
+        ),
+        nats_direct_gets: register(
+            &r,
+            IntCounter::new(
+                "nats_direct_gets_total",
+                "Cluster mode: batched Direct Gets sent to JetStream (reads woken together share one)",
             )
             .unwrap(),
         ),

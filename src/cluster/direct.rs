@@ -115,6 +115,7 @@ impl DirectGet {
         timeout: Duration,
     ) -> Result<Batch, GetError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::get().nats_direct_gets.inc();
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.lock().insert(id, tx);
         let _route = RouteGuard { routes: &self.routes, id };

@@ -1,0 +1,66 @@
+//! Live readers on one node woken by writes through another (`src/cluster/flights.rs`): each
+//! gets every message, in order, and readers woken together share one trip to JetStream
+//! instead of each making its own. Three real nats-server processes (`tests/common/nats.rs`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::ds_write::{post, put};
+use common::nats::NatsCluster;
+use common::{cluster_node, temp_dir, SseClient};
+use futures_util::future::join_all;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+const READERS: usize = 200;
+const ROUNDS: u64 = 5;
+
+#[tokio::test]
+async fn readers_woken_together_on_another_node_share_fetches_and_each_gets_every_message() {
+    let cluster = NatsCluster::start();
+    let (da, db) = (temp_dir(), temp_dir());
+    let a = cluster_node(da.path(), &cluster, "F", &[]);
+    let b = cluster_node(db.path(), &cluster, "F", &[]);
+    // One stream made by broadcasts (never cached by the node: every wake-up is a fetch) and
+    // one made by `PUT`.
+    a.publish("fan", [json!({"n": 0})]).await;
+    assert_eq!(put(&a, "made", "application/json", b"").await.status(), 201);
+    for stream in ["fan", "made"] {
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            // A client per reader: its own connection.
+            readers
+                .push(SseClient::open_with(&b, reqwest::Client::new(), &format!("{stream}?offset=now&live=sse")).await);
+        }
+        for reader in &mut readers {
+            let (messages, control) = reader.next_batch(WAIT).await.expect("the first control event");
+            assert!(messages.is_empty());
+            assert_eq!(control["upToDate"], true);
+        }
+        let before = b.metric("nats_direct_gets_total").await;
+        for n in 1..=ROUNDS {
+            if stream == "fan" {
+                a.publish(stream, [json!({"n": n})]).await;
+            } else {
+                let body = json!({"n": n}).to_string().into_bytes();
+                assert_eq!(post(&a, stream, "application/json", body).await.status(), 204);
+            }
+            // Every reader gets exactly the new message.
+            let got = join_all(readers.iter_mut().map(|r| r.next_batch(WAIT))).await;
+            for (i, batch) in got.into_iter().enumerate() {
+                let (messages, control) = batch.unwrap_or_else(|| panic!("reader {i} of {stream} ended"));
+                assert_eq!(messages, [json!({"n": n})], "reader {i} of {stream}, round {n}");
+                assert_eq!(control["upToDate"], true);
+            }
+        }
+        // Before readers shared fetches, each woken reader made its own: READERS per round.
+        let gets = b.metric("nats_direct_gets_total").await - before;
+        eprintln!("{stream}: {gets} Direct Gets for {ROUNDS} rounds of {READERS} readers");
+        let bound = (ROUNDS as usize * READERS / 10) as f64;
+        assert!(
+            gets <= bound,
+            "{stream}: {gets} Direct Gets for {ROUNDS} rounds of {READERS} readers (at most {bound})"
+        );
+    }
+}

@@ -64,3 +64,42 @@ async fn readers_woken_together_on_another_node_share_fetches_and_each_gets_ever
         );
     }
 }
+
+/// Long-poll readers that arrive as the write lands: some find the tail by asking the
+/// stream's leader (holding one of the node's read permits), some are woken; all share
+/// fetches, and none waits for a permit another holds while it waits for them.
+#[tokio::test]
+async fn long_polls_arriving_as_a_write_lands_all_get_it() {
+    let cluster = NatsCluster::start();
+    let (da, db) = (temp_dir(), temp_dir());
+    let a = cluster_node(da.path(), &cluster, "L", &[]);
+    let b = cluster_node(db.path(), &cluster, "L", &[]);
+    a.publish("poll", [json!({"n": 0})]).await;
+    let mut offset = b.tail("poll").await;
+    let before = b.metric("nats_direct_gets_total").await;
+    for n in 1..=ROUNDS * 2 {
+        let polls: Vec<_> = (0..READERS)
+            .map(|_| {
+                let request = b.client.get(b.ds(&format!("poll?offset={offset}&live=long-poll")));
+                tokio::spawn(request.send())
+            })
+            .collect();
+        a.publish("poll", [json!({"n": n})]).await;
+        let mut next = Vec::new();
+        for (i, poll) in join_all(polls).await.into_iter().enumerate() {
+            let response = poll.unwrap().unwrap();
+            if response.status() != 200 {
+                let status = response.status();
+                panic!("reader {i}, round {n}: {status} {}", response.text().await.unwrap_or_default());
+            }
+            let (messages, after, _) = common::read_parts(response).await;
+            assert_eq!(messages, [json!({"n": n})], "reader {i}, round {n}");
+            next.push(after);
+        }
+        next.dedup();
+        assert_eq!(next.len(), 1, "every reader goes on from the same offset");
+        offset = next.remove(0);
+    }
+    let gets = b.metric("nats_direct_gets_total").await - before;
+    eprintln!("{gets} Direct Gets for {} rounds of {READERS} long-polls", ROUNDS * 2);
+}

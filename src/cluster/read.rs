@@ -94,10 +94,14 @@ impl Cluster {
             // whose pilot left boards again.
             for _ in 0..3 {
                 match self.inner.flights.board((subject.clone(), after, must, max_bytes, from_token)) {
-                    Boarding::Passenger(flight) => match Boarding::wait(flight).await {
-                        Some(answer) => return answer,
-                        None => continue,
-                    },
+                    Boarding::Passenger(flight) => {
+                        // A passenger holds no permit: its pilot may need one.
+                        permit = None;
+                        match Boarding::wait(flight).await {
+                            Some(answer) => return answer,
+                            None => continue,
+                        }
+                    }
                     Boarding::Pilot(p) => {
                         pilot = Some(p);
                         break;

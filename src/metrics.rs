@@ -59,6 +59,7 @@ pub struct Metrics {
     pub nats_publish_seconds: Histogram,
     pub nats_read_seconds: Histogram,
     pub nats_direct_gets: IntCounter,
+    pub nats_leader_gets: IntCounter,
     pub webhook_deliveries: IntCounterVec,
     pub webhook_queue_dropped: IntCounter,
     pub subscription_triggers_dropped: IntCounter,
@@ -315,6 +316,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             IntCounter::new(
                 "nats_direct_gets_total",
                 "Cluster mode: batched Direct Gets sent to JetStream (reads woken together share one)",
+            )
+            .unwrap(),
+        ),
+        nats_leader_gets: register(
+            &r,
+            IntCounter::new(
+                "nats_leader_gets_total",
+                "Cluster mode: questions to the stream leader (MSG.GET; askers at once share one)",
             )
             .unwrap(),
         ),

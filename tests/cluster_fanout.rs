@@ -77,6 +77,7 @@ async fn long_polls_arriving_as_a_write_lands_all_get_it() {
     a.publish("poll", [json!({"n": 0})]).await;
     let mut offset = b.tail("poll").await;
     let before = b.metric("nats_direct_gets_total").await;
+    let asked_before = b.metric("nats_leader_gets_total").await;
     for n in 1..=ROUNDS * 2 {
         let polls: Vec<_> = (0..READERS)
             .map(|_| {
@@ -101,5 +102,13 @@ async fn long_polls_arriving_as_a_write_lands_all_get_it() {
         offset = next.remove(0);
     }
     let gets = b.metric("nats_direct_gets_total").await - before;
-    eprintln!("{gets} Direct Gets for {} rounds of {READERS} long-polls", ROUNDS * 2);
+    let asked = b.metric("nats_leader_gets_total").await - asked_before;
+    eprintln!(
+        "{gets} Direct Gets and {asked} questions to the leader for {} rounds of {READERS} long-polls",
+        ROUNDS * 2
+    );
+    // Each long-poll that finds nothing newer than its position asks the leader where the
+    // stream ends; askers at once share questions (`cluster/rounds.rs`).
+    let bound = (ROUNDS as usize * 2 * READERS / 4) as f64;
+    assert!(asked <= bound, "{asked} questions to the leader (at most {bound})");
 }

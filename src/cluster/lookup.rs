@@ -25,6 +25,9 @@ use crate::meta::SharedMeta;
 use crate::offset::Position;
 use crate::storage::StorageError;
 
+/// The stream leader's answer about a subject's last message (`leader_last`).
+pub(super) type LeaderLast = Result<Option<(u64, Marks)>, StorageError>;
+
 impl Cluster {
     /// The highest sequence of the whole JetStream stream this node knows to be stored: from
     /// its own acknowledgements, the wake-up feed (every stored message, whoever wrote it) and
@@ -40,8 +43,12 @@ impl Cluster {
 
     /// The last message of a subject according to the stream leader (which has everything
     /// acknowledged): its sequence and marks, or `None` when the subject holds no message.
-    pub(super) async fn leader_last(&self, subject: &str) -> Result<Option<(u64, Marks)>, StorageError> {
-        self.leader_get(serde_json::json!({ "last_by_subj": subject }).to_string()).await
+    ///
+    /// Askers of one subject at the same moment share a question sent after each of them
+    /// asked (`rounds`): the answer is as fresh as one asked alone.
+    pub(super) async fn leader_last(&self, subject: &str) -> LeaderLast {
+        let ask = || self.leader_get(serde_json::json!({ "last_by_subj": subject }).to_string());
+        self.inner.lookups.ask(subject, ask).await
     }
 
     /// A request to the stream's JetStream API (`$JS.API.STREAM.<what>.<stream>`), which the
@@ -77,6 +84,7 @@ impl Cluster {
 
     /// One `$JS.API.STREAM.MSG.GET` (which only the leader answers).
     pub(super) async fn leader_get(&self, request: String) -> Result<Option<(u64, Marks)>, StorageError> {
+        crate::metrics::get().nats_leader_gets.inc();
         let answer = self.stream_api("MSG.GET", request).await?;
         if let Some(seq) = answer.pointer("/message/seq").and_then(|v| v.as_u64()) {
             let hdrs = answer.pointer("/message/hdrs").and_then(|v| v.as_str());

@@ -57,6 +57,7 @@ mod producers;
 mod publish;
 mod read;
 mod retention;
+mod rounds;
 mod setup;
 mod state;
 mod subject;
@@ -134,6 +135,8 @@ struct Inner {
     cache: Arc<cache::ItemCache>,
     /// Reads of the same range at once, sharing one fetch (see `flights`).
     flights: Arc<flights::Flights>,
+    /// Leader look-ups of one subject at once, sharing one sent after each began (`rounds`).
+    lookups: Arc<rounds::Rounds<lookup::LeaderLast>>,
 }
 
 /// A stream this node knows: its state, and the count retention of its broadcasts.
@@ -240,6 +243,7 @@ impl Cluster {
                 accesses,
                 cache,
                 flights: Arc::default(),
+                lookups: Arc::default(),
             }),
         };
         // Where the log stands (`seen` starts here).

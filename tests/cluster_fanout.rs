@@ -112,3 +112,40 @@ async fn long_polls_arriving_as_a_write_lands_all_get_it() {
     let bound = (ROUNDS as usize * 2 * READERS / 4) as f64;
     assert!(asked <= bound, "{asked} questions to the leader (at most {bound})");
 }
+
+/// Read-your-writes across nodes while other readers keep the node asking the stream's leader
+/// about the same stream: a read that begins after a write was acknowledged on another node
+/// has it, though questions sent before the acknowledgement are on their way when it begins
+/// (it must not take their answers).
+#[tokio::test]
+async fn a_read_after_an_acknowledged_write_has_it_while_others_ask_about_the_stream() {
+    let cluster = NatsCluster::start();
+    let (da, db) = (temp_dir(), temp_dir());
+    let a = cluster_node(da.path(), &cluster, "Y", &[]);
+    let b = cluster_node(db.path(), &cluster, "Y", &[]);
+    a.publish("ryw", [json!({"i": 0})]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Readers on B that keep asking where the stream ends (HEAD: a question every time).
+    let askers: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, url, stop) = (b.client.clone(), b.ds("ryw"), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let head = client.head(&url).send().await.unwrap();
+                    assert_eq!(head.status(), 200);
+                }
+            })
+        })
+        .collect();
+    let mut tail = b.tail("ryw").await;
+    for i in 1..=300u64 {
+        a.publish("ryw", [json!({"i": i})]).await;
+        let (messages, next, _) = b.read("ryw", &tail).await;
+        assert_eq!(messages, [json!({"i": i})], "write {i}, acknowledged by A, missing from the next read on B");
+        tail = next;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for asker in askers {
+        asker.await.unwrap();
+    }
+}

@@ -76,10 +76,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let app_config = config.clone();
     let mut server = HttpServer::new(move || {
         App::new()
-            .wrap(http::cors(&app_config))
+            .wrap(http::cors::CrossOrigin(http::cors::cors(&app_config)))
             .wrap(actix_web::middleware::Condition::new(
-                http::allows_credentials(&app_config),
-                actix_web::middleware::from_fn(http::credentials),
+                http::cors::allows_credentials(&app_config),
+                actix_web::middleware::from_fn(http::cors::credentials),
             ))
             .wrap(actix_web::middleware::from_fn(http::json_errors))
             .wrap(http::default_headers())
@@ -238,7 +238,7 @@ fn banner(config: &Config, engine: &Engine, addresses: &[std::net::SocketAddr]) 
         None if config.jwt.force => {}
         None => log::info!("auth: readers without a JWT are not authenticated (no rpc.host): reads are open"),
     }
-    if http::allows_credentials(config) {
+    if http::cors::allows_credentials(config) {
         log::info!("CORS: credentials (cookies) allowed from {}", config.server.allowed_origins);
     }
     if config.effective_broadcast_key().is_none() {

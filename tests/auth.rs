@@ -62,8 +62,8 @@ async fn published_vectors_work_end_to_end() {
     assert_eq!(response.status(), 200);
     // A credentialed read: never answered from a cache to a request with other credentials.
     assert_eq!(header(&response, "cache-control").as_deref(), Some("no-store"));
-    let vary = header(&response, "vary").unwrap_or_default();
-    assert!(vary.contains("X-Signed") && vary.contains("X-Jid"), "{vary}");
+    let vary = all_values(&response, "vary");
+    assert!(vary.contains("X-Signed") && vary.contains("X-Jid") && vary.contains("Origin"), "{vary}");
     assert_eq!(response.text().await.unwrap(), "[1]");
     let response = server.client.get(server.ds("chat:2021?offset=-1")).header("X-Signed", token).send().await.unwrap();
     assert_eq!(response.status(), 200, "token in the X-Signed header");
@@ -240,6 +240,21 @@ async fn cors_preflight_and_simple_requests() {
         .await
         .unwrap();
     assert!(header(&preflight, "access-control-allow-origin").is_none());
+    // No `Origin` (no browser cross-origin request): no CORS response headers, and a `Vary`
+    // that keeps a shared cache from serving this to a cross-origin request.
+    let plain = server.client.get(server.ds("s?offset=-1")).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    for name in ["access-control-allow-origin", "access-control-expose-headers", "access-control-allow-credentials"] {
+        assert!(header(&plain, name).is_none(), "{name} without an Origin");
+    }
+    assert!(all_values(&plain, "vary").split(',').any(|v| v.trim() == "Origin"), "{:?}", all_values(&plain, "vary"));
+    assert_eq!(plain.text().await.unwrap(), r#"[{"n":1}]"#);
+}
+
+/// Every value of a header, joined as one list.
+fn all_values(response: &reqwest::Response, name: &str) -> String {
+    let values: Vec<&str> = response.headers().get_all(name).iter().map(|v| v.to_str().unwrap()).collect();
+    values.join(", ")
 }
 
 #[tokio::test]

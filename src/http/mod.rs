@@ -3,6 +3,7 @@
 
 pub mod body;
 mod broadcast;
+pub mod cors;
 mod ds;
 mod fork;
 mod json_errors;
@@ -17,8 +18,8 @@ pub use json_errors::json_errors;
 
 use std::sync::Arc;
 
-use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::header;
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use tokio_util::sync::CancellationToken;
 
@@ -311,96 +312,6 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::new(StatusCode::NOT_FOUND, "not found"))
 }
 
-/// Request headers a browser may send to DS endpoints (reads, and the write API's).
-pub const CORS_ALLOWED_HEADERS: [&str; 16] = [
-    "x-signed",
-    "x-jid",
-    "if-none-match",
-    "last-event-id",
-    "content-type",
-    "authorization",
-    "stream-seq",
-    "stream-ttl",
-    "stream-expires-at",
-    "stream-closed",
-    "producer-id",
-    "producer-epoch",
-    "producer-seq",
-    "stream-forked-from",
-    "stream-fork-offset",
-    "stream-fork-sub-offset",
-];
-/// Response headers a browser client must be able to read.
-pub const CORS_EXPOSED_HEADERS: [&str; 13] = [
-    "stream-next-offset",
-    "stream-cursor",
-    "stream-up-to-date",
-    "stream-closed",
-    "etag",
-    "location",
-    "stream-ttl",
-    "stream-expires-at",
-    "stream-sse-data-encoding",
-    "producer-epoch",
-    "producer-seq",
-    "producer-expected-seq",
-    "producer-received-seq",
-];
-
-/// CORS per spec §7: allowed origins with `*.suffix` wildcards (empty list = any origin); a
-/// foreign origin simply gets no allow header.
-pub fn cors(config: &Config) -> actix_cors::Cors {
-    let origins: Arc<Vec<String>> = Arc::new(
-        config
-            .server
-            .allowed_origins
-            .split(',')
-            .map(|o| o.trim().to_ascii_lowercase())
-            .filter(|o| !o.is_empty())
-            .collect(),
-    );
-    let mut allowed_headers: Vec<String> = CORS_ALLOWED_HEADERS.iter().map(|h| h.to_string()).collect();
-    let jwt_header = format!("x-{}", config.jwt.param.to_ascii_lowercase());
-    if !allowed_headers.contains(&jwt_header) {
-        allowed_headers.push(jwt_header);
-    }
-    actix_cors::Cors::default()
-        .allowed_origin_fn(move |origin, _| origin_allowed(&origins, origin))
-        .allowed_methods(if config.ds.writes {
-            vec![Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::POST, Method::DELETE]
-        } else {
-            vec![Method::GET, Method::HEAD, Method::OPTIONS]
-        })
-        .allowed_headers(
-            allowed_headers.iter().map(|h| header::HeaderName::try_from(h.as_str()).expect("valid header")),
-        )
-        .expose_headers(CORS_EXPOSED_HEADERS)
-        .max_age(86_400)
-        .block_on_origin_mismatch(false)
-}
-
-fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
-    if allowed.is_empty() {
-        return true;
-    }
-    let Ok(origin) = origin.to_str() else {
-        return false;
-    };
-    let origin = origin.to_ascii_lowercase();
-    let host = origin.split_once("://").map_or(origin.as_str(), |(_, host)| host);
-    allowed.iter().any(|pattern| match pattern.strip_prefix("*.") {
-        Some(suffix) => host.strip_suffix(suffix).is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
-        None => {
-            let pattern_host = pattern.split_once("://").map_or(pattern.as_str(), |(_, host)| host);
-            if pattern.contains("://") {
-                *pattern == origin
-            } else {
-                pattern_host == host
-            }
-        }
-    })
-}
-
 /// Whether the read needed credentials (decides `Cache-Control: public` vs `private`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -517,29 +428,6 @@ fn canonical_header_name(name: &str) -> String {
         .join("-")
 }
 
-/// Whether browsers may send credentials (cookies) to this server: only when
-/// `server.allowed_origins` lists origins. With an empty list ("any origin") every page on the
-/// web could read a logged-in user's streams (spec §7).
-pub fn allows_credentials(config: &Config) -> bool {
-    !config.server.allowed_origins.trim().is_empty()
-}
-
-/// `Access-Control-Allow-Credentials: true` on responses that name an allowed origin, so a
-/// page there can read with its cookies (RPC authentication). Installed only when
-/// [`allows_credentials`]; actix-cors would add the header to every response, those to
-/// origins it refused included, so it is added here instead.
-pub async fn credentials(
-    req: actix_web::dev::ServiceRequest,
-    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
-) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
-    let mut response = next.call(req).await?;
-    let headers = response.headers_mut();
-    if headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
-        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-    }
-    Ok(response)
-}
-
 /// Headers on every response, errors included (spec §5).
 pub fn default_headers() -> actix_web::middleware::DefaultHeaders {
     actix_web::middleware::DefaultHeaders::new()
@@ -581,20 +469,5 @@ mod tests {
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn origins_match_exactly_or_by_suffix_wildcard() {
-        let allowed: Vec<String> = vec!["*.example.com".into(), "https://app.test".into(), "localhost:3000".into()];
-        let ok = |o: &str| origin_allowed(&allowed, &HeaderValue::from_str(o).unwrap());
-        assert!(ok("https://a.example.com"));
-        assert!(ok("http://x.y.example.com"));
-        assert!(!ok("https://example.com"));
-        assert!(!ok("https://badexample.com"));
-        assert!(ok("https://app.test"));
-        assert!(!ok("http://app.test"));
-        assert!(ok("http://localhost:3000"));
-        assert!(!ok("http://localhost:3001"));
-        assert!(origin_allowed(&[], &HeaderValue::from_static("https://any.where")));
     }
 }

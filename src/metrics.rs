@@ -14,6 +14,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub poll_requests: IntCounter,
     pub sse_requests: IntCounter,
+    pub sse_frames_shared: IntCounter,
     pub poll_clients: IntGauge,
     pub sse_clients: IntGauge,
     pub broadcasts: IntCounter,
@@ -111,6 +112,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
         poll_requests: register(&r, IntCounter::new("ds_poll_requests_total", "Long-poll requests").unwrap()),
         sse_requests: register(&r, IntCounter::new("ds_sse_requests_total", "SSE requests").unwrap()),
+        sse_frames_shared: register(
+            &r,
+            IntCounter::new("ds_sse_frames_shared_total", "SSE frames sent as another reader's copy (same chunk)")
+                .unwrap(),
+        ),
         poll_clients: register(&r, IntGauge::new("ds_poll_clients_num", "Long-poll requests waiting now").unwrap()),
         sse_clients: register(&r, IntGauge::new("ds_sse_clients_num", "SSE responses open now").unwrap()),
         broadcasts: register(&r, IntCounter::new("broadcast_msg_total", "Broadcast requests accepted").unwrap()),

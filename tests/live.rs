@@ -437,3 +437,45 @@ async fn sse_frames_carry_ids_and_last_event_id_resumes_a_native_event_source() 
     let allowed = header(&preflight, "access-control-allow-headers").unwrap_or_default().to_lowercase();
     assert!(allowed.contains("last-event-id"), "{allowed}");
 }
+
+/// Readers woken by one write share one copy of their frame (`ds_sse_frames_shared_total`),
+/// and only readers of the same chunk do: two streams whose new frames differ only in their
+/// data each get their own, whichever reader built its first. (On the embedded engine the
+/// two streams are at the same offsets and the data has the same length; in cluster mode
+/// offsets are positions in the shared log, so they differ too.)
+#[tokio::test]
+async fn sse_readers_share_a_frame_only_with_readers_of_the_same_chunk() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &[]);
+    server.publish("a", numbered(1..=1)).await;
+    server.publish("b", numbered(1..=1)).await;
+    if !common::nats_engine() {
+        assert_eq!(server.tail("a").await, server.tail("b").await, "the two streams are at the same offset");
+    }
+    const PER_STREAM: usize = 30;
+    let mut readers = Vec::new();
+    for stream in ["a", "b"] {
+        let tail = server.tail(stream).await;
+        for _ in 0..PER_STREAM {
+            let mut sse = SseClient::open(&server, &format!("{stream}?offset={tail}&live=sse")).await;
+            let first = sse.next(WAIT).await.expect("the first control event");
+            assert_eq!(first.json()["upToDate"], json!(true));
+            readers.push((stream, sse));
+        }
+    }
+    server.wait_for_metric("ds_sse_clients_num", (2 * PER_STREAM) as f64, WAIT).await;
+    let shared_before = server.metric("ds_sse_frames_shared_total").await;
+    let (status, _) =
+        server.broadcast(r#"[{"stream":"a","data":"{\"s\":\"a\"}"},{"stream":"b","data":"{\"s\":\"b\"}"}]"#).await;
+    assert_eq!(status, 201);
+    for (stream, sse) in &mut readers {
+        let next = server.tail(stream).await;
+        let data = sse.next(WAIT).await.expect("the data event");
+        assert_eq!(data.event, "data");
+        assert_eq!(data.data, format!(r#"[{{"s":"{stream}"}}]"#), "a reader of {stream}");
+        let control = sse.next(WAIT).await.expect("its control event");
+        assert_eq!(control.json()["streamNextOffset"], json!(next));
+    }
+    let shared = server.metric("ds_sse_frames_shared_total").await - shared_before;
+    assert!(shared >= 1.0 && shared <= (2 * PER_STREAM - 2) as f64, "frames shared: {shared}");
+}

@@ -31,6 +31,7 @@ async fn metrics_have_the_documented_names_and_pass_promtool() {
         "ds_requests_total{mode=\"poll\",status=\"204\"}",
         "ds_poll_requests_total",
         "ds_sse_requests_total",
+        "ds_sse_frames_shared_total",
         "ds_poll_clients_num",
         "ds_sse_clients_num 1",
         "broadcast_msg_total 3",

@@ -251,12 +251,23 @@ impl SseStream {
             Encoding::Base64 => Bytes::from(base64::engine::general_purpose::STANDARD.encode(&chunk.body)),
         };
         if data.len() <= body::SMALL {
-            let mut out = BytesMut::with_capacity(data.len() + 240);
-            out.put_slice(DATA_HEAD);
-            out.put_slice(&data);
-            put_data_end(&mut out, chunk.next);
-            self.put_control(&mut out, chunk.next, chunk.up_to_date, closed);
-            return out.freeze();
+            let cursor = self.touch_cursor();
+            let key = FrameKey {
+                body: chunk.body.clone(),
+                next: chunk.next,
+                up_to_date: chunk.up_to_date,
+                closed,
+                cursor,
+                encoding: self.encoding,
+            };
+            return shared_frame(key, || {
+                let mut out = BytesMut::with_capacity(data.len() + 240);
+                out.put_slice(DATA_HEAD);
+                out.put_slice(&data);
+                put_data_end(&mut out, chunk.next);
+                write_control(&mut out, chunk.next, chunk.up_to_date, closed, cursor);
+                out.freeze()
+            });
         }
         // Over the unsent budget the response ends; the client reconnects from its offset.
         match body::share(&data) {
@@ -275,27 +286,82 @@ impl SseStream {
         Bytes::new()
     }
 
-    /// Appends one `event: control` for `position`. Written directly rather than through
-    /// serde_json: tokens are `[a-z0-9_]` and the cursor is digits, so nothing needs escaping.
-    /// The last one of a closed stream carries `streamClosed` and no cursor.
+    /// Appends one `event: control` for `position` (see [`write_control`]).
     fn put_control(&mut self, out: &mut BytesMut, position: Position, up_to_date: bool, closed: bool) {
+        let cursor = self.touch_cursor();
+        write_control(out, position, up_to_date, closed, cursor);
+    }
+
+    /// What sending a control event does to this response: its cursor moves on to the current
+    /// interval (never back) and the next ping is pushed back. Returns the cursor to send.
+    fn touch_cursor(&mut self) -> u64 {
         self.cursor = self.cursor.max(cursor::current_interval());
         self.next_ping = Instant::now() + SSE_PING_INTERVAL;
-        let written = if closed {
-            write!(
-                out,
-                "event: control\ndata:{{\"streamNextOffset\":\"{position}\",\"streamClosed\":true}}\nid:{position}\n\n"
-            )
-        } else {
-            let up_to_date = if up_to_date { ",\"upToDate\":true" } else { "" };
-            write!(
-                out,
-                "event: control\ndata:{{\"streamCursor\":\"{}\",\"streamNextOffset\":\"{position}\"{up_to_date}}}\nid:{position}\n\n",
-                self.cursor
-            )
-        };
-        written.expect("writing to memory cannot fail");
+        self.cursor
     }
+}
+
+/// Appends one `event: control` for `position`. Written directly rather than through
+/// serde_json: tokens are `[a-z0-9_]` and the cursor is digits, so nothing needs escaping.
+/// The last one of a closed stream carries `streamClosed` and no cursor.
+fn write_control(out: &mut BytesMut, position: Position, up_to_date: bool, closed: bool, cursor: u64) {
+    let written = if closed {
+        write!(
+            out,
+            "event: control\ndata:{{\"streamNextOffset\":\"{position}\",\"streamClosed\":true}}\nid:{position}\n\n"
+        )
+    } else {
+        let up_to_date = if up_to_date { ",\"upToDate\":true" } else { "" };
+        write!(
+            out,
+            "event: control\ndata:{{\"streamCursor\":\"{cursor}\",\"streamNextOffset\":\"{position}\"{up_to_date}}}\nid:{position}\n\n"
+        )
+    };
+    written.expect("writing to memory cannot fail");
+}
+
+/// Everything a small frame is made of: the same key always makes the same bytes.
+struct FrameKey {
+    /// The chunk's body, compared by allocation: readers woken by one write all hold the chunk
+    /// the writer left in the cache. Kept here, so its allocation cannot be freed and reused
+    /// for other bytes while the key is.
+    body: Bytes,
+    next: Position,
+    up_to_date: bool,
+    closed: bool,
+    cursor: u64,
+    encoding: Encoding,
+}
+
+impl FrameKey {
+    fn same(&self, other: &FrameKey) -> bool {
+        self.body.as_ptr() == other.body.as_ptr()
+            && self.body.len() == other.body.len()
+            && self.next == other.next
+            && self.up_to_date == other.up_to_date
+            && self.closed == other.closed
+            && self.cursor == other.cursor
+            && self.encoding == other.encoding
+    }
+}
+
+thread_local! {
+    /// The last small frame built on this worker thread. A write wakes every live reader of
+    /// its stream, and the readers on one worker run one after the other, each about to send
+    /// the same frame: the first builds it, the others send the same bytes.
+    static LAST_FRAME: std::cell::RefCell<Option<(FrameKey, Bytes)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The frame for `key`: the last one built on this thread if it has the same key, else `build`'s.
+fn shared_frame(key: FrameKey, build: impl FnOnce() -> Bytes) -> Bytes {
+    let hit = LAST_FRAME.with_borrow(|last| last.as_ref().filter(|(k, _)| k.same(&key)).map(|(_, f)| f.clone()));
+    if let Some(frame) = hit {
+        metrics::get().sse_frames_shared.inc();
+        return frame;
+    }
+    let frame = build();
+    LAST_FRAME.set(Some((key, frame.clone())));
+    frame
 }
 
 /// Text as the value of `data:` lines: its lines (split at CRLF, CR and LF) joined by

@@ -18,7 +18,18 @@ use actix_web::HttpResponse;
 /// Longest plain-text error body kept as the JSON error's text.
 const MAX_TEXT: u64 = 1024;
 
-pub async fn json_errors(
+/// The middleware, boxed. actix keeps the outermost middleware's future inline in each
+/// connection's state for the connection's whole life; this one's (it holds the response
+/// across an await) made every connection 640 bytes bigger, an idle SSE one included. Boxed,
+/// it takes 16 bytes there, and its heap part is freed once the response head is out.
+pub fn json_errors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> futures_util::future::LocalBoxFuture<'static, Result<ServiceResponse<BoxBody>, actix_web::Error>> {
+    Box::pin(answer_json_errors(req, next))
+}
+
+async fn answer_json_errors(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {

@@ -121,12 +121,15 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
 
     let handle = running.handle();
     let stopping = shutdown.clone();
+    let hub = engine.hub().clone();
     actix_web::rt::spawn(async move {
         wait_for_signal().await;
         log::info!("shutting down: ending live responses, flushing storage");
         // Cancel first: waiting long-polls answer 204 and SSE responses end, so the graceful
-        // stop below does not sit out its timeout on them.
+        // stop below does not sit out its timeout on them. Waiting SSE responses do not
+        // watch the token (it would cost each a future): the wake-up makes them look at it.
         stopping.cancel();
+        hub.wake_all();
         handle.stop(true).await;
     });
     running.await?;

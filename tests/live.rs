@@ -479,3 +479,28 @@ async fn sse_readers_share_a_frame_only_with_readers_of_the_same_chunk() {
     let shared = server.metric("ds_sse_frames_shared_total").await - shared_before;
     assert!(shared >= 1.0 && shared <= (2 * PER_STREAM - 2) as f64, "frames shared: {shared}");
 }
+
+/// An idle SSE response sends a `: ping` comment every 15 s (one timer serves the ping and
+/// the TTL), and goes on delivering after it; the TTL still ends it.
+#[tokio::test]
+async fn an_idle_sse_response_pings_every_15_s_until_its_ttl() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &["--ds_sse_ttl", "20"]);
+    server.publish("s", numbered(1..=1)).await;
+    let tail = server.tail("s").await;
+    let mut sse = SseClient::open(&server, &format!("s?offset={tail}&live=sse")).await;
+    assert_eq!(sse.next(WAIT).await.unwrap().event, "control");
+    let opened = Instant::now();
+    let ping = sse.next(Duration::from_secs(20)).await.expect("a ping, not the end");
+    assert_eq!((ping.event.as_str(), ping.data.as_str()), ("comment", "ping"));
+    let after = opened.elapsed();
+    assert!(after >= Duration::from_secs(14) && after < Duration::from_secs(17), "pinged after {after:?}");
+    server.publish("s", numbered(2..=2)).await;
+    let data = sse.next(WAIT).await.unwrap();
+    assert_eq!((data.event.as_str(), data.data.as_str()), ("data", r#"[{"n":2}]"#));
+    assert_eq!(sse.next(WAIT).await.unwrap().event, "control");
+    // The TTL (20 s) comes before the next ping (15 s after the control just sent).
+    assert!(sse.next(WAIT).await.is_none(), "the response ends at its TTL");
+    let ended = opened.elapsed();
+    assert!(ended >= Duration::from_secs(19) && ended < Duration::from_secs(23), "ended after {ended:?}");
+}

@@ -72,7 +72,7 @@ pub(super) async fn sse(read: Read) -> Result<HttpResponse, ApiError> {
         deadline,
         next_ping: now + SSE_PING_INTERVAL,
         position: first.next,
-        pending: Some(first),
+        pending: Some(Box::new(first)),
         pieces: std::collections::VecDeque::new(),
         share: None,
         sent_up_to_date: false,
@@ -112,7 +112,9 @@ struct SseStream {
     /// Where this reader is: the `streamNextOffset` of the last control event sent.
     position: Position,
     /// A chunk read but not sent yet.
-    pending: Option<Chunk>,
+    /// Boxed: a waiting response has none, and inline it would be part of every response's
+    /// state (104 bytes).
+    pending: Option<Box<Chunk>>,
     /// The rest of the frame being sent, in slices (see `body.rs`).
     pieces: std::collections::VecDeque<Bytes>,
     /// This response's share of the buffer `pieces` slice, if it is a big one.
@@ -169,7 +171,7 @@ impl SseStream {
                 self.more_backlog = false;
                 // Boxed: a read's future is large (either engine's), and inline it would be
                 // part of every SSE response's state, waiting or not (2408 vs 872 bytes).
-                self.pending = Box::pin(self.read()).await;
+                self.pending = Box::pin(self.read()).await.map(Box::new);
                 self.ended = self.pending.is_none();
                 continue;
             }
@@ -187,20 +189,27 @@ impl SseStream {
             if self.shutdown.is_cancelled() || Instant::now() >= self.deadline {
                 return None;
             }
+            // What a waiting response holds is what this `select!` holds, for every idle reader:
+            // one timer (the next ping or the deadline, whichever comes first), and no future
+            // of the shutdown token: shutdown cancels it, then wakes every subscription.
             tokio::select! {
                 _ = self.subscription.changed() => {
+                    if self.shutdown.is_cancelled() {
+                        return None;
+                    }
                     let transient = self.subscription.take_transient();
-                    self.pending = Some(Box::pin(self.read()).await?); // boxed: see above
+                    self.pending = Some(Box::new(Box::pin(self.read()).await?)); // boxed: see above
                     if !transient.is_empty() {
                         return Some(self.transient_frame(&transient));
                     }
                 }
-                _ = tokio::time::sleep_until(self.next_ping) => {
+                _ = tokio::time::sleep_until(self.next_ping.min(self.deadline)) => {
+                    if Instant::now() >= self.deadline {
+                        return None;
+                    }
                     self.next_ping = Instant::now() + SSE_PING_INTERVAL;
                     return Some(Bytes::from_static(b": ping\n\n"));
                 }
-                _ = tokio::time::sleep_until(self.deadline) => return None,
-                _ = self.shutdown.cancelled() => return None,
             }
         }
     }

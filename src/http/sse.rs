@@ -253,6 +253,19 @@ impl SseStream {
             self.put_control(&mut out, chunk.next, chunk.up_to_date, closed);
             return out.freeze();
         }
+        // Only small frames are kept, so a hit is one (and skips the encoding too).
+        let cursor = self.touch_cursor();
+        let key = FrameKey {
+            body: chunk.body.clone(),
+            next: chunk.next,
+            up_to_date: chunk.up_to_date,
+            closed,
+            cursor,
+            encoding: self.encoding,
+        };
+        if let Some(frame) = shared_frame(&key) {
+            return frame;
+        }
         let data = match self.encoding {
             Encoding::Json => chunk.body.clone(),
             Encoding::Text => text_lines(&chunk.body),
@@ -260,23 +273,14 @@ impl SseStream {
             Encoding::Base64 => Bytes::from(base64::engine::general_purpose::STANDARD.encode(&chunk.body)),
         };
         if data.len() <= body::SMALL {
-            let cursor = self.touch_cursor();
-            let key = FrameKey {
-                body: chunk.body.clone(),
-                next: chunk.next,
-                up_to_date: chunk.up_to_date,
-                closed,
-                cursor,
-                encoding: self.encoding,
-            };
-            return shared_frame(key, || {
-                let mut out = BytesMut::with_capacity(data.len() + 240);
-                out.put_slice(DATA_HEAD);
-                out.put_slice(&data);
-                put_data_end(&mut out, chunk.next);
-                write_control(&mut out, chunk.next, chunk.up_to_date, closed, cursor);
-                out.freeze()
-            });
+            let mut out = BytesMut::with_capacity(data.len() + 240);
+            out.put_slice(DATA_HEAD);
+            out.put_slice(&data);
+            put_data_end(&mut out, chunk.next);
+            write_control(&mut out, chunk.next, chunk.up_to_date, closed, cursor);
+            let frame = out.freeze();
+            keep_frame(key, frame.clone());
+            return frame;
         }
         // Over the unsent budget the response ends; the client reconnects from its offset.
         match body::share(&data) {
@@ -361,16 +365,18 @@ thread_local! {
     static LAST_FRAME: std::cell::RefCell<Option<(FrameKey, Bytes)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The frame for `key`: the last one built on this thread if it has the same key, else `build`'s.
-fn shared_frame(key: FrameKey, build: impl FnOnce() -> Bytes) -> Bytes {
-    let hit = LAST_FRAME.with_borrow(|last| last.as_ref().filter(|(k, _)| k.same(&key)).map(|(_, f)| f.clone()));
-    if let Some(frame) = hit {
+/// The last frame built on this thread, if it has this key.
+fn shared_frame(key: &FrameKey) -> Option<Bytes> {
+    let hit = LAST_FRAME.with_borrow(|last| last.as_ref().filter(|(k, _)| k.same(key)).map(|(_, f)| f.clone()));
+    if hit.is_some() {
         metrics::get().sse_frames_shared.inc();
-        return frame;
     }
-    let frame = build();
-    LAST_FRAME.set(Some((key, frame.clone())));
-    frame
+    hit
+}
+
+/// Keeps a small frame just built, for the next reader on this thread with the same key.
+fn keep_frame(key: FrameKey, frame: Bytes) {
+    LAST_FRAME.set(Some((key, frame)));
 }
 
 /// Text as the value of `data:` lines: its lines (split at CRLF, CR and LF) joined by

@@ -6,6 +6,9 @@
 //! publisher wrote them (a round trip through `serde_json::Value` would round big numbers and
 //! reorder keys).
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -56,14 +59,14 @@ pub fn parse(body: &[u8]) -> Result<Broadcast, BadBroadcast> {
     match items {
         Some(items) if !items.is_empty() => {
             let batch = items.len() > 1 || text.trim_start().starts_with('[');
-            let mut broadcast = Broadcast::default();
+            let mut builder = Builder::new(text.len(), items.len());
             for (index, item) in items.into_iter().enumerate() {
-                add_item(item, &mut broadcast).map_err(|BadBroadcast(e)| match batch {
+                builder.add(item).map_err(|BadBroadcast(e)| match batch {
                     true => BadBroadcast(format!("message {index}: {e}")),
                     false => BadBroadcast(e),
                 })?;
             }
-            Ok(broadcast)
+            Ok(builder.finish())
         }
         _ => parse_slowly(text),
     }
@@ -72,7 +75,7 @@ pub fn parse(body: &[u8]) -> Result<Broadcast, BadBroadcast> {
 /// [`parse`] element by element, for the error message of a body that did not parse at once.
 fn parse_slowly(text: &str) -> Result<Broadcast, BadBroadcast> {
     let root: &RawValue = serde_json::from_str(text).map_err(|e| BadBroadcast(format!("malformed JSON: {e}")))?;
-    let mut broadcast = Broadcast::default();
+    let mut builder = Builder::new(text.len(), 1);
     match root.get().as_bytes().first() {
         Some(b'[') => {
             let items: Vec<&RawValue> =
@@ -81,91 +84,203 @@ fn parse_slowly(text: &str) -> Result<Broadcast, BadBroadcast> {
                 return Err(BadBroadcast("empty batch: send at least one message".into()));
             }
             for (index, item) in items.iter().enumerate() {
-                parse_item(item, &mut broadcast)
-                    .map_err(|BadBroadcast(e)| BadBroadcast(format!("message {index}: {e}")))?;
+                builder.parse_item(item).map_err(|BadBroadcast(e)| BadBroadcast(format!("message {index}: {e}")))?;
             }
         }
-        Some(b'{') => parse_item(root, &mut broadcast)?,
+        Some(b'{') => builder.parse_item(root)?,
         _ => return Err(BadBroadcast("body must be an object or an array of objects".into())),
     }
-    Ok(broadcast)
+    Ok(builder.finish())
 }
 
-fn parse_item(raw: &RawValue, out: &mut Broadcast) -> Result<(), BadBroadcast> {
-    if !raw.get().starts_with('{') {
-        return Err(BadBroadcast("must be an object with \"stream\" and \"data\"".into()));
+/// Collects a body's messages without an allocation per message: every message's bytes go
+/// into one buffer (never longer than the body: decoding escapes and dropping whitespace only
+/// shorten text), which becomes one `Bytes` that each message is a slice of; consecutive
+/// messages to one stream share its name. The writer clones each message's `Bytes` (a count
+/// increment on a shared buffer, where a `Bytes` made from its own `Vec` would allocate on the
+/// first clone). Nothing keeps a message's slice past the write, so the buffer does not
+/// outlive the request by much.
+struct Builder<'a> {
+    arena: Vec<u8>,
+    /// Each message: its stream, its bytes in `arena`, transient or not.
+    messages: Vec<(Arc<str>, Range<usize>, bool)>,
+    /// The last stream name as sent (escapes and all) and as decoded.
+    last_stream: Option<(&'a str, Arc<str>)>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(body_len: usize, messages: usize) -> Builder<'a> {
+        Builder { arena: Vec::with_capacity(body_len), messages: Vec::with_capacity(messages), last_stream: None }
     }
-    let item: Item = serde_json::from_str(raw.get()).map_err(|e| BadBroadcast(format!("malformed message: {e}")))?;
-    add_item(item, out)
-}
 
-fn add_item(item: Item, out: &mut Broadcast) -> Result<(), BadBroadcast> {
-    let stream = match item.stream {
-        None => return Err(BadBroadcast("missing \"stream\"".into())),
-        Some(raw) if !raw.get().starts_with('"') => return Err(BadBroadcast("\"stream\" must be a string".into())),
-        Some(raw) => {
-            check_value(raw.get()).map_err(|e| e.of("\"stream\""))?;
-            // Checked above: a string whose escapes all decode, so this cannot fail; if it ever
-            // did, the client gets a 400, never a panic.
-            serde_json::from_str::<String>(raw.get()).map_err(|e| BadBroadcast(format!("\"stream\": {e}")))?
+    fn parse_item(&mut self, raw: &'a RawValue) -> Result<(), BadBroadcast> {
+        if !raw.get().starts_with('{') {
+            return Err(BadBroadcast("must be an object with \"stream\" and \"data\"".into()));
         }
-    };
-    validate_stream_name(&stream).map_err(|e| match e {
-        InvalidStreamName::Empty => BadBroadcast("\"stream\" must not be empty".into()),
-        other => BadBroadcast(format!("\"stream\": {other}")),
-    })?;
-    let data = match item.data {
-        Some(raw) if raw.get() != "null" => message_json(raw)?,
-        _ => return Err(BadBroadcast("missing \"data\"".into())),
-    };
-    let transient = match item.meta {
-        Some(raw) if raw.get() != "null" => {
-            check_value(raw.get()).map_err(|e| e.of("\"meta\""))?;
-            if !raw.get().starts_with('{') {
-                return Err(BadBroadcast("\"meta\" must be an object".into()));
-            }
-            let meta: Meta = serde_json::from_str(raw.get()).map_err(|e| BadBroadcast(format!("\"meta\": {e}")))?;
-            // `null` counts as absent, as for the other keys.
-            match meta.transient.map(RawValue::get) {
-                None | Some("null") | Some("false") => false,
-                Some("true") => true,
-                Some(_) => return Err(BadBroadcast("\"meta.transient\" must be true or false".into())),
-            }
-        }
-        _ => false,
-    };
-    let message = NewMessage { stream, json: Bytes::from(data) };
-    if transient {
-        out.transient.push(message);
-    } else {
-        out.stored.push(message);
+        let item: Item =
+            serde_json::from_str(raw.get()).map_err(|e| BadBroadcast(format!("malformed message: {e}")))?;
+        self.add(item)
     }
-    Ok(())
+
+    fn add(&mut self, item: Item<'a>) -> Result<(), BadBroadcast> {
+        let stream = match item.stream {
+            None => return Err(BadBroadcast("missing \"stream\"".into())),
+            Some(raw) => self.stream(raw.get())?,
+        };
+        let start = self.arena.len();
+        match item.data {
+            Some(raw) if raw.get() != "null" => message_into(raw, &mut self.arena)?,
+            _ => return Err(BadBroadcast("missing \"data\"".into())),
+        }
+        let range = start..self.arena.len();
+        let transient = match item.meta {
+            Some(raw) if raw.get() != "null" => transient(raw.get())?,
+            _ => false,
+        };
+        self.messages.push((stream, range, transient));
+        Ok(())
+    }
+
+    /// The decoded, validated name of `raw` (a `"stream"` value as sent).
+    fn stream(&mut self, raw: &'a str) -> Result<Arc<str>, BadBroadcast> {
+        if let Some((last_raw, last)) = &self.last_stream {
+            if *last_raw == raw {
+                return Ok(last.clone());
+            }
+        }
+        if !raw.starts_with('"') {
+            return Err(BadBroadcast("\"stream\" must be a string".into()));
+        }
+        check_value(raw).map_err(|e| e.of("\"stream\""))?;
+        // Checked above: a string whose escapes all decode, so this cannot fail; if it ever
+        // did, the client gets a 400, never a panic.
+        let name = serde_json::from_str::<String>(raw).map_err(|e| BadBroadcast(format!("\"stream\": {e}")))?;
+        validate_stream_name(&name).map_err(|e| match e {
+            InvalidStreamName::Empty => BadBroadcast("\"stream\" must not be empty".into()),
+            other => BadBroadcast(format!("\"stream\": {other}")),
+        })?;
+        let name: Arc<str> = name.into();
+        self.last_stream = Some((raw, name.clone()));
+        Ok(name)
+    }
+
+    fn finish(self) -> Broadcast {
+        let arena = Bytes::from(self.arena);
+        let mut broadcast = Broadcast::default();
+        for (stream, range, transient) in self.messages {
+            let message = NewMessage { stream, json: arena.slice(range) };
+            match transient {
+                true => broadcast.transient.push(message),
+                false => broadcast.stored.push(message),
+            }
+        }
+        broadcast
+    }
 }
 
-/// The message a `data` value stands for, as compact JSON text.
-fn message_json(data: &RawValue) -> Result<String, BadBroadcast> {
+/// `meta.transient` of a `meta` value as sent.
+fn transient(meta: &str) -> Result<bool, BadBroadcast> {
+    check_value(meta).map_err(|e| e.of("\"meta\""))?;
+    if !meta.starts_with('{') {
+        return Err(BadBroadcast("\"meta\" must be an object".into()));
+    }
+    let meta: Meta = serde_json::from_str(meta).map_err(|e| BadBroadcast(format!("\"meta\": {e}")))?;
+    // `null` counts as absent, as for the other keys.
+    match meta.transient.map(RawValue::get) {
+        None | Some("null") | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(BadBroadcast("\"meta.transient\" must be true or false".into())),
+    }
+}
+
+/// Appends to `out` the message a `data` value stands for, as compact JSON text.
+fn message_into(data: &RawValue, out: &mut Vec<u8>) -> Result<(), BadBroadcast> {
     let text = data.get();
     check_value(text).map_err(|e| e.of("\"data\""))?;
     if !text.starts_with('"') {
-        return Ok(compact(text)); // already a JSON value
+        compact_into(text, out); // already a JSON value
+        return Ok(());
     }
     // AnyCable's convention: a string holding JSON text. If it does not hold JSON, the message
     // is the string itself. The string's escapes were checked above, so decoding it cannot
     // fail; should it, that is the client's 400, never a panic.
-    let inner: String = serde_json::from_str(text).map_err(|e| BadBroadcast(format!("\"data\": {e}")))?;
-    match serde_json::from_str::<&RawValue>(&inner) {
+    let start = out.len();
+    if unescape_into(text, out).is_none() {
+        out.truncate(start);
+        return Err(BadBroadcast("\"data\" holds an invalid escape".into()));
+    }
+    let compacted = match serde_json::from_slice::<&RawValue>(&out[start..]) {
         Ok(value) => {
             // JSON text, as far as serde_json's grammar check goes: it lets lone surrogate
             // escapes and any depth through, and the message must not have either.
             check_value(value.get()).map_err(Unfit::in_data_text)?;
-            if value.get().len() == inner.len() && !has_whitespace(&inner) {
-                Ok(inner)
-            } else {
-                Ok(compact(value.get()))
+            if value.get().len() == out.len() - start && !has_whitespace(value.get()) {
+                return Ok(()); // already compact: the common case
             }
+            compact(value.get())
         }
-        Err(_) => Ok(compact(text)),
+        // Not JSON: the string itself (a string literal has nothing to compact).
+        Err(_) => text.to_string(),
+    };
+    out.truncate(start);
+    out.extend_from_slice(compacted.as_bytes());
+    Ok(())
+}
+
+/// Decodes a JSON string literal (quotes included) that serde_json's grammar check and
+/// [`check_value`] have passed, appending its UTF-8 text to `out`. `None` for anything else
+/// (which those checks make impossible); never panics, whatever the input.
+fn unescape_into(literal: &str, out: &mut Vec<u8>) -> Option<()> {
+    let bytes = literal.strip_prefix('"')?.strip_suffix('"')?.as_bytes();
+    let mut i = 0;
+    loop {
+        // Runs without escapes are copied as they are; they are cut at `\` (ASCII), so the
+        // output stays UTF-8.
+        let rest = bytes.get(i..)?;
+        let run = rest.iter().position(|&b| b == b'\\').unwrap_or(rest.len());
+        out.extend_from_slice(&rest[..run]);
+        i += run;
+        let Some(&escape) = bytes.get(i + 1) else {
+            return (i == bytes.len()).then_some(());
+        };
+        let c = match escape {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let unit = hex_escape(bytes, i)?;
+                i += 4;
+                let code = match unit {
+                    0xD800..=0xDBFF => match hex_escape(bytes, i + 2)? {
+                        low @ 0xDC00..=0xDFFF => {
+                            i += 6;
+                            0x10000 + ((u32::from(unit) - 0xD800) << 10) + (u32::from(low) - 0xDC00)
+                        }
+                        _ => return None,
+                    },
+                    0xDC00..=0xDFFF => return None,
+                    _ => u32::from(unit),
+                };
+                char::from_u32(code)?
+            }
+            _ => return None,
+        };
+        i += 2;
+        out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+    }
+}
+
+/// [`compact`], appended to `out`.
+fn compact_into(json: &str, out: &mut Vec<u8>) {
+    if !has_whitespace(json) {
+        out.extend_from_slice(json.as_bytes());
+    } else {
+        out.extend_from_slice(compact(json).as_bytes());
     }
 }
 
@@ -319,7 +434,7 @@ mod tests {
             .unwrap()
             .stored
             .into_iter()
-            .map(|m| (m.stream, String::from_utf8(m.json.to_vec()).unwrap()))
+            .map(|m| (m.stream.to_string(), String::from_utf8(m.json.to_vec()).unwrap()))
             .collect()
     }
 
@@ -474,6 +589,52 @@ mod tests {
         };
         for body in bodies {
             assert_eq!(flatten(parse(body.as_bytes()).unwrap()), flatten(parse_slowly(body).unwrap()), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_batch_shares_one_buffer_and_one_name_per_run_of_a_stream() {
+        let b = parse(br#"[{"stream":"a","data":"1"},{"stream":"a","data":{"x": 2}},{"stream":"b","data":"3"},{"stream":"a","data":"\"4\""}]"#)
+            .unwrap();
+        let m = &b.stored;
+        assert_eq!(m.iter().map(|m| &m.json[..]).collect::<Vec<_>>(), [&b"1"[..], br#"{"x":2}"#, b"3", br#""4""#]);
+        assert!(std::sync::Arc::ptr_eq(&m[0].stream, &m[1].stream), "a run to one stream shares its name");
+        assert_eq!((&*m[2].stream, &*m[3].stream), ("b", "a"));
+        // Every message is a slice of one buffer, in order.
+        let at = |i: usize| m[i].json.as_ptr() as usize;
+        assert!((0..3).all(|i| at(i) + m[i].json.len() == at(i + 1)), "one buffer, back to back");
+    }
+
+    /// Strings with every kind of escape, as JSON text: `unescape_into` decodes them exactly
+    /// as serde_json does, and refuses what serde_json refuses.
+    fn literal() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            "[a-zA-Z0-9 ,:{}\\[\\]]{0,4}",
+            Just(r#"\""#.to_string()),
+            Just(r"\\".to_string()),
+            Just(r"\/".to_string()),
+            prop::sample::select(vec![r"\b", r"\f", r"\n", r"\r", r"\t", r"\x", r"\"]).prop_map(String::from),
+            any::<u16>().prop_map(|u| format!("\\u{u:04x}")),
+            any::<u16>().prop_map(|u| format!("\\u{u:04X}")),
+            (0xD800u16..0xDC00, 0xDC00u16..0xE000).prop_map(|(h, l)| format!("\\u{h:04x}\\u{l:04X}")),
+            any::<char>().prop_map(String::from),
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|pieces| format!("\"{}\"", pieces.concat()))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn unescaping_agrees_with_serde_json(text in literal()) {
+            let mut out = b"prefix".to_vec();
+            let ours = unescape_into(&text, &mut out).map(|()| String::from_utf8(out[6..].to_vec()).unwrap());
+            let grammar_ok = serde_json::from_str::<&RawValue>(&text).is_ok() && check_value(&text).is_ok();
+            let theirs = serde_json::from_str::<String>(&text).ok();
+            if grammar_ok {
+                proptest::prop_assert_eq!(ours, theirs);
+            }
+            // And a whole broadcast of it never panics, whatever it holds.
+            let _ = parse(format!(r#"{{"stream":"s","data":{text}}}"#).as_bytes());
         }
     }
 }

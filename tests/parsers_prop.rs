@@ -937,7 +937,7 @@ fn check_body(body: &Body) -> Result<(), TestCaseError> {
             for (expected, got) in pairs {
                 check_sound(&got.stream, &got.json)?;
                 let json = std::str::from_utf8(&got.json).unwrap();
-                prop_assert_eq!(&got.stream, &expected.stream, "{}", text);
+                prop_assert_eq!(&*got.stream, expected.stream.as_str(), "{}", text);
                 if let Some(exact) = &expected.json {
                     prop_assert_eq!(json, exact.as_str(), "body {}", text);
                 }

@@ -49,7 +49,7 @@ impl Cluster {
     }
 
     async fn append_inner(&self, messages: &[NewMessage]) -> Result<(), WriteError> {
-        let mut streams: Vec<&str> = messages.iter().map(|m| m.stream.as_str()).collect();
+        let mut streams: Vec<&str> = messages.iter().map(|m| &*m.stream).collect();
         streams.sort_unstable();
         streams.dedup();
         let _turns = self.take_turns(&streams).await;
@@ -87,7 +87,7 @@ impl Cluster {
                 .iter()
                 .map(|m| {
                     let mut headers = async_nats::HeaderMap::new();
-                    let (meta, life) = &metas[m.stream.as_str()];
+                    let (meta, life) = &metas[&*m.stream];
                     state::mark(&mut headers, meta, *life, None, 0, now);
                     Outgoing { stream: &m.stream, payload: m.json.clone(), headers, record: None }
                 })

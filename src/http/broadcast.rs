@@ -43,7 +43,7 @@ pub async fn handle(
     let stored = broadcast.stored.len();
     if stored > 0 {
         // The log line of a failure names the streams (built before the messages move on).
-        let mut streams: Vec<&str> = broadcast.stored.iter().map(|m| m.stream.as_str()).collect();
+        let mut streams: Vec<&str> = broadcast.stored.iter().map(|m| &*m.stream).collect();
         streams.dedup();
         let context = format!("broadcast to {streams:?} not stored");
         // Hands the messages to the writer thread (no blocking here) and waits for the group
@@ -74,7 +74,7 @@ pub async fn handle(
 /// Hands `meta.transient` messages to the live readers of their streams, one JSON array per
 /// stream, in order. Nothing is stored, so there is nothing to wait for.
 fn deliver_transient(state: &AppState, messages: Vec<crate::storage::NewMessage>) {
-    let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut bodies: Vec<(std::sync::Arc<str>, Vec<u8>)> = Vec::new();
     for message in messages {
         let body = match bodies.iter_mut().find(|(stream, _)| *stream == message.stream) {
             Some((_, body)) => {

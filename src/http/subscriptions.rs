@@ -37,7 +37,7 @@ pub fn written(state: &AppState, stream: &str, body: &[u8], result: &Result<Http
 /// A broadcast's append, and then the append hook for each stream it stored to.
 pub async fn append_broadcast(state: &AppState, messages: Vec<NewMessage>) -> Result<(), WriteError> {
     let Some(subscriptions) = &state.subscriptions else { return state.engine.append(messages).await };
-    let mut streams: Vec<String> = messages.iter().map(|m| m.stream.clone()).collect();
+    let mut streams: Vec<std::sync::Arc<str>> = messages.iter().map(|m| m.stream.clone()).collect();
     streams.sort();
     streams.dedup();
     state.engine.append(messages).await?;

@@ -119,7 +119,8 @@ pub struct StorageOptions {
 /// A message ready to append: its stream and its compact JSON text.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
-    pub stream: String,
+    /// Shared by a broadcast's consecutive messages to one stream.
+    pub stream: std::sync::Arc<str>,
     pub json: Bytes,
 }
 

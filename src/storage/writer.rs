@@ -624,7 +624,7 @@ mod tests {
     use super::*;
 
     fn request(streams: &[&str]) -> Request {
-        let messages = streams.iter().map(|s| NewMessage { stream: s.to_string(), json: Bytes::from_static(b"1") });
+        let messages = streams.iter().map(|s| NewMessage { stream: (*s).into(), json: Bytes::from_static(b"1") });
         Request { op: Op::Broadcast(messages.collect()), bytes: 0, done: oneshot::channel().0 }
     }
 

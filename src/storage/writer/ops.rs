@@ -101,7 +101,13 @@ impl Group {
         self.index.get(stream).map(|&i| self.runs[i].entry.clone())
     }
 
-    fn push(&mut self, entry: &Arc<StreamEntry>, message: &Bytes, now: u64) {
+    /// Adds `messages` to the stream's run (made on the first message: a write without any
+    /// makes none).
+    fn push<'m>(&mut self, entry: &Arc<StreamEntry>, messages: impl IntoIterator<Item = &'m Bytes>, now: u64) {
+        let mut messages = messages.into_iter().peekable();
+        if messages.peek().is_none() {
+            return;
+        }
         let i = match self.index.get(&entry.name) {
             Some(&i) => i,
             None => {
@@ -110,7 +116,10 @@ impl Group {
                 self.runs.len() - 1
             }
         };
-        self.runs[i].push(message, &mut self.records);
+        let run = &mut self.runs[i];
+        for message in messages {
+            run.push(message, &mut self.records);
+        }
     }
 }
 
@@ -215,32 +224,36 @@ impl State {
         now: u64,
     ) -> Result<Result<WriteOutcome, Refusal>, StorageError> {
         let mut entries: HashMap<&str, Option<Arc<StreamEntry>>> = HashMap::new();
-        for message in messages {
-            if entries.contains_key(message.stream.as_str()) {
+        // A batch's messages usually come in runs to one stream: each run costs one look-up.
+        let runs = || messages.chunk_by(|a, b| a.stream == b.stream);
+        for run in runs() {
+            let stream: &str = &run[0].stream;
+            if entries.contains_key(stream) {
                 continue;
             }
-            let entry = match group.entry(&message.stream) {
+            let entry = match group.entry(stream) {
                 Some(entry) => Some(entry),
-                None => self.cache.get_or_load(db, &message.stream)?,
+                None => self.cache.get_or_load(db, stream)?,
             };
             if let Some(entry) = &entry {
                 if let Err(refusal) = check_broadcast(&group.meta(entry), group.tail(entry)) {
                     return Ok(Err(refusal));
                 }
             }
-            entries.insert(&message.stream, entry);
+            entries.insert(stream, entry);
         }
-        for message in messages {
-            let entry = match entries.get(message.stream.as_str()).cloned().flatten() {
+        for run in runs() {
+            let stream: &str = &run[0].stream;
+            let entry = match entries.get(stream).cloned().flatten() {
                 Some(entry) => entry,
                 None => {
-                    let entry = self.create(db, &message.stream, &mut group.created)?;
-                    entries.insert(&message.stream, Some(entry.clone()));
+                    let entry = self.create(db, stream, &mut group.created)?;
+                    entries.insert(stream, Some(entry.clone()));
                     entry
                 }
             };
             entry.renew(now);
-            group.push(&entry, &message.json, now);
+            group.push(&entry, run.iter().map(|m| &m.json), now);
         }
         Ok(Ok(WriteOutcome::Broadcast))
     }
@@ -281,9 +294,7 @@ impl State {
             }
             Err(refusal) => return Ok(Err(refusal)),
         };
-        for message in &append.messages {
-            group.push(&entry, message, now);
-        }
+        group.push(&entry, &append.messages, now);
         if let (Some(p), Some(state)) = (&append.producer, producer) {
             // Written in the same batch as the messages: a retry after any crash finds both
             // or neither (WRITE.md §3.4).

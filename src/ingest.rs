@@ -389,7 +389,7 @@ fn hex_escape(bytes: &[u8], at: usize) -> Option<u16> {
     }
 }
 
-fn has_whitespace(json: &str) -> bool {
+pub fn has_whitespace(json: &str) -> bool {
     json.bytes().any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
 }
 

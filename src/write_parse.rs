@@ -70,6 +70,10 @@ pub fn create_content_type(given: Option<&str>) -> String {
 /// The messages of a body in a stream of `framing`: JSON is validated, compacted and, for a
 /// top-level array, flattened one level (each element a message); other types are one
 /// message of the bytes as sent. `Err` names the problem.
+///
+/// A message with nothing to compact is a slice of `body` (no copy: the writer's clones are
+/// count increments); the others are compacted into one shared buffer. Nothing keeps a
+/// message past the write, so the body is not held longer than the request.
 pub fn messages(framing: Framing, body: &Bytes) -> Result<Vec<Bytes>, String> {
     if body.is_empty() {
         return Ok(Vec::new());
@@ -79,12 +83,25 @@ pub fn messages(framing: Framing, body: &Bytes) -> Result<Vec<Bytes>, String> {
     }
     let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8 JSON".to_string())?;
     let value: &RawValue = serde_json::from_str(text).map_err(|e| format!("body is not valid JSON: {e}"))?;
-    if value.get().starts_with('[') {
-        let items: Vec<&RawValue> =
-            serde_json::from_str(value.get()).map_err(|e| format!("body is not valid JSON: {e}"))?;
-        return Ok(items.into_iter().map(|item| Bytes::from(crate::ingest::compact(item.get()))).collect());
-    }
-    Ok(vec![Bytes::from(crate::ingest::compact(value.get()))])
+    let items: Vec<&RawValue> = match value.get().starts_with('[') {
+        true => serde_json::from_str(value.get()).map_err(|e| format!("body is not valid JSON: {e}"))?,
+        false => vec![value],
+    };
+    let mut compacted = Vec::new();
+    let parts: Vec<Result<Bytes, std::ops::Range<usize>>> = items
+        .into_iter()
+        .map(|item| match crate::ingest::has_whitespace(item.get()) {
+            // `item` borrows from `text`, which is `body`: always a subset of it.
+            false => Ok(body.slice_ref(item.get().as_bytes())),
+            true => {
+                let start = compacted.len();
+                compacted.extend_from_slice(crate::ingest::compact(item.get()).as_bytes());
+                Err(start..compacted.len())
+            }
+        })
+        .collect();
+    let compacted = Bytes::from(compacted);
+    Ok(parts.into_iter().map(|part| part.unwrap_or_else(|range| compacted.slice(range))).collect())
 }
 
 #[cfg(test)]
@@ -120,6 +137,13 @@ mod tests {
         assert_eq!(m("null").unwrap(), vec![Bytes::from("null")]);
         assert!(m("[]").unwrap().is_empty());
         assert!(m("{").is_err() && m("[1,]").is_err() && m("1 2").is_err());
+        // Compact messages are slices of the body; the others share one buffer.
+        let body = Bytes::from_static(b"[1, {\"a\": 2}, [3], {\"b\" :4}]");
+        let got = messages(Framing::Json, &body).unwrap();
+        assert_eq!(got, [&b"1"[..], br#"{"a":2}"#, b"[3]", br#"{"b":4}"#]);
+        let inside = |m: &Bytes| body.as_ptr_range().contains(&m.as_ptr());
+        assert!(inside(&got[0]) && inside(&got[2]) && !inside(&got[1]) && !inside(&got[3]));
+        assert_eq!(got[1].as_ptr().wrapping_add(got[1].len()), got[3].as_ptr(), "one buffer for the compacted");
         let raw = messages(Framing::Raw, &Bytes::from_static(b"\x00\xff[")).unwrap();
         assert_eq!(raw, vec![Bytes::from_static(b"\x00\xff[")]);
     }

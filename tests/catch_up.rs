@@ -236,3 +236,59 @@ async fn every_response_errors_included_carries_nosniff_and_corp() {
     server.publish("s", numbered(2..=2)).await;
     assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
 }
+
+/// A large answer goes out as its head and its body's buffer in one vectored write (the
+/// actix-http patch in `vendor/`). Two answers of ~4 MB pipelined on one connection, to a
+/// client with a 128 KiB receive buffer that reads 4 KiB at a time, outgrow the server's socket
+/// buffer (4 MiB at most), so writes end part-way through a body; both answers must still come
+/// back whole and in order.
+#[tokio::test]
+async fn large_answers_written_in_pieces_arrive_whole_and_in_order() {
+    let dir = temp_dir();
+    let server = Server::start(dir.path(), &[]);
+    // 100 messages: what a broadcast stream keeps by default (history_limit).
+    let pad = "x".repeat(40_000);
+    server.publish("big", (0..100).map(|n| json!({"n": n, "pad": pad}))).await;
+    let whole = server.get("big?offset=-1").await.bytes().await.unwrap().to_vec();
+    assert!(whole.len() > 3_900_000, "{}: up to the 4 MiB chunk limit", whole.len());
+    let tail = server.tail("big").await;
+    let from = common::token_at(&tail, 30);
+    let second = server.get(&format!("big?offset={from}")).await.bytes().await.unwrap();
+    assert!(second.len() > 2_500_000);
+
+    let request = |offset: &str| format!("GET /ds/big?offset={offset} HTTP/1.1\r\nHost: test\r\n\r\n");
+    let pipelined = request("-1") + &request(&from);
+    let mut socket = common::client_with_receive_buffer(&server, &pipelined, 128 * 1024);
+    let received = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let (mut received, mut buf) = (Vec::new(), [0u8; 4096]);
+        let mut bodies = Vec::new();
+        while bodies.len() < 2 {
+            let n = socket.read(&mut buf).expect("the server keeps writing (20 s watchdog)");
+            assert!(n > 0, "the server closed the connection after {} bytes", received.len());
+            received.extend_from_slice(&buf[..n]);
+            // Every complete response in `received` so far: head, then Content-Length bytes.
+            while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("a sized answer");
+                if received.len() < end + 4 + length {
+                    break;
+                }
+                bodies.push(received[end + 4..end + 4 + length].to_vec());
+                received.drain(..end + 4 + length);
+            }
+        }
+        assert!(received.is_empty(), "nothing after the two answers");
+        bodies
+    })
+    .await
+    .unwrap();
+    assert!(received[0] == whole, "the first answer, byte for byte");
+    assert!(received[1] == second, "the second answer, byte for byte");
+}

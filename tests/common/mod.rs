@@ -480,10 +480,14 @@ impl Rng {
 /// so the kernel does not quietly absorb megabytes for it: the server sees a client that stops
 /// reading at once (with default buffers a 4 MiB response fits in the kernel).
 pub fn stuck_client(server: &Server, request: &str) -> std::net::TcpStream {
+    client_with_receive_buffer(server, request, 4096)
+}
+
+/// A connection with a receive buffer of `size` bytes that has sent `request`.
+pub fn client_with_receive_buffer(server: &Server, request: &str, size: libc::c_int) -> std::net::TcpStream {
     use std::io::Write;
     use std::os::fd::AsRawFd;
     let mut socket = std::net::TcpStream::connect(&server.addr).unwrap();
-    let size: libc::c_int = 4096;
     // SAFETY: setsockopt reads one int from the pointer it is given.
     let set = unsafe {
         libc::setsockopt(

@@ -378,17 +378,30 @@ where
         } = self.project();
         let mut io = Pin::new(io.as_mut().unwrap());
 
-        // anycable-ds patch: queued body chunks first, in order, each straight from its buffer.
-        while let Some(chunk) = write_queue.front_mut() {
-            match io.as_mut().poll_write(cx, chunk)? {
+        // anycable-ds patch: queued body chunks first, in order, each straight from its buffer,
+        // in one vectored write (the head and the body of a response: one system call).
+        while !write_queue.is_empty() {
+            let mut slices = [io::IoSlice::new(&[]); 4];
+            let count = write_queue
+                .iter()
+                .zip(slices.iter_mut())
+                .map(|(chunk, slice)| *slice = io::IoSlice::new(chunk))
+                .count();
+            match io.as_mut().poll_write_vectored(cx, &slices[..count])? {
                 Poll::Ready(0) => {
                     error!("write zero; closing");
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::WriteZero, "")));
                 }
-                Poll::Ready(n) if n >= chunk.len() => {
-                    write_queue.pop_front();
+                Poll::Ready(mut n) => {
+                    while let Some(chunk) = write_queue.front_mut() {
+                        if n < chunk.len() {
+                            chunk.advance(n);
+                            break;
+                        }
+                        n -= chunk.len();
+                        write_queue.pop_front();
+                    }
                 }
-                Poll::Ready(n) => chunk.advance(n),
                 Poll::Pending => return Poll::Pending,
             }
         }
